@@ -1,0 +1,40 @@
+"""Backbones as named stages, the registry that builds them, and the edge/cloud split."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from hier_jax.models.resnet import resnet18
+from hier_jax.models.split import (CloudNet, EdgeNet, ExitHead, ExitHeadConfig, Split, resolve_point,
+                                   split, stage_output_shape)
+from hier_jax.models.staged import StagedNet, check_images
+from hier_jax.models.vgg import vgg16
+
+MODELS: dict[str, Callable[..., StagedNet]] = {
+    "vgg16": vgg16,
+    "resnet18": functools.partial(resnet18, stem="cifar"),
+    "resnet18_tv": functools.partial(resnet18, stem="imagenet"),
+}
+
+
+def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64,
+                seed: int = 0) -> StagedNet:
+    """Build a registered backbone; `width` 64 is the paper's size, smaller values narrow every layer."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    if width < 1:
+        raise ValueError(f"width must be a positive channel count, got {width}")
+    return MODELS[name](num_classes, tuple(input_shape), width=width, rngs=nnx.Rngs(seed))
+
+
+def param_count(module: nnx.Module) -> int:
+    """Trainable parameters (nnx.Param leaves; BatchNorm running statistics are not parameters)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+__all__ = ["MODELS", "CloudNet", "EdgeNet", "ExitHead", "ExitHeadConfig", "Split", "StagedNet", "build_model",
+           "check_images", "param_count", "resolve_point", "resnet18", "split", "stage_output_shape", "vgg16"]

@@ -1,0 +1,86 @@
+"""Building blocks shared by the backbones: every stage maps (x_BHWC, train) -> x_BHWC.
+
+BatchNorm follows PyTorch's conventions (momentum 0.1 in PyTorch's sense, i.e. 0.9 here; eps 1e-5)
+so that weights port between the two frameworks and the training dynamics match the usual recipes.
+Convolutions use He (fan-out) initialisation, as torchvision does for both backbones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
+    pad = kernel // 2
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                    use_bias=bias, kernel_init=conv_init, rngs=rngs)
+
+
+class ConvBNReLU(nnx.Module):
+    """conv -> BatchNorm -> ReLU; `bias` keeps a conv bias (VGG does, ResNet does not)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, *, bias: bool, rngs: nnx.Rngs):
+        self.conv = conv(cin, cout, kernel, stride, bias=bias, rngs=rngs)
+        self.bn = batch_norm(cout, rngs)
+        self.out_channels = cout
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+
+
+class MaxPool(nnx.Module):
+    """Parameter-free max-pooling stage (window `window`, stride `stride`, PyTorch-style padding)."""
+
+    def __init__(self, window: int = 2, stride: int = 2, padding: int = 0):
+        self.window, self.stride, self.padding = window, stride, padding
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        pad = ((self.padding, self.padding), (self.padding, self.padding))
+        return nnx.max_pool(x, (self.window, self.window), (self.stride, self.stride), padding=pad)
+
+
+class BasicBlock(nnx.Module):
+    """ResNet BasicBlock (He et al., 2016): two 3x3 conv-BN, identity or 1x1 conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = conv(cin, cout, 3, stride, bias=False, rngs=rngs)
+        self.bn1 = batch_norm(cout, rngs)
+        self.conv2 = conv(cout, cout, 3, 1, bias=False, rngs=rngs)
+        self.bn2 = batch_norm(cout, rngs)
+        if stride != 1 or cin != cout:
+            self.shortcut_conv = conv(cin, cout, 1, stride, bias=False, rngs=rngs)
+            self.shortcut_bn = batch_norm(cout, rngs)
+        else:
+            self.shortcut_conv = None
+            self.shortcut_bn = None
+        self.out_channels = cout
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        ura = not train
+        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
+        y = self.bn2(self.conv2(y), use_running_average=ura)
+        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(
+            self.shortcut_conv(x), use_running_average=ura)
+        return nnx.relu(y + shortcut)
+
+
+class Classifier(nnx.Module):
+    """Global average pooling then one linear layer: the final classifier of both backbones."""
+
+    def __init__(self, cin: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        return self.linear(jnp.mean(x, axis=(1, 2)))

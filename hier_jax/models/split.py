@@ -1,0 +1,125 @@
+"""Cutting a StagedNet at a separation point into an edge part and a cloud part.
+
+The edge part holds the stages up to and including the point plus an early-exit head; the cloud part
+holds the remaining stages plus the model's final classifier. Both parts reference the very stage
+objects of the unsplit model (no copies), so edge.features followed by cloud reproduces the model.
+
+Default early-exit head: one 3x3 conv-BN-ReLU (128 channels), global average pooling, one linear
+layer. One conv gives the exit some spatial processing of its own on top of a linear probe (a linear
+probe on early VGG/ResNet features is weak), while staying small next to the edge's stages: the edge
+is the constrained side, and the head's parameters, optimizer state and activations all count
+against its memory. `ExitHeadConfig(convs=0)` gives a plain linear probe; more convs a deeper exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hier_jax.models.layers import ConvBNReLU
+from hier_jax.models.staged import StagedNet, check_images
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitHeadConfig:
+    channels: int = 128
+    convs: int = 1
+
+
+class ExitHead(nnx.Module):
+    """Early-exit classifier: `convs` x (3x3 conv-BN-ReLU), global average pooling, linear."""
+
+    def __init__(self, cin: int, num_classes: int, config: ExitHeadConfig, *, rngs: nnx.Rngs):
+        layers = []
+        for _ in range(config.convs):
+            layers.append(ConvBNReLU(cin, config.channels, 3, bias=False, rngs=rngs))
+            cin = config.channels
+        self.convs = nnx.List(layers)
+        self.linear = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for layer in self.convs:
+            x = layer(x, train)
+        return self.linear(jnp.mean(x, axis=(1, 2)))
+
+
+class EdgeNet(nnx.Module):
+    """Stages before the separation point, plus the early exit (None for vanilla split learning)."""
+
+    def __init__(self, stages: list[nnx.Module], head: ExitHead | None, input_shape: tuple[int, int, int]):
+        self.stages = nnx.List(stages)
+        self.head = head
+        self.input_shape = tuple(input_shape)
+
+    def features(self, images_BHWC: jax.Array, train: bool) -> jax.Array:
+        check_images(images_BHWC, self.input_shape)
+        x = images_BHWC
+        for stage in self.stages:
+            x = stage(x, train)
+        return x
+
+    def __call__(self, images_BHWC: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """(early-exit logits, feature map sent to the cloud)."""
+        features = self.features(images_BHWC, train)
+        return self.head(features, train), features
+
+
+class CloudNet(nnx.Module):
+    """Stages after the separation point plus the final classifier."""
+
+    def __init__(self, stages: list[nnx.Module], classifier: nnx.Module, feature_shape: tuple[int, ...]):
+        self.stages = nnx.List(stages)
+        self.classifier = classifier
+        self.feature_shape = tuple(feature_shape)
+
+    def __call__(self, features_BHWC: jax.Array, train: bool) -> jax.Array:
+        check_images(features_BHWC, self.feature_shape)
+        x = features_BHWC
+        for stage in self.stages:
+            x = stage(x, train)
+        return self.classifier(x, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The two parts of a model cut after stage `point` (index `index` in model.stage_names)."""
+    edge: EdgeNet
+    cloud: CloudNet
+    point: str
+    index: int
+    feature_shape: tuple[int, int, int]  # per example, (H, W, C)
+    num_classes: int
+
+
+def resolve_point(model: StagedNet, point: str | int) -> int:
+    """Index of the last edge stage; ValueError listing the valid names for anything else."""
+    names = model.stage_names
+    if isinstance(point, str) and point in names:
+        return names.index(point)
+    if isinstance(point, int) and not isinstance(point, bool) and 0 <= point < len(names):
+        return point
+    raise ValueError(f"invalid separation point {point!r} for {model.arch}; valid points (the last edge "
+                     f"stage, by name or index 0..{len(names) - 1}): {', '.join(names)}")
+
+
+def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
+    """Per-example shape (H, W, C) of the output of stage `index`, without running the model."""
+    probe = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    out = jax.eval_shape(lambda x: model.features(x, False, stop=index + 1), probe)
+    return tuple(out.shape[1:])
+
+
+def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(),
+          *, seed: int = 0) -> Split:
+    """Cut `model` after stage `point`; `head=None` leaves the edge without an early exit."""
+    index = resolve_point(model, point)
+    feature_shape = stage_output_shape(model, index)
+    stages = list(model.stages)
+    exit_head = None if head is None else ExitHead(feature_shape[-1], model.num_classes, head,
+                                                   rngs=nnx.Rngs(seed))
+    edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape)
+    cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape)
+    return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)
