@@ -1,0 +1,256 @@
+"""Devices, threads and queues: the side-effecting shell around the pure steps.
+
+`build_hierarchy` jits the edge and cloud steps separately (state buffers donated) and pins each
+state to its own device. Two ways to run them over the same batches:
+
+- `run_sequential`: edge step, hand-off, cloud step, one after the other (the reference).
+- `run_overlapped`: one dispatch thread per side and a bounded queue of payloads between them. The
+  edge's next step waits only on a full queue (backpressure), never on the cloud's compute; one
+  thread dispatching to two CPU devices would run them one after the other.
+
+Both modes run the same compiled programs on the same inputs in the same per-device order, so they
+give bit-identical states and metrics; the cloud checks that the payload it consumes is step t's.
+An exception in either thread stops both and is re-raised in the caller with its traceback; every
+wait is bounded, so a failure never hangs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from hier_jax import steps
+from hier_jax.models import Split
+
+_DONE = object()
+_POLL_S = 0.05
+
+
+def resolve_device(spec: str | jax.Device) -> jax.Device:
+    """'cpu:1', 'gpu:0', 'tpu' (index 0) or a jax.Device; ValueError naming the available devices."""
+    if isinstance(spec, jax.Device):
+        return spec
+    available = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
+    platform, _, index = str(spec).partition(":")
+    try:
+        idx = int(index) if index else 0
+        devices = jax.devices(platform)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {spec!r} does not exist; available devices: {available}") from None
+    if not 0 <= idx < len(devices):
+        raise ValueError(f"device {spec!r} does not exist; available devices: {available}"
+                         + ("" if platform != "cpu" else " (more CPU devices: XLA_FLAGS="
+                            "--xla_force_host_platform_device_count=N before importing jax)"))
+    return devices[idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hierarchy:
+    """The compiled steps of one split, and the device each side runs on."""
+    edge_device: jax.Device
+    cloud_device: jax.Device
+    edge_step: Callable
+    cloud_step: Callable
+    edge_eval: Callable
+    cloud_eval: Callable
+    bits: int
+    num_classes: int
+
+
+def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransformation,
+                    cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = "cpu:0",
+                    cloud_device: str | jax.Device = "cpu:1") -> tuple[Hierarchy, steps.State, steps.State]:
+    """Jit the steps of `split` and return them with initial edge and cloud states on their devices."""
+    edge_device, cloud_device = resolve_device(edge_device), resolve_device(cloud_device)
+    edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
+    cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
+    hierarchy = Hierarchy(
+        edge_device=edge_device, cloud_device=cloud_device,
+        edge_step=jax.jit(steps.make_edge_step(edge_graphdef, edge_tx, bits=bits, num_classes=split.num_classes),
+                          donate_argnums=0),
+        cloud_step=jax.jit(steps.make_cloud_step(cloud_graphdef, cloud_tx), donate_argnums=0),
+        edge_eval=jax.jit(steps.make_edge_eval(edge_graphdef, bits=bits, num_classes=split.num_classes)),
+        cloud_eval=jax.jit(steps.make_cloud_eval(cloud_graphdef)),
+        bits=bits, num_classes=split.num_classes)
+    # Copies, never aliases: the steps donate their states, which must not delete the modules' arrays.
+    return (hierarchy, jax.device_put(edge_state, edge_device, may_alias=False),
+            jax.device_put(cloud_state, cloud_device, may_alias=False))
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Final states, per-step metrics as host arrays ({"loss": [T], "accuracy": [T]}) and wall time."""
+    edge_state: steps.State
+    cloud_state: steps.State
+    edge_metrics: dict[str, np.ndarray]
+    cloud_metrics: dict[str, np.ndarray]
+    wall_s: float
+    payload_bytes: int
+
+
+def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+    host = jax.device_get(metrics)
+    return {k: np.asarray([m[k] for m in host]) for k in (host[0] if host else ())}
+
+
+class _Progress:
+    """A tqdm bar whose postfix shows metrics two steps old, so reading them never blocks dispatch."""
+
+    def __init__(self, enabled: bool, total: int | None, desc: str):
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+    def update(self, metrics: list[dict[str, jax.Array]]) -> None:
+        if len(metrics) > 2 and not self.bar.disable and len(metrics) % 5 == 0:
+            self.bar.set_postfix(loss=f"{float(metrics[-3]['loss']):.3f}", refresh=False)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _total(batches: Iterable) -> int | None:
+    return len(batches) if hasattr(batches, "__len__") else None
+
+
+def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
+                   batches: Iterable[tuple[Any, Any]], *, progress: bool = False) -> RunResult:
+    """Edge step then cloud step for each batch, blocking on both: the reference schedule."""
+    edge_metrics, cloud_metrics, payload_bytes = [], [], 0
+    bar = _Progress(progress, _total(batches), "sequential")
+    start = time.perf_counter()
+    for images, labels in batches:
+        edge_state, payload, m_edge = h.edge_step(
+            edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+        payload_bytes = payload.nbytes
+        cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
+        jax.block_until_ready((edge_state, cloud_state))
+        edge_metrics.append(m_edge)
+        cloud_metrics.append(m_cloud)
+        bar.update(cloud_metrics)
+    wall_s = time.perf_counter() - start
+    bar.close()
+    return RunResult(edge_state, cloud_state, _stack(edge_metrics), _stack(cloud_metrics), wall_s, payload_bytes)
+
+
+def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
+                   batches: Iterable[tuple[Any, Any]], *, queue_size: int = 2, timeout_s: float = 3600.0,
+                   progress: bool = False) -> RunResult:
+    """Edge and cloud each on a dispatch thread of their own, joined by a bounded payload queue.
+
+    Raises the first exception of either side (the other side stops within one poll interval) and
+    TimeoutError if the run takes longer than `timeout_s`.
+    """
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+    payloads: queue.Queue = queue.Queue(maxsize=queue_size)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    edge_metrics: list = []
+    cloud_metrics: list = []
+    final: dict[str, Any] = {}
+    bar = _Progress(progress, _total(batches), "overlapped")
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                payloads.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get():
+        while not stop.is_set():
+            try:
+                return payloads.get(timeout=_POLL_S)
+            except queue.Empty:
+                pass
+        return _DONE
+
+    def edge_worker(state):
+        try:
+            for t, (images, labels) in enumerate(batches):
+                state, payload, metrics = h.edge_step(
+                    state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+                edge_metrics.append(metrics)
+                final["payload_bytes"] = payload.nbytes
+                if not put((t, jax.device_put(payload, h.cloud_device))):
+                    return
+            put(_DONE)
+            final["edge"] = jax.block_until_ready(state)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+            stop.set()
+
+    def cloud_worker(state):
+        try:
+            expected = 0
+            while (item := get()) is not _DONE:
+                t, payload = item
+                if t != expected:
+                    raise RuntimeError(f"cloud received the payload of step {t} at step {expected}")
+                state, metrics = h.cloud_step(state, payload)
+                cloud_metrics.append(metrics)
+                bar.update(cloud_metrics)
+                expected += 1
+            final["cloud"] = jax.block_until_ready(state)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=edge_worker, args=(edge_state,), name="hier-edge", daemon=True),
+               threading.Thread(target=cloud_worker, args=(cloud_state,), name="hier-cloud", daemon=True)]
+    del edge_state, cloud_state  # donated to the workers
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    deadline = start + timeout_s
+    for thread in threads:
+        while thread.is_alive() and not errors and time.perf_counter() < deadline:
+            thread.join(_POLL_S)
+    stop.set()
+    for thread in threads:
+        thread.join(max(1.0, 10 * _POLL_S))
+    wall_s = time.perf_counter() - start
+    bar.close()
+    if errors:
+        raise errors[0]
+    if "edge" not in final or "cloud" not in final:
+        raise TimeoutError(f"overlapped run did not finish within {timeout_s} s")
+    return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
+                     final.get("payload_bytes", 0))
+
+
+def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
+             batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+    """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit.
+
+    `batches` yields (images, labels, mask); masked-out (padding) examples are not counted. The
+    cloud sees the features quantized at the training bit width, as it would in deployment.
+    """
+    edge_preds, cloud_preds, labels_all, masks = [], [], [], []
+    for images, labels, mask in batches:
+        edge_logits, payload = h.edge_eval(edge_state, jax.device_put(images, h.edge_device))
+        cloud_logits = h.cloud_eval(cloud_state, jax.device_put(payload, h.cloud_device))
+        edge_preds.append(jnp.argmax(edge_logits, -1))
+        cloud_preds.append(jnp.argmax(cloud_logits, -1))
+        labels_all.append(labels)
+        masks.append(mask)
+    edge_preds, cloud_preds, labels_all, masks = (np.concatenate(jax.device_get(x)) if x else np.zeros(0)
+                                                  for x in (edge_preds, cloud_preds, labels_all, masks))
+    masks = masks.astype(bool)
+    n = int(masks.sum())
+    if n == 0:
+        raise ValueError("evaluation got no examples")
+    return {"edge_accuracy": float(((edge_preds == labels_all) & masks).sum()) / n,
+            "cloud_accuracy": float(((cloud_preds == labels_all) & masks).sum()) / n, "examples": n}
