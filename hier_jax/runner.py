@@ -54,6 +54,45 @@ def resolve_device(spec: str | jax.Device) -> jax.Device:
     return devices[idx]
 
 
+class QueueChannel:
+    """The hand-off between the edge and cloud threads: a bounded FIFO with instant delivery.
+
+    The interface (send / close / receive, each given the run's stop event and each returning soon
+    after it is set) is what a simulated link implements to add delays, outages and drops.
+    """
+
+    def __init__(self, capacity: int = 2):
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be >= 1, got {capacity}")
+        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+
+    def _put(self, item, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def send(self, t: int, payload: Any, stop: threading.Event) -> bool:
+        """Blocks only while the queue is full (backpressure); False once the run is stopped."""
+        return self._put((t, payload), stop)
+
+    def close(self, stop: threading.Event) -> None:
+        self._put(_DONE, stop)
+
+    def receive(self, stop: threading.Event) -> tuple[int, Any] | None:
+        """The next (step, payload), or None at the end of the stream or when stopped."""
+        while not stop.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                return None if item is _DONE else item
+            except queue.Empty:
+                pass
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Hierarchy:
     """The compiled steps of one split, and the device each side runs on."""
@@ -89,13 +128,17 @@ def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransform
 
 @dataclasses.dataclass
 class RunResult:
-    """Final states, per-step metrics as host arrays ({"loss": [T], "accuracy": [T]}) and wall time."""
+    """Final states, per-step metrics as host arrays ({"loss": [T], "accuracy": [T]}) and wall time.
+
+    cloud_steps[i] is the edge step whose payload the cloud's i-th step consumed.
+    """
     edge_state: steps.State
     cloud_state: steps.State
     edge_metrics: dict[str, np.ndarray]
     cloud_metrics: dict[str, np.ndarray]
     wall_s: float
     payload_bytes: int
+    cloud_steps: np.ndarray
 
 
 def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
@@ -139,43 +182,28 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
         bar.update(cloud_metrics)
     wall_s = time.perf_counter() - start
     bar.close()
-    return RunResult(edge_state, cloud_state, _stack(edge_metrics), _stack(cloud_metrics), wall_s, payload_bytes)
+    return RunResult(edge_state, cloud_state, _stack(edge_metrics), _stack(cloud_metrics), wall_s, payload_bytes,
+                     np.arange(len(cloud_metrics)))
 
 
 def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, queue_size: int = 2, timeout_s: float = 3600.0,
+                   batches: Iterable[tuple[Any, Any]], *, channel: Any = None, timeout_s: float = 3600.0,
                    progress: bool = False) -> RunResult:
-    """Edge and cloud each on a dispatch thread of their own, joined by a bounded payload queue.
+    """Edge and cloud each on a dispatch thread of their own, joined by `channel` (default: a
+    QueueChannel of capacity 2).
 
+    The cloud consumes payloads in strictly increasing step order (a lossy channel may skip steps).
     Raises the first exception of either side (the other side stops within one poll interval) and
     TimeoutError if the run takes longer than `timeout_s`.
     """
-    if queue_size < 1:
-        raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-    payloads: queue.Queue = queue.Queue(maxsize=queue_size)
+    channel = QueueChannel() if channel is None else channel
     stop = threading.Event()
     errors: list[BaseException] = []
     edge_metrics: list = []
     cloud_metrics: list = []
+    cloud_steps: list[int] = []
     final: dict[str, Any] = {}
     bar = _Progress(progress, _total(batches), "overlapped")
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                payloads.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def get():
-        while not stop.is_set():
-            try:
-                return payloads.get(timeout=_POLL_S)
-            except queue.Empty:
-                pass
-        return _DONE
 
     def edge_worker(state):
         try:
@@ -184,9 +212,9 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
                     state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
                 edge_metrics.append(metrics)
                 final["payload_bytes"] = payload.nbytes
-                if not put((t, jax.device_put(payload, h.cloud_device))):
+                if not channel.send(t, jax.device_put(payload, h.cloud_device), stop):
                     return
-            put(_DONE)
+            channel.close(stop)
             final["edge"] = jax.block_until_ready(state)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors.append(exc)
@@ -194,16 +222,16 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
 
     def cloud_worker(state):
         try:
-            expected = 0
-            while (item := get()) is not _DONE:
+            while (item := channel.receive(stop)) is not None:
                 t, payload = item
-                if t != expected:
-                    raise RuntimeError(f"cloud received the payload of step {t} at step {expected}")
+                if cloud_steps and t <= cloud_steps[-1]:
+                    raise RuntimeError(f"cloud received the payload of step {t} after step {cloud_steps[-1]}")
                 state, metrics = h.cloud_step(state, payload)
                 cloud_metrics.append(metrics)
+                cloud_steps.append(t)
                 bar.update(cloud_metrics)
-                expected += 1
-            final["cloud"] = jax.block_until_ready(state)
+            if not stop.is_set():
+                final["cloud"] = jax.block_until_ready(state)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors.append(exc)
             stop.set()
@@ -228,7 +256,7 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     if "edge" not in final or "cloud" not in final:
         raise TimeoutError(f"overlapped run did not finish within {timeout_s} s")
     return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
-                     final.get("payload_bytes", 0))
+                     final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64))
 
 
 def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
