@@ -1,0 +1,99 @@
+"""Backbones, stage names, the split and its exact equivalence with the unsplit forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hier_jax.models import ExitHeadConfig, build_model, param_count, split
+
+
+def vgg16_cifar_count() -> int:
+    """Hand count: 13 conv (3x3 kernels + bias), 13 BN (scale + bias), one 512->10 linear."""
+    channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    convs = sum(9 * cin * cout + cout for cin, cout in zip(channels[:-1], channels[1:]))
+    bns = sum(2 * c for c in channels[1:])
+    return convs + bns + 512 * 10 + 10
+
+
+def test_parameter_counts_match_reference_architectures():
+    # 11,173,962: the CIFAR ResNet-18 of kuangliu/pytorch-cifar (3x3 stem, BasicBlock [2,2,2,2], 512->10),
+    # the count quoted in the project's core issue; 14,728,266: the hand count above.
+    assert vgg16_cifar_count() == 14_728_266
+    assert param_count(build_model("resnet18", num_classes=10, input_shape=(32, 32, 3))) == 11_173_962
+    assert param_count(build_model("vgg16", num_classes=10, input_shape=(32, 32, 3))) == 14_728_266
+    # torchvision stem: a 7x7x3x64 kernel (9,408) replaces the 3x3x3x64 one (1,728).
+    assert param_count(build_model("resnet18_tv", num_classes=10, input_shape=(32, 32, 3))) == 11_173_962 - 1728 + 9408
+    # Tiny ImageNet: only the classifier grows, 512 x (200 - 10) more weights and 190 more biases.
+    assert param_count(build_model("resnet18", num_classes=200, input_shape=(64, 64, 3))) == 11_173_962 + 190 * 513
+    assert param_count(build_model("vgg16", num_classes=200, input_shape=(64, 64, 3))) == 14_728_266 + 190 * 513
+
+
+def test_stage_names():
+    vgg = build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=4)
+    assert vgg.stage_names[:3] == ("conv1_1", "conv1_2", "pool1") and vgg.stage_names[-1] == "pool5"
+    assert len(vgg.stage_names) == 13 + 5
+    resnet = build_model("resnet18", num_classes=10, input_shape=(32, 32, 3), width=4)
+    assert resnet.stage_names == ("stem", "layer1_0", "layer1_1", "layer2_0", "layer2_1", "layer3_0", "layer3_1",
+                                  "layer4_0", "layer4_1")
+    tv = build_model("resnet18_tv", num_classes=10, input_shape=(32, 32, 3), width=4)
+    assert tv.stage_names[:2] == ("stem", "maxpool")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "resnet18_tv"])
+def test_split_reproduces_unsplit_forward_at_every_point(name):
+    """Edge stages then cloud stages (head left out) == the unsplit model, bit for bit (inference mode)."""
+    model = build_model(name, num_classes=10, input_shape=(32, 32, 3), width=4)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    reference = np.asarray(model(images, train=False))
+    for point in model.stage_names:
+        parts = split(model, point)
+        got = parts.cloud(parts.edge.features(images, False), False)
+        np.testing.assert_array_equal(np.asarray(got), reference, err_msg=f"{name} split at {point}")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+def test_split_train_mode_matches_unsplit(name):
+    """In train mode (batch statistics) the split also equals the unsplit model, on fresh copies."""
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    for point in (0, 4):
+        model = build_model(name, num_classes=10, input_shape=(32, 32, 3), width=4)
+        twin = build_model(name, num_classes=10, input_shape=(32, 32, 3), width=4)
+        parts = split(twin, point)
+        np.testing.assert_array_equal(np.asarray(model(images, train=True)),
+                                      np.asarray(parts.cloud(parts.edge.features(images, True), True)))
+
+
+def test_split_shapes_and_head():
+    model = build_model("resnet18", num_classes=10, input_shape=(32, 32, 3), width=8)
+    parts = split(model, "layer2_0", ExitHeadConfig(channels=12, convs=1))
+    assert parts.feature_shape == (16, 16, 16) and parts.index == 3 and parts.point == "layer2_0"
+    logits, features = parts.edge(jnp.zeros((2, 32, 32, 3)), train=False)
+    assert logits.shape == (2, 10) and features.shape == (2, 16, 16, 16)
+    # Head: 3x3x16x12 conv (no bias) + BN(12) + 12->10 linear.
+    assert param_count(parts.edge.head) == 9 * 16 * 12 + 2 * 12 + 12 * 10 + 10
+    assert param_count(parts.edge) + param_count(parts.cloud) == param_count(model) + param_count(parts.edge.head)
+    probe = split(model, "layer2_0", ExitHeadConfig(convs=0))
+    assert param_count(probe.edge.head) == 16 * 10 + 10
+    assert split(model, "layer2_0", head=None).edge.head is None
+
+
+def test_point_by_index_and_errors():
+    model = build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=4)
+    assert split(model, 9).point == "pool3"
+    for bad in ("pool9", "", -1, 18, 2.0, True):
+        with pytest.raises(ValueError, match="valid points.*conv1_1.*pool5"):
+            split(model, bad)
+
+
+def test_clear_errors_for_bad_models_and_images():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'.*vgg16.*resnet18"):
+        build_model("resnet50", num_classes=10, input_shape=(32, 32, 3))
+    with pytest.raises(ValueError, match="width"):
+        build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=0)
+    model = build_model("resnet18", num_classes=10, input_shape=(32, 32, 3), width=4)
+    with pytest.raises(ValueError, match=r"images must have shape \[batch, 32, 32, 3\].*\(2, 28, 28, 3\)"):
+        model(jnp.zeros((2, 28, 28, 3)), train=False)
+    parts = split(model, "stem")
+    with pytest.raises(ValueError, match="images must have shape"):
+        parts.edge(jnp.zeros((32, 32, 3)), train=False)
