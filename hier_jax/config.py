@@ -27,6 +27,7 @@ class ExperimentConfig:
     weight_decay: float = 5e-4
     head_channels: int = 128         # early-exit head: conv channels
     head_convs: int = 1              # early-exit head: 3x3 conv-BN-ReLU layers
+    head_grid: int = 4               # early-exit head: average-pool to grid x grid cells
     edge_device: str = "cpu:0"
     cloud_device: str = "cpu:1"
     queue_size: int = 2              # payloads the edge may run ahead of the cloud

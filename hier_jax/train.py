@@ -45,7 +45,7 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     check_bits(config.bits)
     model = build_model(config.model, num_classes=dataset.num_classes, input_shape=dataset.image_shape,
                         width=config.width, seed=config.seed)
-    parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs), seed=config.seed)
+    parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid), seed=config.seed)
     n_steps = total_steps(config, dataset)
     if n_steps < 1:
         raise ValueError(f"no training steps: {config.epochs} epoch(s) of {dataset.num_train} images at "

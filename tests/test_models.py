@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from hier_jax.models import ExitHeadConfig, build_model, param_count, split
+from hier_jax.models.split import pool_grid
 
 
 def vgg16_cifar_count() -> int:
@@ -70,12 +71,27 @@ def test_split_shapes_and_head():
     assert parts.feature_shape == (16, 16, 16) and parts.index == 3 and parts.point == "layer2_0"
     logits, features = parts.edge(jnp.zeros((2, 32, 32, 3)), train=False)
     assert logits.shape == (2, 10) and features.shape == (2, 16, 16, 16)
-    # Head: 3x3x16x12 conv (no bias) + BN(12) + 12->10 linear.
-    assert param_count(parts.edge.head) == 9 * 16 * 12 + 2 * 12 + 12 * 10 + 10
+    # Head: 3x3x16x12 conv (no bias) + BN(12) + linear from a 4x4 grid of 12 channels to 10 classes.
+    assert param_count(parts.edge.head) == 9 * 16 * 12 + 2 * 12 + 4 * 4 * 12 * 10 + 10
     assert param_count(parts.edge) + param_count(parts.cloud) == param_count(model) + param_count(parts.edge.head)
-    probe = split(model, "layer2_0", ExitHeadConfig(convs=0))
+    probe = split(model, "layer2_0", ExitHeadConfig(convs=0, grid=1))
     assert param_count(probe.edge.head) == 16 * 10 + 10
+    # The grid pools cell by cell: a map whose 4 quadrants hold 1, 2, 3, 4 gives exactly those 4 means.
+    quad = split(model, "layer2_0", ExitHeadConfig(convs=0, grid=2)).edge.head
+    x = jnp.zeros((1, 16, 16, 16)).at[:, :8, :8].set(1).at[:, :8, 8:].set(2).at[:, 8:, :8].set(3).at[:, 8:, 8:].set(4)
+    kernel = np.asarray(quad.linear.kernel[...]).reshape(2, 2, 16, 10)
+    expected = sum(v * kernel[i, j].sum(0) for (i, j), v in {(0, 0): 1, (0, 1): 2, (1, 0): 3, (1, 1): 4}.items())
+    np.testing.assert_allclose(np.asarray(quad(x, False))[0], expected + np.asarray(quad.linear.bias[...]), rtol=1e-5)
     assert split(model, "layer2_0", head=None).edge.head is None
+
+
+def test_pool_grid_uses_divisors_of_the_map():
+    assert pool_grid(32, 32, 4) == (4, 4)
+    assert pool_grid(2, 2, 4) == (2, 2)
+    assert pool_grid(1, 1, 4) == (1, 1)
+    assert pool_grid(6, 7, 4) == (3, 1)
+    with pytest.raises(ValueError, match="invalid exit head"):
+        split(build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=4), 0, ExitHeadConfig(grid=0))
 
 
 def test_point_by_index_and_errors():

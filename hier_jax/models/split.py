@@ -4,11 +4,14 @@ The edge part holds the stages up to and including the point plus an early-exit 
 holds the remaining stages plus the model's final classifier. Both parts reference the very stage
 objects of the unsplit model (no copies), so edge.features followed by cloud reproduces the model.
 
-Default early-exit head: one 3x3 conv-BN-ReLU (128 channels), global average pooling, one linear
-layer. One conv gives the exit some spatial processing of its own on top of a linear probe (a linear
-probe on early VGG/ResNet features is weak), while staying small next to the edge's stages: the edge
-is the constrained side, and the head's parameters, optimizer state and activations all count
-against its memory. `ExitHeadConfig(convs=0)` gives a plain linear probe; more convs a deeper exit.
+Default early-exit head: one 3x3 conv-BN-ReLU (128 channels), average pooling to a 4x4 grid, one
+linear layer. One conv gives the exit some processing of its own on top of a linear probe (a probe on
+early VGG/ResNet features is weak); pooling to a small grid rather than to 1x1 keeps where things
+are, which early features (edges, strokes) need to be told apart, much as the internal classifiers
+of shallow-deep networks (Kaya et al., ICML 2019) pool to a few cells. The head stays small next to
+the edge's stages: the edge is the constrained side, and the head's parameters, optimizer state and
+activations all count against its memory. `ExitHeadConfig(convs=0, grid=1)` gives a plain linear
+probe on globally pooled features; more convs a deeper exit.
 """
 
 from __future__ import annotations
@@ -27,23 +30,38 @@ from hier_jax.models.staged import StagedNet, check_images
 class ExitHeadConfig:
     channels: int = 128
     convs: int = 1
+    grid: int = 4  # average-pool to at most grid x grid cells before the linear layer
+
+
+def pool_grid(height: int, width: int, grid: int) -> tuple[int, int]:
+    """Cells per side after pooling: the largest divisors of the map size that are <= grid."""
+    return (max(g for g in range(1, min(grid, height) + 1) if height % g == 0),
+            max(g for g in range(1, min(grid, width) + 1) if width % g == 0))
 
 
 class ExitHead(nnx.Module):
-    """Early-exit classifier: `convs` x (3x3 conv-BN-ReLU), global average pooling, linear."""
+    """Early-exit classifier: `convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear."""
 
-    def __init__(self, cin: int, num_classes: int, config: ExitHeadConfig, *, rngs: nnx.Rngs):
+    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, config: ExitHeadConfig, *,
+                 rngs: nnx.Rngs):
+        if config.convs < 0 or config.channels < 1 or config.grid < 1:
+            raise ValueError(f"invalid exit head {config}: need convs >= 0, channels >= 1, grid >= 1")
+        height, width, cin = feature_shape
         layers = []
         for _ in range(config.convs):
             layers.append(ConvBNReLU(cin, config.channels, 3, bias=False, rngs=rngs))
             cin = config.channels
         self.convs = nnx.List(layers)
-        self.linear = nnx.Linear(cin, num_classes, rngs=rngs)
+        self.grid = pool_grid(height, width, config.grid)
+        self.linear = nnx.Linear(cin * self.grid[0] * self.grid[1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for layer in self.convs:
             x = layer(x, train)
-        return self.linear(jnp.mean(x, axis=(1, 2)))
+        b, h, w, c = x.shape
+        gh, gw = self.grid
+        cells = x.reshape(b, gh, h // gh, gw, w // gw, c).mean(axis=(2, 4))
+        return self.linear(cells.reshape(b, -1))
 
 
 class EdgeNet(nnx.Module):
@@ -118,7 +136,7 @@ def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = Exit
     index = resolve_point(model, point)
     feature_shape = stage_output_shape(model, index)
     stages = list(model.stages)
-    exit_head = None if head is None else ExitHead(feature_shape[-1], model.num_classes, head,
+    exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head,
                                                    rngs=nnx.Rngs(seed))
     edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape)
     cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape)
