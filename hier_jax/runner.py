@@ -259,6 +259,73 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
                      final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64))
 
 
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning."""
+    edge_device: jax.Device
+    cloud_device: jax.Device
+    train_step: Callable | None = None         # end-to-end: (state, images, labels) -> (state, metrics)
+    edge_forward: Callable | None = None       # split learning: (edge_state, images) -> (features, vjp, bn)
+    cloud_step: Callable | None = None         # split learning: (cloud_state, features, labels) -> (.., grad, ..)
+    edge_backward: Callable | None = None      # split learning: (edge_state, vjp, bn, grad) -> edge_state
+
+
+def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str | jax.Device = "cpu:0"
+                     ) -> tuple[Baseline, steps.State]:
+    """The unsplit model trained on one device: what cloud-only training computes."""
+    device = resolve_device(device)
+    graphdef, state = steps.init_state(model, tx)
+    baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0))
+    return baseline, jax.device_put(state, device, may_alias=False)
+
+
+def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
+                         cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = "cpu:0",
+                         cloud_device: str | jax.Device = "cpu:1") -> tuple[Baseline, steps.State, steps.State]:
+    """Vanilla split learning: the cloud's boundary gradient goes back and the edge backpropagates it."""
+    edge_device, cloud_device = resolve_device(edge_device), resolve_device(cloud_device)
+    edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
+    cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
+    baseline = Baseline(edge_device, cloud_device,
+                        edge_forward=jax.jit(steps.make_split_edge_forward(edge_graphdef)),
+                        cloud_step=jax.jit(steps.make_split_cloud_step(cloud_graphdef, cloud_tx), donate_argnums=0),
+                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx), donate_argnums=0))
+    return (baseline, jax.device_put(edge_state, edge_device, may_alias=False),
+            jax.device_put(cloud_state, cloud_device, may_alias=False))
+
+
+def run_end_to_end(b: Baseline, state: steps.State, batches: Iterable[tuple[Any, Any]], *,
+                   progress: bool = False) -> tuple[steps.State, dict[str, np.ndarray], float]:
+    """Train the unsplit model over `batches`; returns (state, per-step metrics, wall seconds)."""
+    metrics, bar = [], _Progress(progress, _total(batches), "end-to-end")
+    start = time.perf_counter()
+    for images, labels in batches:
+        state, m = b.train_step(state, jax.device_put(images, b.edge_device), jax.device_put(labels, b.edge_device))
+        metrics.append(m)
+        bar.update(metrics)
+    state = jax.block_until_ready(state)
+    bar.close()
+    return state, _stack(metrics), time.perf_counter() - start
+
+
+def run_split_learning(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
+                       batches: Iterable[tuple[Any, Any]], *, progress: bool = False) -> RunResult:
+    """Edge forward, activations to the cloud, cloud step, boundary gradient back, edge backward."""
+    cloud_metrics, bar = [], _Progress(progress, _total(batches), "split learning")
+    start = time.perf_counter()
+    for images, labels in batches:
+        features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))
+        cloud_state, boundary_grad, m = b.cloud_step(cloud_state, jax.device_put(features, b.cloud_device),
+                                                     jax.device_put(labels, b.cloud_device))
+        edge_state = b.edge_backward(edge_state, edge_vjp, batch_stats, jax.device_put(boundary_grad, b.edge_device))
+        cloud_metrics.append(m)
+        bar.update(cloud_metrics)
+    edge_state, cloud_state = jax.block_until_ready((edge_state, cloud_state))
+    bar.close()
+    return RunResult(edge_state, cloud_state, {}, _stack(cloud_metrics), time.perf_counter() - start, 0,
+                     np.arange(len(cloud_metrics)))
+
+
 def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
              batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
     """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit.

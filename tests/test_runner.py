@@ -1,0 +1,165 @@
+"""Sequential vs overlapped execution: bit-identical results, devices, alignment, errors, no hangs."""
+
+import dataclasses
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from hier_jax import runner
+from hier_jax.models import ExitHeadConfig, build_model, split
+from hier_jax.optim import OptimConfig, make_optimizer
+
+NUM_CLASSES = 10
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def hierarchy():
+    model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
+    parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
+    tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
+    h, edge_state, cloud_state = runner.build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx,
+                                                        edge_device="cpu:0", cloud_device="cpu:1")
+    return h, edge_state, cloud_state
+
+
+def fresh(hierarchy):
+    h, edge_state, cloud_state = hierarchy
+    return (h, jax.device_put(edge_state, h.edge_device, may_alias=False),
+            jax.device_put(cloud_state, h.cloud_device, may_alias=False))
+
+
+def batches(n=STEPS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(4, 16, 16, 3)).astype(np.float32), rng.integers(0, NUM_CLASSES, 4).astype(np.int32))
+            for _ in range(n)]
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_overlapped_equals_sequential_bit_for_bit(hierarchy):
+    data = batches()
+    seq = runner.run_sequential(*fresh(hierarchy), data)
+    ovl = runner.run_overlapped(*fresh(hierarchy), data, channel=runner.QueueChannel(1))
+    assert leaves_equal(seq.edge_state, ovl.edge_state)
+    assert leaves_equal(seq.cloud_state, ovl.cloud_state)
+    for key in ("loss", "accuracy"):
+        np.testing.assert_array_equal(seq.edge_metrics[key], ovl.edge_metrics[key])
+        np.testing.assert_array_equal(seq.cloud_metrics[key], ovl.cloud_metrics[key])
+    np.testing.assert_array_equal(ovl.cloud_steps, np.arange(STEPS))
+    assert seq.cloud_metrics["loss"].shape == (STEPS,)
+    # Training did something: states moved, and the step counters count the steps.
+    h, edge0, cloud0 = hierarchy
+    assert not leaves_equal(edge0["params"], ovl.edge_state["params"])
+    assert int(ovl.edge_state["step"]) == int(ovl.cloud_state["step"]) == STEPS
+    # 4 x 16 x 16 x 4 codes at 4 bits, float32 scale and offset, uint8 labels.
+    assert ovl.payload_bytes == seq.payload_bytes == 4 * 16 * 16 * 4 // 2 + 4 + 4 + 4
+
+
+def test_states_stay_on_their_devices(hierarchy):
+    result = runner.run_overlapped(*fresh(hierarchy), batches(2))
+    edge_devices = {d for leaf in jax.tree.leaves(result.edge_state) for d in leaf.devices()}
+    cloud_devices = {d for leaf in jax.tree.leaves(result.cloud_state) for d in leaf.devices()}
+    assert edge_devices == {jax.devices()[0]} and cloud_devices == {jax.devices()[1]}
+
+
+def test_cloud_consumes_step_t_payload_with_step_t_labels(hierarchy):
+    """Shuffling the batches changes the cloud's metrics exactly as the sequential reference does."""
+    data = batches(4, seed=1)
+    swapped = [data[1], data[0], *data[2:]]
+    a = runner.run_overlapped(*fresh(hierarchy), swapped)
+    b = runner.run_sequential(*fresh(hierarchy), swapped)
+    c = runner.run_sequential(*fresh(hierarchy), data)
+    np.testing.assert_array_equal(a.cloud_metrics["loss"], b.cloud_metrics["loss"])
+    assert not np.array_equal(a.cloud_metrics["loss"], c.cloud_metrics["loss"])
+
+
+def test_edge_runs_ahead_without_waiting_for_the_cloud(hierarchy):
+    """The cloud's first step blocks until the edge has dispatched step 2: possible only if the edge
+    never waits on the cloud's work (a sequential schedule would deadlock here)."""
+    h, edge_state, cloud_state = fresh(hierarchy)
+    edge_dispatched = []
+    reached = threading.Event()
+
+    def edge_step(state, images, labels):
+        edge_dispatched.append(len(edge_dispatched))
+        if len(edge_dispatched) == 3:
+            reached.set()
+        return h.edge_step(state, images, labels)
+
+    def cloud_step(state, payload):
+        if not reached.wait(timeout=30):
+            raise AssertionError("edge did not run ahead while the cloud was busy")
+        return h.cloud_step(state, payload)
+
+    probe = dataclasses.replace(h, edge_step=edge_step, cloud_step=cloud_step)
+    result = runner.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=runner.QueueChannel(2))
+    np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
+
+
+class Boom(Exception):
+    pass
+
+
+def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
+    def failing_batches():
+        yield from batches(2)
+        raise Boom("bad batch")
+
+    start = time.perf_counter()
+    with pytest.raises(Boom, match="bad batch"):
+        runner.run_overlapped(*fresh(hierarchy), failing_batches())
+    assert time.perf_counter() - start < 60
+    assert not [t for t in threading.enumerate() if t.name.startswith("hier-")]
+
+
+def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
+    h, edge_state, cloud_state = fresh(hierarchy)
+
+    def cloud_step(state, payload):
+        raise Boom("cloud failed")
+
+    # A queue of one and many steps: the edge would block forever on a full queue without the stop.
+    with pytest.raises(Boom, match="cloud failed"):
+        runner.run_overlapped(dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state,
+                              batches(12), channel=runner.QueueChannel(1))
+    assert not [t for t in threading.enumerate() if t.name.startswith("hier-")]
+
+
+def test_timeout_instead_of_hang(hierarchy):
+    h, edge_state, cloud_state = fresh(hierarchy)
+
+    def slow_batches():
+        yield from batches(1)
+        time.sleep(5)
+
+    with pytest.raises(TimeoutError):
+        runner.run_overlapped(h, edge_state, cloud_state, slow_batches(), timeout_s=0.5)
+
+
+def test_evaluate_counts_masked_examples_once(hierarchy):
+    h, edge_state, cloud_state = fresh(hierarchy)
+    images, labels = batches(1)[0]
+    mask = np.array([True, True, True, False])
+    acc = runner.evaluate(h, edge_state, cloud_state, [(images, labels, mask), (images, labels, mask)])
+    assert acc["examples"] == 6
+    logits, _ = h.edge_eval(edge_state, jax.device_put(images, h.edge_device))
+    hits = (np.argmax(np.asarray(logits), -1) == labels)[:3].sum()
+    assert acc["edge_accuracy"] == pytest.approx(hits / 3)
+
+
+@pytest.mark.parametrize("spec", ["cpu:7", "gpu:0", "tpu", "npu:0", "cpu:x"])
+def test_unknown_devices_are_clear_errors(spec):
+    with pytest.raises(ValueError, match=f"device '{spec}' does not exist; available devices: cpu:0, cpu:1"):
+        runner.resolve_device(spec)
+
+
+def test_resolve_device():
+    assert runner.resolve_device("cpu:1") == jax.devices()[1]
+    assert runner.resolve_device("cpu") == jax.devices()[0]
+    assert runner.resolve_device(jax.devices()[1]) == jax.devices()[1]

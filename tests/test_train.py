@@ -1,0 +1,69 @@
+"""End to end on real data: the quickstart trains, both exits beat chance, bad configs fail clearly."""
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import quickstart
+from hier_jax import train
+from hier_jax.config import ExperimentConfig
+from hier_jax.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_quickstart_trains_on_digits_and_writes_summary(tmp_path):
+    summary = quickstart.main(["--epochs", "2", "--width", "8", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("edge_accuracy", "cloud_accuracy", "payload_bytes_per_batch", "raw_bytes_per_batch",
+                "wall_s_sequential", "wall_s_overlapped"):
+        assert written[key] == summary[key]
+    assert written["overlapped_bit_identical_to_sequential"] is True
+    # 10 classes: chance is 0.1. Both exits must clearly beat it after 2 epochs (44 steps).
+    assert summary["edge_accuracy"] > 0.5 and summary["cloud_accuracy"] > 0.5
+    assert summary["test_examples"] == 360
+    # resnet18_tv width 8 cut after layer1_1: 8x8x8 features, 64 per batch at 4 bits, + scale, offset, labels.
+    assert summary["payload_bytes_per_batch"] == 64 * 8 * 8 * 8 // 2 + 4 + 4 + 64
+    assert summary["raw_bytes_per_batch"] == 64 * 32 * 32 * 3 + 64
+
+
+def test_both_losses_fall(digits):
+    config = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_0", width=8, batch_size=32,
+                              epochs=1, max_steps=40, head_channels=16, learning_rate=0.1)
+    setup = train.build(config, digits)
+    result = train.train(setup, "overlapped", progress=False)
+    for metrics in (result.edge_metrics, result.cloud_metrics):
+        assert metrics["loss"].shape == (40,)
+        assert metrics["loss"][-8:].mean() < 0.7 * metrics["loss"][:8].mean()
+    acc = train.evaluate(setup, result)
+    assert acc["edge_accuracy"] > 0.3 and acc["cloud_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "alexnet"}, "unknown model 'alexnet'"),
+    ({"split": "layer9_9"}, "invalid separation point 'layer9_9'"),
+    ({"bits": 9}, "bits must be one of"),
+    ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
+    ({"edge_device": "gpu:0"}, "device 'gpu:0' does not exist"),
+    ({"batch_size": 4000}, "batch_size"),
+])
+def test_bad_configs_fail_clearly(digits, change, message):
+    config = dataclasses.replace(ExperimentConfig(dataset="digits", width=4), **change)
+    with pytest.raises(ValueError, match=message):
+        train.build(config, digits)
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="mnist"):
+        load_dataset("mnist")
+
+
+def test_training_schedule_length(digits):
+    config = ExperimentConfig(dataset="digits", batch_size=64, epochs=3)
+    assert train.total_steps(config, digits) == 3 * (1437 // 64)
+    assert train.total_steps(dataclasses.replace(config, max_steps=7), digits) == 7
+    assert len(train.TrainBatches(train.build(dataclasses.replace(config, max_steps=7, width=4), digits))) == 7
