@@ -9,23 +9,19 @@ parameters, and reports both exits' test accuracy, payload vs raw-image bytes an
 
 from __future__ import annotations
 
-import os
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+import jax
+import numpy as np
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from hier_jax import train  # noqa: E402
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args  # noqa: E402
-from hier_jax.data import load_dataset  # noqa: E402
-from hier_jax.quantization import raw_image_nbytes  # noqa: E402
+from hier_jax import train
+from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
+from hier_jax.data import load_dataset
+from hier_jax.quantization import raw_image_nbytes
 
 DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=16,
                             batch_size=64, epochs=6, learning_rate=0.05, head_channels=32)
