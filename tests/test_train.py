@@ -67,3 +67,17 @@ def test_training_schedule_length(digits):
     assert train.total_steps(config, digits) == 3 * (1437 // 64)
     assert train.total_steps(dataclasses.replace(config, max_steps=7), digits) == 7
     assert len(train.TrainBatches(train.build(dataclasses.replace(config, max_steps=7, width=4), digits))) == 7
+
+
+def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
+    from experiments import train as train_experiment
+
+    summary = train_experiment.main(["--dataset", "digits", "--model", "vgg16", "--split", "pool2", "--width", "4",
+                                     "--batch-size", "32", "--max-steps", "6", "--head-channels", "8",
+                                     "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"] == 6
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,edge_loss") and len(rows) == 1 + 6
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # vgg16 width 4 after pool2: 8x8 maps of 8 channels, 32 per batch at 4 bits.
+    assert summary["payload_bytes_per_batch"] == 32 * 8 * 8 * 8 // 2 + 4 + 4 + 32

@@ -1,0 +1,86 @@
+"""Measured overlap: edge alone, cloud alone, sequential pair and overlapped pair, per step.
+
+With perfect overlap a step of the pair costs max(edge, cloud); run one after the other it costs
+edge + cloud. `hidden` is the fraction of the shorter side that the overlapped schedule hid:
+(sequential - overlapped) / min(edge, cloud). Each figure is the median over --repeats runs of
+--steps steps (after a warm-up run), from blocking wall time.
+
+    python -m experiments.bench_overlap --model resnet18 --split layer2_1 --width 32 --batch-size 64 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hier_jax import runner, train
+from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
+from hier_jax.data import load_dataset
+
+DEFAULTS = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64,
+                            head_channels=64)
+
+
+def time_side(step, state, inputs) -> tuple[float, object]:
+    """Blocking wall time of running `step` over `inputs` (one side only)."""
+    start = time.perf_counter()
+    for args in inputs:
+        state, *_ = step(state, *args)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start, state
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, DEFAULTS)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    setup = train.build(config, load_dataset(config.dataset, data_dir=config.data_dir or None))
+    h = setup.hierarchy
+    batches = [tuple(jax.device_get(b)) for b in list(train.TrainBatches(setup))[:1]] * args.steps
+    edge_inputs = [(jax.device_put(x, h.edge_device), jax.device_put(y, h.edge_device)) for x, y in batches]
+    train.warm_up(setup)
+    edge_state, _ = train.fresh_states(setup)
+    _, payload, _ = h.edge_step(edge_state, *edge_inputs[0])
+    cloud_inputs = [(jax.device_put(payload, h.cloud_device),)] * args.steps
+
+    figures: dict[str, list[float]] = {"edge": [], "cloud": [], "sequential": [], "overlapped": []}
+    for repeat in range(args.repeats + 1):  # the first round warms caches and threads up
+        edge_state, cloud_state = train.fresh_states(setup)
+        edge_s, _ = time_side(h.edge_step, edge_state, edge_inputs)
+        cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
+        seq = runner.run_sequential(h, *train.fresh_states(setup), batches)
+        ovl = runner.run_overlapped(h, *train.fresh_states(setup), batches,
+                                    channel=runner.QueueChannel(config.queue_size))
+        if repeat:
+            for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
+                figures[key].append(value / args.steps)
+    median = {k: statistics.median(v) for k, v in figures.items()}
+    hidden = (median["sequential"] - median["overlapped"]) / min(median["edge"], median["cloud"])
+    result = {"config": {**vars(args)}, "device_edge": str(h.edge_device), "device_cloud": str(h.cloud_device),
+              "per_step_s": median, "spread_s": {k: [min(v), max(v)] for k, v in figures.items()},
+              "ideal_overlapped_s": max(median["edge"], median["cloud"]),
+              "speedup": median["sequential"] / median["overlapped"], "hidden_fraction": hidden}
+    print(f"{config.model} width {config.width}, split after {setup.split.point}, batch {config.batch_size}, "
+          f"{args.steps} steps x {args.repeats} repeats (median per step, [min, max]):")
+    for key, values in figures.items():
+        print(f"  {key:<11} {median[key] * 1e3:8.1f} ms  [{min(values) * 1e3:.1f}, {max(values) * 1e3:.1f}]")
+    print(f"  ideal overlapped = max(edge, cloud) = {result['ideal_overlapped_s'] * 1e3:.1f} ms; "
+          f"speed-up {result['speedup']:.2f}x; hidden {100 * hidden:.0f} % of the shorter side")
+    if config.out:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_overlap.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
