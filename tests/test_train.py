@@ -49,7 +49,7 @@ def test_both_losses_fall(digits):
     ({"bits": 9}, "bits must be one of"),
     ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
     ({"edge_device": "gpu:0"}, "device 'gpu:0' does not exist"),
-    ({"batch_size": 4000}, "no training steps: 1 epoch\(s\) of 1437 images at batch size 4000"),
+    ({"batch_size": 4000}, r"no training steps: 1 epoch\(s\) of 1437 images at batch size 4000"),
 ])
 def test_bad_configs_fail_clearly(digits, change, message):
     config = dataclasses.replace(ExperimentConfig(dataset="digits", width=4), **change)
