@@ -4,7 +4,7 @@
     python -m experiments.train --dataset folder:../shared/data/cifar10-jpeg --model resnet18_tv --width 32 ...
 
 Writes DIR/summary.json (config, accuracies, bytes, wall time), DIR/metrics.csv (per-step losses and
-accuracies of both sides) and DIR/curves.png.
+accuracies of both sides), DIR/curves.png and the final edge and cloud states in DIR/checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from hier_jax import train
+from hier_jax import checkpoint, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
 from hier_jax.data import load_dataset
 from hier_jax.quantization import raw_image_nbytes
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{summary['raw_bytes_per_batch']:,} B; {result.wall_s:.1f} s")
     if config.out:
         write_outputs(Path(config.out), summary, result)
-        print(f"wrote {config.out}/summary.json, metrics.csv, curves.png")
+        checkpoint.save(Path(config.out) / "checkpoint", setup.total_steps, result.edge_state, result.cloud_state)
+        print(f"wrote {config.out}/summary.json, metrics.csv, curves.png, checkpoint/")
     return summary
 
 

@@ -79,5 +79,6 @@ def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,edge_loss") and len(rows) == 1 + 6
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "checkpoint" / "6").is_dir()
     # vgg16 width 4 after pool2: 8x8 maps of 8 channels, 32 per batch at 4 bits.
     assert summary["payload_bytes_per_batch"] == 32 * 8 * 8 * 8 // 2 + 4 + 4 + 32
