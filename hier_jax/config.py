@@ -1,7 +1,8 @@
 """One experiment configuration (a frozen dataclass) and the CLI conventions every experiment shares.
 
 Each field becomes a flag of the same name (underscores as dashes: --model, --dataset, --split,
---bits, --batch-size, --out, ...); an experiment passes its own defaults and may add flags of its own.
+--bits, --batch-size, --out, ...; --batch is an alias of --batch-size, as in the benchmarks); an
+experiment passes its own defaults and may add flags of its own.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class ExperimentConfig:
     out: str = ""                    # output directory; "" = write nothing
 
 
+ALIASES = {"batch_size": ("--batch",)}
+
+
 def _field_type(field: dataclasses.Field) -> type:
     hint = typing.get_type_hints(ExperimentConfig)[field.name]
     if isinstance(hint, types.UnionType):
@@ -46,7 +50,7 @@ def _field_type(field: dataclasses.Field) -> type:
 def add_config_flags(parser: argparse.ArgumentParser, defaults: ExperimentConfig = ExperimentConfig()) -> None:
     """Add one flag per config field, defaulting to `defaults`."""
     for field in dataclasses.fields(ExperimentConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=_field_type(field),
+        parser.add_argument(f"--{field.name.replace('_', '-')}", *ALIASES.get(field.name, ()), type=_field_type(field),
                             default=getattr(defaults, field.name), help=f"(default: %(default)s)")
 
 
