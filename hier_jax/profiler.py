@@ -1,0 +1,362 @@
+"""Measure what the cost model needs: per-stage times, payload bytes and edge memory of a StagedNet.
+
+Times: every stage, every early-exit head (one per separation point) and the classifier is jitted as
+a function of its own and timed on one device, forward (train mode) and forward + backward + update
+(value_and_grad of the sum of its outputs with respect to its parameters and its input, then an SGD
+momentum update); warm-up calls first, block_until_ready, median of `repeats`. The sum of the stages
+approximates the fused whole: XLA cannot fuse across the cut functions, and each function pays its own
+dispatch; `Profile.whole_train_s` times the unsplit train step for comparison. The first stage skips
+the input gradient, which real training never computes.
+
+Bytes come from the real payload: `quantization.encode` under `jax.eval_shape` on the feature shape at
+the modeled batch, so packing, per-batch scale/offset and label dtype are all counted as sent.
+
+Edge memory (per separation point, edge stages plus head): parameters, BatchNorm statistics, and the
+residuals JAX's autodiff saves for the backward pass of the early-exit loss, from `jax.eval_shape` of
+`jax.vjp` at batch 1 and 2; the difference is the per-example part (activations). The batch-independent
+residuals are references to the weights, already counted. This is the autodiff's own list before XLA
+optimizes it (XLA may fuse some away; framework workspace is not counted), so it is an estimate.
+
+A Profile round-trips through JSON (`save_profile`/`load_profile`), so one measured on a real edge
+board can stand in for the emulated one. `Profile.scaled` emulates a device uniformly slower or
+faster; `Profile.from_flops` a device whose per-stage time follows XLA's flop count (needed where the
+measuring device's per-stage shape is unlike the target's: XLA:CPU runs 3x3 convolutions on 2x2 maps
+some 100x below its speed on larger maps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from hier_jax import optim, quantization, steps
+from hier_jax.models import ExitHeadConfig, StagedNet, split, stage_output_shape
+from hier_jax.runner import resolve_device
+
+FORMAT_VERSION = 1
+DEFAULT_BITS = (2, 4, 8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Median seconds for one batch of `Profile.batch`, and XLA's flop counts of the same programs."""
+    fwd_s: float
+    train_s: float
+    fwd_flops: float
+    train_flops: float
+
+    @property
+    def bwd_s(self) -> float:
+        """Backward + update: train minus forward (never below zero under timing noise)."""
+        return max(self.train_s - self.fwd_s, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitProfile:
+    """One separation point: the head's timing, bytes at `Profile.payload_batch`, and edge memory."""
+    name: str
+    index: int
+    feature_shape: tuple[int, int, int]
+    head: Timing
+    payload_bytes: dict[int, int]          # bits -> bytes of one encoded batch
+    activation_bytes: int                  # float32 features + labels (encode at 32 bits)
+    gradient_bytes: int                    # float32 boundary gradient
+    edge_param_bytes: int                  # nnx.Param of the edge stages and the head
+    edge_stat_bytes: int                   # BatchNorm running statistics
+    edge_residual_bytes_per_example: int   # activations saved for the backward pass
+
+    def edge_memory_bytes(self, batch: int) -> int:
+        """Parameters + momentum (one copy) + gradients + BN statistics + activations for `batch`."""
+        return 3 * self.edge_param_bytes + self.edge_stat_bytes + self.edge_residual_bytes_per_example * batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Everything measured about one model on one device."""
+    model: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    device: str
+    batch: int                      # batch size the times were measured at
+    stage_names: tuple[str, ...]
+    stages: tuple[Timing, ...]
+    classifier: Timing
+    splits: tuple[SplitProfile, ...]
+    payload_batch: int              # batch size the bytes were computed at
+    raw_bytes: int                  # uint8 images + labels, one batch of payload_batch
+    whole_train_s: float | None     # the unsplit train step, fused (None if not measured)
+
+    def split(self, point: str) -> SplitProfile:
+        for s in self.splits:
+            if s.name == point:
+                return s
+        raise ValueError(f"no separation point {point!r} in the profile of {self.model}; "
+                         f"valid: {', '.join(s.name for s in self.splits)}")
+
+    def scaled(self, factor: float, device: str) -> Profile:
+        """The same profile with every time multiplied by `factor`: a device `factor` times slower."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"scale factor must be positive, got {factor}")
+
+        return self._map_timings(
+            lambda t: dataclasses.replace(t, fwd_s=t.fwd_s * factor, train_s=t.train_s * factor), device,
+            None if self.whole_train_s is None else self.whole_train_s * factor)
+
+    def from_flops(self, flops_per_s: float, device: str) -> Profile:
+        """Times of a device that sustains `flops_per_s` on every stage: XLA's flop count / throughput.
+
+        For emulating a device whose per-layer speed tracks flops (a GPU on convolutions) from a
+        profile measured where it does not: memory-bound layers (pooling, BatchNorm) come out nearly
+        free, and per-layer efficiency differences of the real device are ignored.
+        """
+        if not (math.isfinite(flops_per_s) and flops_per_s > 0):
+            raise ValueError(f"throughput must be positive, got {flops_per_s}")
+
+        return self._map_timings(
+            lambda t: dataclasses.replace(t, fwd_s=t.fwd_flops / flops_per_s, train_s=t.train_flops / flops_per_s),
+            device, None)
+
+    def _map_timings(self, fn: Callable[[Timing], Timing], device: str, whole_train_s: float | None) -> Profile:
+        return dataclasses.replace(
+            self, device=device, stages=tuple(fn(t) for t in self.stages), classifier=fn(self.classifier),
+            splits=tuple(dataclasses.replace(s, head=fn(s.head)) for s in self.splits), whole_train_s=whole_train_s)
+
+    @property
+    def train_flops(self) -> float:
+        """XLA's flop count of one train step of every stage and the classifier."""
+        return sum(t.train_flops for t in self.stages) + self.classifier.train_flops
+
+    @property
+    def stages_train_s(self) -> float:
+        """Sum of the per-stage train times and the classifier's: the cost model's whole model."""
+        return sum(t.train_s for t in self.stages) + self.classifier.train_s
+
+
+def payload_nbytes(feature_shape: Sequence[int], batch: int, bits: int, num_classes: int) -> int:
+    """Bytes of the real encoded payload of one batch, from shapes alone (jax.eval_shape)."""
+    features = jax.ShapeDtypeStruct((batch, *feature_shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.eval_shape(lambda f, y: quantization.encode(f, y, bits, num_classes), features, labels).nbytes
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _median_time(fn: Callable, args: tuple, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _random_module(make: Callable[[], nnx.Module], rng: np.random.Generator) -> nnx.Module:
+    """Build a module with random weights from numpy: eager initializers would compile once per shape."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    values = jax.tree.map(lambda x: jnp.asarray(0.01 * rng.standard_normal(x.shape), x.dtype), state)
+    return nnx.merge(graphdef, values)
+
+
+def _time_module(module: nnx.Module, x: jax.Array, *, input_grad: bool, warmup: int, repeats: int) -> Timing:
+    """Forward and forward+backward+update of `module` on `x`, each jitted on its own."""
+    graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+    tx = optim.make_optimizer(optim.OptimConfig(), total_steps=1000)
+    params, stats, opt_state = jax.device_put((params, stats, tx.init(params)), x.device)
+
+    def forward(params, stats, x):
+        return steps.apply(graphdef, params, stats, x, train=True)
+
+    def train(params, stats, opt_state, x):
+        def loss(params, x):
+            out, new_stats = steps.apply(graphdef, params, stats, x, train=True)
+            return jnp.sum(out), new_stats
+
+        argnums = (0, 1) if input_grad else 0
+        (_, new_stats), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, x)
+        param_grads = grads[0] if input_grad else grads
+        updates, opt_state = tx.update(param_grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, grads
+
+    fwd = jax.jit(forward).lower(params, stats, x).compile()
+    step = jax.jit(train).lower(params, stats, opt_state, x).compile()
+    return Timing(fwd_s=_median_time(fwd, (params, stats, x), warmup, repeats),
+                  train_s=_median_time(step, (params, stats, opt_state, x), warmup, repeats),
+                  fwd_flops=_flops(fwd), train_flops=_flops(step))
+
+
+def _flops(compiled: jax.stages.Compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
+
+
+def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, labels: bool
+            ) -> tuple[int, int, int]:
+    """(param bytes, BN statistic bytes, residual bytes per example) of `module`, from shapes only.
+
+    Residuals: the leaves of jax.vjp's backward function at batch 2 minus batch 1, for the output
+    (or, with `labels`, the cross-entropy loss) with respect to the parameters (and the input).
+    """
+    graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+    def residual_bytes(batch: int) -> int:
+        def backward(params, x, y):
+            def fn(params, x):
+                out, _ = steps.apply(graphdef, params, stats, x, train=True)
+                return steps.cross_entropy(out, y) if labels else out
+            return jax.vjp(fn, params, x)[1] if input_grad else jax.vjp(lambda p: fn(p, x), params)[1]
+
+        x = jax.ShapeDtypeStruct((batch, *in_shape), jnp.float32)
+        y = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        return _tree_bytes(jax.eval_shape(backward, params, x, y))
+
+    return _tree_bytes(params), _tree_bytes(stats), residual_bytes(2) - residual_bytes(1)
+
+
+def _split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
+                 ) -> tuple[dict[int, int], int, int]:
+    payload = {b: payload_nbytes(feature_shape, batch, b, num_classes) for b in bits}
+    activation = payload_nbytes(feature_shape, batch, 32, num_classes)
+    return payload, activation, 4 * batch * math.prod(feature_shape)
+
+
+def with_payload_batch(profile: Profile, batch: int, bits: Sequence[int] = DEFAULT_BITS) -> Profile:
+    """Recompute every byte count for another modeled batch size (shapes only, no timing)."""
+    splits = []
+    for s in profile.splits:
+        payload, activation, gradient = _split_bytes(s.feature_shape, batch, bits, profile.num_classes)
+        splits.append(dataclasses.replace(s, payload_bytes=payload, activation_bytes=activation,
+                                          gradient_bytes=gradient))
+    return dataclasses.replace(profile, splits=tuple(splits), payload_batch=batch,
+                               raw_bytes=quantization.raw_image_nbytes(batch, *profile.input_shape,
+                                                                       profile.num_classes))
+
+
+def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "cpu:0", repeats: int = 5,
+                  warmup: int = 1, head: ExitHeadConfig = ExitHeadConfig(), bits: Sequence[int] = DEFAULT_BITS,
+                  payload_batch: int | None = None, measure_whole: bool = True, progress: bool = True,
+                  seed: int = 0) -> Profile:
+    """Time every stage, head and the classifier of `model` at `batch` on `device`; bytes at `payload_batch`.
+
+    Heads are measured once per distinct feature shape (the head is a function of it alone). An edge's
+    memory is the sum over its stages and its head: the composed backward pass keeps each part's
+    residuals.
+    """
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need batch >= 1, repeats >= 1, warmup >= 0; got {batch}, {repeats}, {warmup}")
+    bits = tuple(quantization.check_bits(b) for b in bits)
+    device = resolve_device(device)
+    payload_batch = batch if payload_batch is None else payload_batch
+    names = model.stage_names
+    shapes = [tuple(model.input_shape)] + [stage_output_shape(model, i) for i in range(len(names))]
+    rng = np.random.default_rng(seed)
+
+    def random_input(shape: tuple[int, ...]) -> jax.Array:  # numpy: no compile per shape
+        return jax.device_put(rng.standard_normal((batch, *shape), np.float32), device)
+
+    bar = tqdm(total=2 * len(names) + 1 + int(measure_whole), desc=f"profile {model.arch}", disable=not progress,
+               leave=False)
+    stage_timings, stage_memory = [], []
+    for i, stage in enumerate(model.stages):
+        bar.set_postfix_str(names[i])
+        stage_timings.append(_time_module(stage, random_input(shapes[i]), input_grad=i > 0, warmup=warmup,
+                                          repeats=repeats))
+        stage_memory.append(_memory(stage, shapes[i], input_grad=i > 0, labels=False))
+        bar.update()
+    classifier = _time_module(model.classifier, random_input(shapes[-1]), input_grad=True, warmup=warmup,
+                              repeats=repeats)
+    bar.update()
+
+    heads: dict[tuple[int, ...], tuple[Timing, tuple[int, int, int]]] = {}
+    splits = []
+    for i, name in enumerate(names):
+        bar.set_postfix_str(f"head@{name}")
+        feature_shape = shapes[i + 1]
+        if feature_shape not in heads:
+            exit_head = _random_module(lambda: split(model, i, head).edge.head, rng)
+            heads[feature_shape] = (
+                _time_module(exit_head, random_input(feature_shape), input_grad=True, warmup=warmup,
+                             repeats=repeats),
+                _memory(exit_head, feature_shape, input_grad=True, labels=True))
+        head_timing, head_memory = heads[feature_shape]
+        param_bytes, stat_bytes, residual_bytes = (sum(m[j] for m in (*stage_memory[:i + 1], head_memory))
+                                                   for j in range(3))
+        payload, activation, gradient = _split_bytes(feature_shape, payload_batch, bits, model.num_classes)
+        splits.append(SplitProfile(name, i, feature_shape, head_timing, payload, activation, gradient,
+                                   param_bytes, stat_bytes, residual_bytes))
+        bar.update()
+
+    whole = None
+    if measure_whole:
+        bar.set_postfix_str("whole model")
+        whole = _time_whole(model, batch, device, warmup, repeats)
+        bar.update()
+    bar.close()
+    return Profile(model.arch, tuple(model.input_shape), model.num_classes, f"{device.platform}:{device.id}", batch,
+                   names, tuple(stage_timings), classifier, tuple(splits), payload_batch,
+                   quantization.raw_image_nbytes(payload_batch, *model.input_shape, model.num_classes), whole)
+
+
+def _time_whole(model: StagedNet, batch: int, device: jax.Device, warmup: int, repeats: int) -> float:
+    """The fused train step of the unsplit model (steps.make_train_step), for comparison with the sum."""
+    tx = optim.make_optimizer(optim.OptimConfig(), total_steps=1000)
+    graphdef, state = steps.init_state(model, tx)
+    state = jax.device_put(state, device, may_alias=False)
+    images = jax.device_put(np.zeros((batch, *model.input_shape), np.float32), device)
+    labels = jax.device_put(np.zeros((batch,), np.int32), device)
+    step = jax.jit(steps.make_train_step(graphdef, tx)).lower(state, images, labels).compile()
+    return _median_time(step, (state, images, labels), warmup, repeats)
+
+
+def _to_json(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **_to_json(profile)}, indent=1) + "\n")
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a profile written by `save_profile` (or by hand, on a real board, in the same layout)."""
+    data = json.loads(Path(path).read_text())
+    if data.pop("format_version", None) != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a profile of format version {FORMAT_VERSION}")
+
+    def timing(d: dict) -> Timing:
+        return Timing(float(d["fwd_s"]), float(d["train_s"]), float(d["fwd_flops"]), float(d["train_flops"]))
+
+    splits = tuple(SplitProfile(
+        name=s["name"], index=int(s["index"]), feature_shape=tuple(s["feature_shape"]), head=timing(s["head"]),
+        payload_bytes={int(k): int(v) for k, v in s["payload_bytes"].items()},
+        activation_bytes=int(s["activation_bytes"]), gradient_bytes=int(s["gradient_bytes"]),
+        edge_param_bytes=int(s["edge_param_bytes"]), edge_stat_bytes=int(s["edge_stat_bytes"]),
+        edge_residual_bytes_per_example=int(s["edge_residual_bytes_per_example"])) for s in data["splits"])
+    return Profile(model=data["model"], input_shape=tuple(data["input_shape"]), num_classes=int(data["num_classes"]),
+                   device=data["device"], batch=int(data["batch"]), stage_names=tuple(data["stage_names"]),
+                   stages=tuple(timing(t) for t in data["stages"]), classifier=timing(data["classifier"]),
+                   splits=splits, payload_batch=int(data["payload_batch"]), raw_bytes=int(data["raw_bytes"]),
+                   whole_train_s=None if data["whole_train_s"] is None else float(data["whole_train_s"]))

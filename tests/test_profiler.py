@@ -1,0 +1,102 @@
+"""Profiler: what it measures on a tiny model, bytes from real payloads, memory, JSON round trip."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hier_jax import profiler, quantization, steps
+from hier_jax.models import build_model, param_count, split
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = build_model("resnet18_tv", num_classes=5, input_shape=(16, 16, 3), width=4)
+    return model, profiler.profile_model(model, batch=2, repeats=1, payload_batch=4, progress=False,
+                                         measure_whole=False)
+
+
+def test_profile_covers_every_stage_head_and_classifier(tiny):
+    model, p = tiny
+    assert p.stage_names == model.stage_names and len(p.stages) == len(p.splits) == len(model.stage_names)
+    assert [s.index for s in p.splits] == list(range(len(p.splits)))
+    for t in (*p.stages, p.classifier, *(s.head for s in p.splits)):
+        assert t.fwd_s > 0 and t.train_s > 0 and math.isfinite(t.train_s)
+    conv = p.stages[0]
+    assert 0 < conv.fwd_flops < conv.train_flops
+    assert p.batch == 2 and p.payload_batch == 4 and p.device == "cpu:0"
+
+
+def test_bytes_come_from_real_payloads(tiny):
+    model, p = tiny
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    labels = rng.integers(0, 5, 4)
+    assert p.raw_bytes == images.nbytes + labels.astype(np.uint8).nbytes
+    s = p.split("layer1_1")
+    features = model.features(jnp.asarray(images, jnp.float32), False, stop=s.index + 1)
+    assert features.shape[1:] == s.feature_shape
+    for bits, nbytes in s.payload_bytes.items():
+        assert quantization.encode(features, labels, bits, 5).nbytes == nbytes
+    assert s.activation_bytes == quantization.encode(features, labels, 32, 5).nbytes
+    assert s.gradient_bytes == features.size * 4
+    rebatched = profiler.with_payload_batch(p, 8, bits=(4,))
+    assert rebatched.split("layer1_1").payload_bytes == {4: profiler.payload_nbytes(s.feature_shape, 8, 4, 5)}
+    assert rebatched.raw_bytes == 2 * p.raw_bytes
+
+
+def test_edge_memory_is_the_sum_of_its_parts(tiny):
+    model, p = tiny
+    s = p.split("layer2_0")
+    edge = split(model, s.index).edge
+    assert s.edge_param_bytes == 4 * param_count(edge)
+    # residuals of the whole edge's early-exit backward pass, traced at once, per example
+    graphdef, params, stats = nnx.split(edge, nnx.Param, nnx.BatchStat)
+
+    def residual_bytes(batch):
+        def backward(params, x, y):
+            def loss(params):
+                (logits, _), _ = steps.apply(graphdef, params, stats, x, train=True)
+                return steps.cross_entropy(logits, y)
+            return jax.vjp(loss, params)[1]
+        out = jax.eval_shape(backward, params, jax.ShapeDtypeStruct((batch, 16, 16, 3), jnp.float32),
+                             jax.ShapeDtypeStruct((batch,), jnp.int32))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out))
+
+    assert s.edge_residual_bytes_per_example == residual_bytes(2) - residual_bytes(1)
+    assert s.edge_memory_bytes(10) == (3 * s.edge_param_bytes + s.edge_stat_bytes
+                                       + 10 * s.edge_residual_bytes_per_example)
+
+
+def test_json_round_trip_and_device_transforms(tiny, tmp_path):
+    _, p = tiny
+    path = tmp_path / "profile.json"
+    profiler.save_profile(p, path)
+    assert profiler.load_profile(path) == p
+    slow = p.scaled(15.6, "edge")
+    assert slow.device == "edge" and slow.stages[3].train_s == pytest.approx(15.6 * p.stages[3].train_s)
+    assert slow.splits[2].head.fwd_s == pytest.approx(15.6 * p.splits[2].head.fwd_s)
+    assert slow.splits[2].payload_bytes == p.splits[2].payload_bytes
+    flop_model = p.from_flops(1e9, "1 GFLOP/s")
+    assert flop_model.stages[0].train_s == pytest.approx(p.stages[0].train_flops / 1e9)
+    data = json.loads(path.read_text())
+    data["format_version"] = 0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="format version"):
+        profiler.load_profile(path)
+
+
+def test_bad_inputs(tiny):
+    model, p = tiny
+    with pytest.raises(ValueError, match="batch >= 1"):
+        profiler.profile_model(model, batch=0)
+    with pytest.raises(ValueError, match="bits"):
+        profiler.profile_model(model, batch=1, bits=(3, 12))
+    with pytest.raises(ValueError, match="positive"):
+        p.scaled(-1.0, "x")
+    with pytest.raises(ValueError, match="no separation point"):
+        p.split("fc")
