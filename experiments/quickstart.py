@@ -21,6 +21,8 @@ import numpy as np
 from hier_jax import train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
 from hier_jax.data import load_dataset
+from hier_jax.models import param_count
+from hier_jax.profiler import edge_footprint
 from hier_jax.quantization import raw_image_nbytes
 
 DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=16,
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
                          for k in sequential.cloud_metrics))
     accuracy = train.evaluate(setup, overlapped)
     raw_bytes = raw_image_nbytes(config.batch_size, *dataset.image_shape, dataset.num_classes)
+    footprint = edge_footprint(setup.split, config.batch_size, config.bits)
+    if footprint.payload_bytes != overlapped.payload_bytes:
+        raise AssertionError(f"payload bytes: modeled {footprint.payload_bytes}, sent {overlapped.payload_bytes}")
     summary = {
         "config": dataclasses.asdict(config),
         "edge_accuracy": accuracy["edge_accuracy"],
@@ -65,10 +70,15 @@ def main(argv: list[str] | None = None) -> dict:
         "final_edge_loss": float(overlapped.edge_metrics["loss"][-5:].mean()),
         "final_cloud_loss": float(overlapped.cloud_metrics["loss"][-5:].mean()),
         "steps": setup.total_steps,
+        "edge_params": footprint.params,
+        "cloud_params": param_count(setup.split.cloud),
+        "edge_memory_bytes": footprint.memory_bytes,
     }
     rows = [
         ("edge-exit accuracy (edge alone)", f"{summary['edge_accuracy']:.4f}"),
         ("cloud-exit accuracy", f"{summary['cloud_accuracy']:.4f}"),
+        ("edge / cloud parameters", f"{footprint.params:,} / {summary['cloud_params']:,}"),
+        ("edge training memory (estimate)", f"{footprint.memory_bytes / 2**20:.1f} MiB at batch {config.batch_size}"),
         ("payload bytes per batch", f"{overlapped.payload_bytes:,}"),
         ("raw-image bytes per batch", f"{raw_bytes:,} ({raw_bytes / overlapped.payload_bytes:.1f}x the payload)"),
         ("wall time, sequential", f"{sequential.wall_s:.2f} s"),

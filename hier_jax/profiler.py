@@ -43,7 +43,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hier_jax import optim, quantization, steps
-from hier_jax.models import ExitHeadConfig, StagedNet, split, stage_output_shape
+from hier_jax.models import ExitHeadConfig, Split, StagedNet, param_count, split, stage_output_shape
 from hier_jax.runner import resolve_device
 
 FORMAT_VERSION = 1
@@ -227,6 +227,34 @@ def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, 
         return _tree_bytes(jax.eval_shape(backward, params, x, y))
 
     return _tree_bytes(params), _tree_bytes(stats), residual_bytes(2) - residual_bytes(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeFootprint:
+    """What the edge of one split holds and sends, for one batch size and bit width."""
+    params: int                 # trainable parameters, edge stages + exit head
+    memory_bytes: int           # parameters + momentum + gradients + BN statistics + saved activations
+    activation_bytes: int       # the saved-activation part of memory_bytes
+    payload_bytes: int          # one encoded batch, from the real packed payload
+
+
+def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
+    """Parameter count, memory estimate (see the module docstring) and payload bytes of `parts.edge`."""
+    if parts.edge.head is None:
+        raise ValueError("edge_footprint needs an edge with an early-exit head")
+    x = jax.ShapeDtypeStruct((1, *parts.edge.input_shape), jnp.float32)
+    shapes = []
+    for stage in parts.edge.stages:
+        shapes.append(tuple(x.shape[1:]))
+        x = jax.eval_shape(lambda x, stage=stage: stage(x, False), x)
+    memory = [_memory(stage, shapes[i], input_grad=i > 0, labels=False) for i, stage in enumerate(parts.edge.stages)]
+    memory.append(_memory(parts.edge.head, parts.feature_shape, input_grad=True, labels=True))
+    param_bytes, stat_bytes, residual_per_example = (sum(m[j] for m in memory) for j in range(3))
+    return EdgeFootprint(
+        params=param_count(parts.edge),
+        memory_bytes=3 * param_bytes + stat_bytes + residual_per_example * batch,
+        activation_bytes=residual_per_example * batch,
+        payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes))
 
 
 def _split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int

@@ -100,3 +100,24 @@ def test_bad_inputs(tiny):
         p.scaled(-1.0, "x")
     with pytest.raises(ValueError, match="no separation point"):
         p.split("fc")
+
+
+def test_edge_footprint_matches_hand_count():
+    """VGG-16 width 4 cut after conv1_1 with a linear-probe head on a 1x1 grid: everything countable by hand."""
+    from hier_jax.models import ExitHeadConfig, build_model, split
+    from hier_jax.profiler import edge_footprint
+
+    model = build_model("vgg16", num_classes=10, input_shape=(8, 8, 3), width=4)
+    parts = split(model, "conv1_1", ExitHeadConfig(convs=0, grid=1))
+    fp = edge_footprint(parts, batch=16, bits=4)
+    conv_params = 3 * 3 * 3 * 4 + 4 + 2 * 4          # kernel + bias + BN scale/bias
+    head_params = 4 * 10 + 10
+    assert fp.params == conv_params + head_params
+    # 8x8x4 features per image at 4 bits: 128 B each; + float32 scale and offset + uint8 labels.
+    assert fp.payload_bytes == 16 * 128 + 8 + 16
+    # Memory: 3 copies of the float32 parameters (weights, momentum, gradients) + 8 BN statistics
+    # (mean, var) + saved activations, which grow linearly with the batch.
+    assert fp.memory_bytes == 3 * 4 * fp.params + 4 * 8 + fp.activation_bytes
+    assert edge_footprint(parts, batch=32, bits=4).activation_bytes == 2 * fp.activation_bytes
+    # At least the conv output, the BN output and the ReLU mask/output (8x8x4 floats each) per image.
+    assert fp.activation_bytes >= 16 * 3 * 8 * 8 * 4 * 4
