@@ -92,16 +92,21 @@ def warm_up(setup: Setup) -> None:
     jax.block_until_ready(h.cloud_eval(cloud_state, jax.device_put(eval_payload, h.cloud_device)))
 
 
-def train(setup: Setup, mode: str = "overlapped", *, progress: bool = True) -> runner.RunResult:
-    """Train from the initial states in `mode` ("sequential" or "overlapped")."""
+def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, progress: bool = True
+          ) -> runner.RunResult:
+    """Train from the initial states in `mode` ("sequential" or "overlapped"); `channel` (overlapped
+    only, e.g. a link.SimulatedLink) replaces the default instant queue of `queue_size` payloads."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if channel is not None and mode != "overlapped":
+        raise ValueError("a channel (simulated link) needs mode='overlapped'")
     edge_state, cloud_state = fresh_states(setup)
     batches = TrainBatches(setup)
     if mode == "sequential":
         return runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, progress=progress)
-    return runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches,
-                                 channel=runner.QueueChannel(setup.config.queue_size), progress=progress)
+    channel = runner.QueueChannel(setup.config.queue_size) if channel is None else channel
+    return runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches, channel=channel,
+                                 progress=progress)
 
 
 def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float]:

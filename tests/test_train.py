@@ -82,3 +82,21 @@ def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
     assert (tmp_path / "checkpoint" / "6").is_dir()
     # vgg16 width 4 after pool2: 8x8 maps of 8 channels, 32 per batch at 4 bits.
     assert summary["payload_bytes_per_batch"] == 32 * 8 * 8 * 8 // 2 + 4 + 4 + 32
+
+
+def test_train_experiment_over_a_simulated_link_with_an_outage(tmp_path):
+    from experiments import train as train_experiment
+
+    summary = train_experiment.main(["--dataset", "digits", "--model", "vgg16", "--split", "pool2", "--width", "4",
+                                     "--batch-size", "32", "--max-steps", "10", "--head-channels", "8",
+                                     "--link", "4g", "--time-scale", "1e-3", "--outage", "3:8",
+                                     "--link-buffer", "2", "--out", str(tmp_path)])
+    link = summary["link"]
+    assert link["sent"] == 10 and link["delivered"] + link["dropped"] == 10
+    # Down while the edge sends steps 3..7 (5 payloads) with room for 2: at least 3 dropped, oldest first
+    # (an earlier payload still held back by a busy cloud may be among them), none after the outage.
+    assert link["dropped"] >= 3 and link["dropped_steps"] == sorted(link["dropped_steps"])
+    assert set(link["dropped_steps"]) <= set(range(8))
+    assert summary["cloud_steps"] == link["delivered"]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == sorted(set(range(10)) - set(link["dropped_steps"]))
