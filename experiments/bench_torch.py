@@ -1,0 +1,353 @@
+"""hier-jax against its PyTorch reference: the same train steps, timed on one device at one precision.
+
+    python -m experiments.bench_torch --model resnet18|resnet18_tv|vgg16 --dataset cifar10|tiny_imagenet
+        [--split POINT] [--batch 128] [--steps N] [--warmup W] [--bits B] [--width 64]
+        [--torch-modes eager,eager_cl,compile] [--jax-variants jit] --out DIR
+
+Steps (the paper's hierarchical scheme and its baseline):
+  edge        edge forward + early-exit loss + backward + SGD update, payload encoded (hier_jax.steps
+              .make_edge_step; torch_ref.EdgeStep)
+  cloud       payload decoded + cloud forward + loss + backward + update (make_cloud_step; CloudStep)
+  pair        one edge step then one cloud step on its payload, as one worker running both would
+  end_to_end  the unsplit model's train step (make_train_step; TrainStep)
+
+JAX: the library's real steps, jitted with the state donated (as hier_jax.runner does) and compiled
+ahead with .lower().compile(); compile time is reported apart. JAX variants (--jax-variants):
+  jit        the recommended setting: on CPU, hier_jax.models.layers' CPU convolution path ("cpu")
+             and XLA_CPU_COMPILER_OPTIONS (convolutions to Eigen, not YNNPACK); elsewhere plain jit
+  plain      stock Flax: lax convolutions and pooling, no compiler options (the "before")
+  ynn        the CPU path for XLA's default convolution backend ("cpu-ynn"), no compiler options
+  eigen_xla  lax convolutions and pooling with XLA_CPU_COMPILER_OPTIONS (the option alone)
+PyTorch: torch_ref's steps in eager
+mode (NCHW, "eager"; channels_last, "eager_cl") and under torch.compile (channels_last, "compile";
+the first call's time, compilation included, is reported as its compile time). Each variant runs
+`--warmup` untimed steps, then the variants take turns for `--steps` rounds (interleaved, so a
+change in background load hits all of them alike); every step is waited for (block_until_ready /
+cuda.synchronize). Median, min and max seconds per step.
+
+Precision policy: float32 parameters, activations and gradients on both sides. On CPU there is no
+reduced-precision matmul mode to turn off. On GPU, jax_default_matmul_precision="highest" and
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False (no TF32).
+
+Host allocator (CPU): glibc malloc returns every block over 32 MiB to the OS on free, so each step
+page-faults its large buffers in again (XLA's temporaries and PyTorch's tensors alike), which at
+batch 128 costs a large share of the step on a small CPU. Unless --no-malloc-tuning, the benchmark
+calls mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1) first, for both frameworks in this process.
+
+Writes DIR/bench_torch.json: a list of rows {model, dataset, split, batch, width, bits, step,
+framework, mode, median_s, min_s, max_s, steps, compile_s, device, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DATASETS = {"cifar10": ((32, 32, 3), 10), "tiny_imagenet": ((64, 64, 3), 200)}
+DEFAULT_SPLIT = {"vgg16": "pool3", "resnet18": "layer2_1", "resnet18_tv": "layer2_1"}
+STEPS = ("edge", "cloud", "pair", "end_to_end")
+TORCH_MODES = ("eager", "eager_cl", "compile")
+JAX_VARIANTS = ("jit", "plain", "ynn", "eigen_xla")
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process (glibc): no mmap for large blocks, no trimming of the heap."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+    except OSError:
+        return False
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=sorted(DEFAULT_SPLIT))
+    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS),
+                        help="sets the input shape and class count (inputs are random)")
+    parser.add_argument("--split", default=None, help="separation point (default: pool3 / layer2_1)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--bits", type=int, default=4, help="payload quantization (1-8, 16, 32)")
+    parser.add_argument("--width", type=int, default=64, help="channels of the first layer (64: full size)")
+    parser.add_argument("--exit-channels", type=int, default=128, help="exit head conv channels")
+    parser.add_argument("--steps-to-time", default=",".join(STEPS), help=f"subset of {','.join(STEPS)}")
+    parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
+                        help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)")
+    parser.add_argument("--jax-variants", default="jit", help=f"subset of {','.join(JAX_VARIANTS)}")
+    parser.add_argument("--no-malloc-tuning", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write OUT/bench_torch.json")
+    args = parser.parse_args(argv)
+    args.steps_to_time = [s for s in args.steps_to_time.split(",") if s]
+    args.torch_modes = [m for m in args.torch_modes.split(",") if m]
+    args.jax_variants = [c for c in args.jax_variants.split(",") if c]
+    for what, values, valid in [("step", args.steps_to_time, STEPS), ("torch mode", args.torch_modes, TORCH_MODES),
+                                ("JAX variant", args.jax_variants, JAX_VARIANTS)]:
+        bad = [v for v in values if v not in valid]
+        if bad:
+            parser.error(f"unknown {what} {bad}; valid: {', '.join(valid)}")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("need --steps >= 1, --warmup >= 0, --batch >= 1")
+    return args
+
+
+class Variant:
+    """One (framework, mode): a callable per step kind, each running one step and waiting for it."""
+
+    def __init__(self, framework: str, mode: str, fns: dict[str, Callable[[], Any]], compile_s: dict[str, float],
+                 info: dict[str, Any]):
+        self.framework, self.mode, self.fns, self.compile_s, self.info = framework, mode, fns, compile_s, info
+
+
+def jax_setting(variant: str) -> tuple[str, dict | None]:
+    """(hier_jax.models.layers convolution path, XLA compiler options) of a JAX variant."""
+    import jax
+
+    from hier_jax.models import layers
+    if jax.default_backend() != "cpu":
+        return ("auto", None) if variant == "jit" else ("xla", None)
+    return {"jit": ("cpu", layers.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", None), "ynn": ("cpu-ynn", None),
+            "eigen_xla": ("xla", layers.XLA_CPU_COMPILER_OPTIONS)}[variant]
+
+
+def jax_variant(args, variant: str, shapes) -> Variant:
+    import jax
+    import jax.numpy as jnp
+
+    from hier_jax import optim, steps
+    from hier_jax.models import ExitHeadConfig, build_model, layers, split
+
+    input_shape, num_classes = shapes
+    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
+                        seed=args.seed)
+    parts = split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
+    tx = optim.make_optimizer(optim.OptimConfig(), total_steps=10_000)
+    device = jax.devices()[0]
+    put = lambda tree: jax.device_put(tree, device, may_alias=False)  # noqa: E731 - copies: states are donated
+    e_graphdef, e_state = steps.init_state(parts.edge, tx)
+    c_graphdef, c_state = steps.init_state(parts.cloud, tx)
+    f_graphdef, f_state = steps.init_state(model, tx)
+    state = {"edge": put(e_state), "cloud": put(c_state), "full": put(f_state)}
+    key_x, key_y = jax.random.split(jax.random.key(args.seed))
+    x = jax.device_put(jax.random.normal(key_x, (args.batch, *input_shape), jnp.float32), device)
+    y = jax.device_put(jax.random.randint(key_y, (args.batch,), 0, num_classes), device)
+
+    compile_s: dict[str, float] = {}
+    conv, options = jax_setting(variant)
+    with layers.conv_impl(conv):
+        def compiled(name, fn, *example):
+            start = time.perf_counter()
+            exe = jax.jit(fn, donate_argnums=0).lower(*example).compile(compiler_options=options)
+            compile_s[name] = time.perf_counter() - start
+            return exe
+        edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes)
+        edge = compiled("edge", edge_fn, state["edge"], x, y)
+        payload = jax.eval_shape(edge_fn, state["edge"], x, y)[1]
+        cloud = compiled("cloud", steps.make_cloud_step(c_graphdef, tx), state["cloud"], payload)
+        full = compiled("end_to_end", steps.make_train_step(f_graphdef, tx), state["full"], x, y)
+    compile_s["pair"] = compile_s["edge"] + compile_s["cloud"]
+    # One edge step's real payload for the cloud-only timings.
+    state["edge"], payload, _ = jax.block_until_ready(edge(state["edge"], x, y))
+
+    def run_edge():
+        state["edge"], p, m = edge(state["edge"], x, y)
+        jax.block_until_ready((state["edge"], p, m))
+
+    def run_cloud():
+        state["cloud"], m = cloud(state["cloud"], payload)
+        jax.block_until_ready((state["cloud"], m))
+
+    def run_pair():
+        state["edge"], p, m_edge = edge(state["edge"], x, y)
+        state["cloud"], m_cloud = cloud(state["cloud"], p)
+        jax.block_until_ready((state["edge"], state["cloud"], m_edge, m_cloud))
+
+    def run_full():
+        state["full"], m = full(state["full"], x, y)
+        jax.block_until_ready((state["full"], m))
+
+    fns = {"edge": run_edge, "cloud": run_cloud, "pair": run_pair, "end_to_end": run_full}
+    info = {"device": f"{device.platform}:{device.id} ({device.device_kind})", "conv_impl": conv,
+            "compiler_options": options, "payload_bytes": int(payload.nbytes), "jax_version": jax.__version__}
+    return Variant("jax", variant, fns, compile_s, info)
+
+
+def torch_variant(args, mode: str, shapes) -> Variant:
+    import torch
+
+    from hier_jax.models import ExitHeadConfig, build_model, split
+    from hier_jax.optim import OptimConfig
+    from hier_jax import torch_ref as tr
+
+    input_shape, num_classes = shapes
+    cuda = _use_cuda()
+    device = torch.device("cuda" if cuda else "cpu")
+    memory_format = torch.contiguous_format if mode == "eager" else torch.channels_last
+    compile = mode == "compile"
+    # The same architecture and weights as the JAX side (built there, ported here).
+    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
+                        seed=args.seed)
+    parts = split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
+    t_model, t_parts = tr.torch_split_like(parts, model)
+    for module in (t_model, t_parts.edge, t_parts.cloud):
+        module.to(device=device, memory_format=memory_format).train()
+    config = OptimConfig()
+    e_opt, e_sched = tr.make_optimizer(t_parts.edge, config, 10_000, tensor_lr=compile)
+    c_opt, c_sched = tr.make_optimizer(t_parts.cloud, config, 10_000, tensor_lr=compile)
+    f_opt, f_sched = tr.make_optimizer(t_model, config, 10_000, tensor_lr=compile)
+    edge = tr.EdgeStep(t_parts.edge, e_opt, e_sched, bits=args.bits, num_classes=num_classes,
+                       feature_shape=t_parts.feature_shape, compile=compile)
+    cloud = tr.CloudStep(t_parts.cloud, c_opt, c_sched, compile=compile,
+                         channels_last=memory_format == torch.channels_last)
+    full = tr.TrainStep(t_model, f_opt, f_sched, compile=compile)
+    gen = torch.Generator().manual_seed(args.seed)
+    h, w, c = input_shape
+    x = torch.randn(args.batch, c, h, w, generator=gen).to(device=device, memory_format=memory_format)
+    y = torch.randint(0, num_classes, (args.batch,), generator=gen).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    compile_s: dict[str, float] = {}
+
+    def first_call(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        compile_s[name] = time.perf_counter() - start
+        return out
+
+    payload, _ = first_call("edge", lambda: edge(x, y))
+    first_call("cloud", lambda: cloud(payload))
+    first_call("end_to_end", lambda: full(x, y))
+    compile_s["pair"] = compile_s["edge"] + compile_s["cloud"]
+
+    def run_edge():
+        edge(x, y)
+        sync()
+
+    def run_cloud():
+        cloud(payload)
+        sync()
+
+    def run_pair():
+        p, _ = edge(x, y)
+        cloud(p)
+        sync()
+
+    def run_full():
+        full(x, y)
+        sync()
+
+    fns = {"edge": run_edge, "cloud": run_cloud, "pair": run_pair, "end_to_end": run_full}
+    info = {"device": str(device), "memory_format": "channels_last" if memory_format == torch.channels_last
+            else "contiguous", "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if not compile:
+        compile_s = {}  # eager: first-call times are not compile times
+    return Variant("torch", mode, fns, compile_s, info)
+
+
+def _use_cuda() -> bool:
+    import jax
+    import torch
+    return jax.default_backend() == "gpu" and torch.cuda.is_available()
+
+
+def set_precision() -> str:
+    """fp32 everywhere; on GPU, no TF32 on either side."""
+    import jax
+    policy = "float32 (CPU: no reduced-precision matmul mode exists)"
+    if jax.default_backend() == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        policy = "float32; jax_default_matmul_precision=highest"
+        try:
+            import torch
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            policy += "; torch allow_tf32=False (matmul and cuDNN)"
+        except ImportError:
+            pass
+    return policy
+
+
+def measure(variants: list[Variant], step: str, warmup: int, rounds: int) -> dict[tuple[str, str], list[float]]:
+    for v in variants:
+        for _ in range(warmup):
+            v.fns[step]()
+    times: dict[tuple[str, str], list[float]] = {(v.framework, v.mode): [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            start = time.perf_counter()
+            v.fns[step]()
+            times[(v.framework, v.mode)].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
+    import jax
+
+    from hier_jax.models import MODELS  # noqa: F401 - fail early on a broken install
+
+    args.split = args.split or DEFAULT_SPLIT[args.model]
+    shapes = DATASETS[args.dataset]
+    precision = set_precision()
+    variants: list[Variant] = []
+    for variant in args.jax_variants:
+        start = time.perf_counter()
+        variants.append(jax_variant(args, variant, shapes))
+        print(f"jax {variant}: ready in {time.perf_counter() - start:.1f} s, compiled in "
+              f"{', '.join(f'{k} {v:.1f} s' for k, v in variants[-1].compile_s.items() if k != 'pair')}",
+              flush=True)
+    for mode in args.torch_modes:
+        start = time.perf_counter()
+        variants.append(torch_variant(args, mode, shapes))
+        print(f"torch {mode}: ready in {time.perf_counter() - start:.1f} s", flush=True)
+
+    common = {"model": args.model, "dataset": args.dataset, "split": args.split, "batch": args.batch,
+              "width": args.width, "bits": args.bits, "precision": precision, "malloc_tuned": malloc_tuned,
+              "host": f"{platform.machine()} x{os.cpu_count()}", "python": sys.version.split()[0]}
+    rows = []
+    for step in args.steps_to_time:
+        times = measure(variants, step, args.warmup, args.steps)
+        for v in variants:
+            ts = times[(v.framework, v.mode)]
+            rows.append({**common, "step": step, "framework": v.framework, "mode": v.mode,
+                         "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "steps": len(ts),
+                         "compile_s": v.compile_s.get(step), **v.info})
+        print_table([r for r in rows if r["step"] == step])
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_torch.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One block per step: every variant, and JAX's median over each PyTorch variant's median."""
+    jax_rows = [r for r in rows if r["framework"] == "jax"]
+    torch_rows = [r for r in rows if r["framework"] == "torch"]
+    for r in rows:
+        compile_s = f"{r['compile_s']:7.1f}" if r.get("compile_s") is not None else "      -"
+        ratios = ""
+        if r["framework"] == "jax" and torch_rows:
+            ratios = "  " + "  ".join(f"{r['median_s'] / t['median_s']:5.2f}x {t['mode']}" for t in torch_rows)
+        print(f"{r['model']:11s} {r['step']:10s} {r['framework']:5s} {r['mode']:14s} median {r['median_s']:8.3f} s"
+              f"  min {r['min_s']:7.3f}  max {r['max_s']:7.3f}  compile {compile_s} s{ratios}", flush=True)
+    del jax_rows
+
+
+if __name__ == "__main__":
+    main()
