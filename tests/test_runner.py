@@ -106,16 +106,22 @@ class Boom(Exception):
     pass
 
 
+def runner_threads_started_since(before):
+    """Edge/cloud threads of runs started after `before` that are still alive (other tests' leftovers excluded)."""
+    return [t for t in threading.enumerate() if t not in before and t.name in ("hier-edge", "hier-cloud")]
+
+
 def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
     def failing_batches():
         yield from batches(2)
         raise Boom("bad batch")
 
+    before = set(threading.enumerate())
     start = time.perf_counter()
     with pytest.raises(Boom, match="bad batch"):
         runner.run_overlapped(*fresh(hierarchy), failing_batches())
     assert time.perf_counter() - start < 60
-    assert not [t for t in threading.enumerate() if t.name.startswith("hier-")]
+    assert not runner_threads_started_since(before)
 
 
 def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
@@ -125,10 +131,11 @@ def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
         raise Boom("cloud failed")
 
     # A queue of one and many steps: the edge would block forever on a full queue without the stop.
+    before = set(threading.enumerate())
     with pytest.raises(Boom, match="cloud failed"):
         runner.run_overlapped(dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state,
                               batches(12), channel=runner.QueueChannel(1))
-    assert not [t for t in threading.enumerate() if t.name.startswith("hier-")]
+    assert not runner_threads_started_since(before)
 
 
 def test_timeout_instead_of_hang(hierarchy):
