@@ -34,6 +34,7 @@ from hier_jax.models import Split
 
 _DONE = object()
 _POLL_S = 0.05
+_JOIN_GRACE_S = 30.0  # after a stop, how long a worker may take to finish the step it is running
 
 
 def resolve_device(spec: str | jax.Device) -> jax.Device:
@@ -248,7 +249,7 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
             thread.join(_POLL_S)
     stop.set()
     for thread in threads:
-        thread.join(max(1.0, 10 * _POLL_S))
+        thread.join(_JOIN_GRACE_S)
     wall_s = time.perf_counter() - start
     bar.close()
     if errors:
