@@ -276,11 +276,16 @@ def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     close(tr.CloudStep(t_parts.cloud, opt, sched)(t_payload)["loss"].item(), c_metrics["loss"], 1e-4, "cloud loss")
 
 
-@pytest.mark.parametrize("case", [(4, 32, 32, 3, 8, 3, 1), (12, 16, 16, 8, 16, 3, 2), (4, 8, 8, 8, 16, 1, 2),
-                                  (3, 64, 64, 3, 8, 7, 2), (4, 2, 2, 16, 16, 3, 1), (4, 1, 1, 16, 16, 3, 1),
-                                  (4, 2, 2, 16, 32, 3, 2), (3, 5, 7, 4, 6, 3, 2)])
-def test_cpu_convolution_path_matches_lax(case):
-    """hier_jax.models.layers' XLA:CPU formulation: same values and gradients as lax.conv (no torch)."""
+@pytest.mark.parametrize("case", [
+    (4, 32, 32, 3, 8, 3, 1),      # Eigen / lax
+    (2, 32, 32, 4, 8, 3, 2),      # strided on a 32x32 map: polyphase input gradient
+    (16, 32, 32, 32, 32, 3, 1),   # large enough for cpu-ynn's chunked im2col weight gradient (lax.scan)
+    (12, 16, 16, 8, 16, 3, 2), (4, 8, 8, 8, 16, 1, 2),  # 1x1 strided: slice + matmul
+    (3, 64, 64, 3, 8, 7, 2),      # the torchvision stem
+    (4, 2, 2, 16, 16, 3, 1), (4, 1, 1, 16, 16, 3, 1), (4, 2, 2, 16, 32, 3, 2),  # dense product
+    (3, 5, 7, 4, 6, 3, 2)])
+def test_cpu_convolution_paths_match_lax(case):
+    """hier_jax.models.layers' XLA:CPU formulations: same values and gradients as lax.conv (no torch)."""
     b, h, w, ci, co, k, s = case
     p = k // 2
     rng = np.random.RandomState(11)
@@ -288,12 +293,31 @@ def test_cpu_convolution_path_matches_lax(case):
     ct = jnp.asarray(rng.randn(b, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, co), jnp.float32)
     dn = jax.lax.conv_dimension_numbers(x.shape, kern.shape, ("NHWC", "HWIO", "NHWC"))
     results = {}
-    for impl in ("xla", "cpu"):
+    for impl in ("xla", "cpu", "cpu-ynn"):
         def conv(x_, k_, impl=impl):
             with layers.conv_impl(impl):
                 return layers.conv_general_dilated(x_, k_, (s, s), ((p, p), (p, p)), dimension_numbers=dn)
         y = jax.jit(conv)(x, kern)
         grads = jax.jit(jax.grad(lambda x_, k_, conv=conv: jnp.sum(conv(x_, k_) * ct), (0, 1)))(x, kern)
         results[impl] = (y, *grads)
-    for what, a, e in zip(("output", "input grad", "kernel grad"), results["cpu"], results["xla"]):
-        close(a, e, 1e-5, what)
+    for impl in ("cpu", "cpu-ynn"):
+        for what, a, e in zip(("output", "input grad", "kernel grad"), results[impl], results["xla"]):
+            close(a, e, 1e-5, f"{impl} {what}")
+
+
+@pytest.mark.parametrize("shape,window", [((2, 8, 8, 3), 2), ((2, 6, 6, 2), 3)])
+def test_block_max_pool_matches_lax_including_ties(shape, window):
+    """Non-overlapping max-pool on CPU: same output, and the gradient goes to the first maximum of
+    each window in row-major order, as lax's select-and-scatter (and PyTorch) route it."""
+    x = jnp.asarray(np.random.RandomState(12).randn(*shape), jnp.float32)
+    x = jax.nn.relu(jnp.round(x * 2) / 2)  # many ties, zeros above all
+    pool = layers.MaxPool(window, window)
+    out = {}
+    for impl in ("xla", "cpu"):
+        with layers.conv_impl(impl):
+            y = jax.jit(lambda x_: pool(x_, True))(x)
+            ct = jnp.asarray(np.random.RandomState(13).randn(*y.shape), jnp.float32)
+            grad = jax.jit(jax.grad(lambda x_: jnp.sum(pool(x_, True) * ct)))(x)
+        out[impl] = (y, grad)
+    for a, e in zip(out["cpu"], out["xla"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

@@ -57,6 +57,7 @@ _conv_impl = [os.environ.get("HIER_JAX_CONV", "auto")]
 DENSE_MAX_PIXELS = 4  # input maps of at most this many pixels (2x2, 1x1) use the dense product
 POLYPHASE_MIN_PIXELS = 1024  # strided convolutions on maps this large (32x32) take the polyphase dx
 DW_CHUNK_ROWS = 4096  # cpu-ynn: rows (examples x output pixels) of one weight-gradient chunk
+IM2COL_MIN_MACS = 50_000_000  # cpu-ynn: smaller weight gradients keep XLA's (faster to compile)
 
 # XLA:CPU options that hand convolutions to Eigen instead of YNNPACK (dots and reductions stay with
 # YNNPACK): as XLA_FLAGS, set before JAX initialises its CPU backend ...
@@ -64,6 +65,11 @@ XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # ... or per executable: jax.jit(f, compiler_options=XLA_CPU_COMPILER_OPTIONS) (same fusion list).
 XLA_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                             "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# jaxlib 0.10's default list (convolutions to YNNPACK), to compile the stock way in a process whose
+# XLA_FLAGS carry XLA_CPU_FLAGS (benchmarks' "before" variants).
+XLA_CPU_DEFAULT_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+                                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 def set_conv_impl(impl: str) -> None:
@@ -250,16 +256,46 @@ def _cpu_conv_fwd(x, w, strides, padding, ynn):
     return _lax_conv(x, w, strides, padding), (x, w)
 
 
+def _materialized_transpose(x, perm):
+    """jnp.transpose(x, perm) as a plain copy of the materialised x.
+
+    XLA:CPU fuses x's producers (BatchNorm, ReLU, residual add) into a transpose and recomputes them
+    in the transposed, cache-hostile order: 5-7x slower than copying the buffer the forward pass
+    already wrote (optimization_barrier does not stop it: the CPU pipeline removes barriers before
+    fusion). A conditional is a fusion boundary; its predicate is data-dependent so that XLA cannot
+    fold it, and both branches are the same transpose, so the result never depends on it.
+    """
+    def transpose(v):
+        return jnp.transpose(v, perm)
+    return lax.cond(jnp.isnan(x[(0,) * x.ndim]), transpose, transpose, x)
+
+
+def _eigen_weight_grad(x, dy, kernel_shape, strides, padding):
+    """dL/dw as one convolution over [C, H, W, B] x [Ho, Wo, B, O] (what XLA emits for autodiff, but
+    with x transposed as a plain copy; see _materialized_transpose)."""
+    _, h, wd, _ = x.shape
+    kh, kw, _, _ = kernel_shape
+    _, ho, wo, _ = dy.shape
+    (sh, sw), (ph, pw) = strides, padding
+    xt = _materialized_transpose(x, (3, 1, 2, 0))  # [C, H, W, B]
+    dyt = jnp.transpose(dy, (1, 2, 0, 3))  # [Ho, Wo, B, O]: contiguous runs of O, cheap even when fused
+    pads = ((ph[0], kh + sh * (ho - 1) - h - ph[0]), (pw[0], kw + sw * (wo - 1) - wd - pw[0]))
+    out = lax.conv_general_dilated(xt, dyt, (1, 1), pads, rhs_dilation=(sh, sw), dimension_numbers=_DN)
+    return jnp.transpose(out, (1, 2, 0, 3))  # [C, kh, kw, O] -> [kh, kw, C, O]
+
+
 def _cpu_conv_bwd(strides, padding, ynn, residuals, dy):
     x, w = residuals
     if strides != (1, 1) and x.shape[1] * x.shape[2] >= POLYPHASE_MIN_PIXELS:
         dx = _polyphase_input_grad(dy, w, x.shape, strides, padding)
     else:
         dx = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding), x)[1](dy)[0]
-    if ynn:
+    if ynn and dy.size * x.shape[-1] * w.shape[0] * w.shape[1] >= IM2COL_MIN_MACS:
         dw = _im2col_weight_grad(x, dy, w.shape, strides, padding)
-    else:
+    elif ynn:
         dw = jax.vjp(lambda w_: _lax_conv(x, w_, strides, padding), w)[1](dy)[0]
+    else:
+        dw = _eigen_weight_grad(x, dy, w.shape, strides, padding)
     return dx, dw
 
 
