@@ -1,0 +1,44 @@
+"""Smoke test of experiments/bench_torch.py: two timed steps at a tiny batch and width, JSON checked.
+
+torch.compile is left out here (its first call compiles for minutes on a small CPU); the full runs
+in docs/speed.md exercise it. Width 8, not 4: PyTorch 2.13's oneDNN (3.12) hangs in the weight gradient
+of a channels_last 1x1 stride-2 convolution from 4 to 8 channels on 32x32 maps (docs/speed.md).
+"""
+
+import json
+
+import pytest
+
+from experiments import bench_torch
+
+STEPS = {"edge", "cloud", "pair", "end_to_end"}
+
+
+def test_bench_torch_smoke(tmp_path):
+    pytest.importorskip("torch")
+    model, point = "resnet18", "layer1_1"
+    argv = ["--model", model, "--dataset", "cifar10", "--split", point, "--batch", "2", "--width", "8",
+            "--exit-channels", "8", "--steps", "2", "--warmup", "1", "--torch-modes", "eager_cl",
+            "--out", str(tmp_path)]
+    rows = bench_torch.main(argv)
+    saved = json.loads((tmp_path / "bench_torch.json").read_text())
+    assert saved == json.loads(json.dumps(rows))
+    assert {r["step"] for r in saved} == STEPS
+    assert {(r["framework"], r["mode"]) for r in saved} == {("jax", "jit"), ("torch", "eager_cl")}
+    assert len(saved) == 8
+    for r in saved:
+        assert r["model"] == model and r["batch"] == 2 and r["width"] == 8 and r["steps"] == 2
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["split"] == point
+        assert "float32" in r["precision"]
+        if r["framework"] == "jax":
+            assert r["compile_s"] > 0 and r["payload_bytes"] > 0
+
+
+def test_bench_torch_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench_torch.parse_args(["--model", "resnet18", "--torch-modes", "fast"])
+    with pytest.raises(SystemExit):
+        bench_torch.parse_args(["--model", "alexnet"])
+    args = bench_torch.parse_args(["--model", "vgg16", "--torch-modes", "", "--jax-variants", "jit,plain"])
+    assert args.torch_modes == [] and args.jax_variants == ["jit", "plain"]
