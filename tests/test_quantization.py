@@ -166,7 +166,7 @@ def test_jit_and_device_put(bits):
     # XLA may fuse the scale arithmetic differently from eager mode: allow float rounding only.
     np.testing.assert_allclose(np.asarray(f_jit), np.asarray(f_eager), rtol=1e-5, atol=1e-5)
 
-    dev = jax.devices()[1]
+    dev = jax.devices()[-1]  # the second host device on CPU; the only one on one GPU
     moved = jax.device_put(p, dev)
     assert isinstance(moved, q.Payload) and moved.shape == p.shape and moved.bits == bits
     assert moved.data.devices() == {dev}
