@@ -15,8 +15,8 @@ JAX: the library's real steps, jitted with the state donated (as hier_jax.runner
 ahead with .lower().compile(); compile time is reported apart. JAX variants (--jax-variants):
   jit        the recommended setting: on CPU, hier_jax.models.layers' CPU convolution path ("cpu")
              and XLA_CPU_COMPILER_OPTIONS (convolutions to Eigen, not YNNPACK); elsewhere plain jit
-  plain      stock Flax: lax convolutions and pooling, no compiler options (the "before")
-  ynn        the CPU path for XLA's default convolution backend ("cpu-ynn"), no compiler options
+  plain      stock Flax: lax convolutions and pooling, jaxlib's default XLA:CPU options (the "before")
+  ynn        the CPU path for XLA's default convolution backend ("cpu-ynn"), jaxlib's default options
   eigen_xla  lax convolutions and pooling with XLA_CPU_COMPILER_OPTIONS (the option alone)
 PyTorch: torch_ref's steps in eager
 mode (NCHW, "eager"; channels_last, "eager_cl") and under torch.compile (channels_last, "compile";
@@ -119,7 +119,8 @@ def jax_setting(variant: str) -> tuple[str, dict | None]:
     from hier_jax.models import layers
     if jax.default_backend() != "cpu":
         return ("auto", None) if variant == "jit" else ("xla", None)
-    return {"jit": ("cpu", layers.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", None), "ynn": ("cpu-ynn", None),
+    stock = layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS  # explicit: experiments/__init__ changes the process default
+    return {"jit": ("cpu", layers.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", stock), "ynn": ("cpu-ynn", stock),
             "eigen_xla": ("xla", layers.XLA_CPU_COMPILER_OPTIONS)}[variant]
 
 

@@ -1,5 +1,7 @@
 """Backbones, stage names, the split and its exact equivalence with the unsplit forward pass."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,18 @@ def test_clear_errors_for_bad_models_and_images():
     parts = split(model, "stem")
     with pytest.raises(ValueError, match="images must have shape"):
         parts.edge(jnp.zeros((32, 32, 3)), train=False)
+
+
+def test_xla_cpu_convolution_option():
+    """conftest (like experiments/__init__) hands XLA:CPU convolutions to Eigen; the explicit default
+    options must bring YNNPACK back, or bench_torch's "before" variants would measure the wrong thing."""
+    from hier_jax.models import layers
+    if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
+        pytest.skip("needs XLA:CPU with the YNNPACK fusion option (jaxlib 0.9 / 0.10)")
+    assert not layers._ynn_takes_convolutions()
+    assert layers._resolved_impl() == "cpu"
+    x = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
+    conv = jax.jit(lambda x, w: layers._lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w)
+    assert "ynn" in conv.compile(compiler_options=layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS).as_text().lower()
+    assert "ynn" not in conv.compile().as_text().lower()
