@@ -118,7 +118,13 @@ def _ynn_takes_convolutions() -> bool:
     x = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
     hlo = jax.jit(lambda x, w: _lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w).compile().as_text()
-    return "ynn" in hlo.lower()
+    return hlo_uses_ynn(hlo)
+
+
+def hlo_uses_ynn(hlo_text: str) -> bool:
+    """Does compiled HLO text hold a YNNPACK fusion? (instruction names, not the metadata, which names
+    Python functions: this module's own `_ynn_takes_convolutions` made a plain substring test always true)"""
+    return "%ynn_fusion" in hlo_text
 
 
 def _resolved_impl() -> str:
@@ -256,34 +262,6 @@ def _cpu_conv_fwd(x, w, strides, padding, ynn):
     return _lax_conv(x, w, strides, padding), (x, w)
 
 
-def _materialized_transpose(x, perm):
-    """jnp.transpose(x, perm) as a plain copy of the materialised x.
-
-    XLA:CPU fuses x's producers (BatchNorm, ReLU, residual add) into a transpose and recomputes them
-    in the transposed, cache-hostile order: 5-7x slower than copying the buffer the forward pass
-    already wrote (optimization_barrier does not stop it: the CPU pipeline removes barriers before
-    fusion). A conditional is a fusion boundary; its predicate is data-dependent so that XLA cannot
-    fold it, and both branches are the same transpose, so the result never depends on it.
-    """
-    def transpose(v):
-        return jnp.transpose(v, perm)
-    return lax.cond(jnp.isnan(x[(0,) * x.ndim]), transpose, transpose, x)
-
-
-def _eigen_weight_grad(x, dy, kernel_shape, strides, padding):
-    """dL/dw as one convolution over [C, H, W, B] x [Ho, Wo, B, O] (what XLA emits for autodiff, but
-    with x transposed as a plain copy; see _materialized_transpose)."""
-    _, h, wd, _ = x.shape
-    kh, kw, _, _ = kernel_shape
-    _, ho, wo, _ = dy.shape
-    (sh, sw), (ph, pw) = strides, padding
-    xt = _materialized_transpose(x, (3, 1, 2, 0))  # [C, H, W, B]
-    dyt = jnp.transpose(dy, (1, 2, 0, 3))  # [Ho, Wo, B, O]: contiguous runs of O, cheap even when fused
-    pads = ((ph[0], kh + sh * (ho - 1) - h - ph[0]), (pw[0], kw + sw * (wo - 1) - wd - pw[0]))
-    out = lax.conv_general_dilated(xt, dyt, (1, 1), pads, rhs_dilation=(sh, sw), dimension_numbers=_DN)
-    return jnp.transpose(out, (1, 2, 0, 3))  # [C, kh, kw, O] -> [kh, kw, C, O]
-
-
 def _cpu_conv_bwd(strides, padding, ynn, residuals, dy):
     x, w = residuals
     if strides != (1, 1) and x.shape[1] * x.shape[2] >= POLYPHASE_MIN_PIXELS:
@@ -292,10 +270,8 @@ def _cpu_conv_bwd(strides, padding, ynn, residuals, dy):
         dx = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding), x)[1](dy)[0]
     if ynn and dy.size * x.shape[-1] * w.shape[0] * w.shape[1] >= IM2COL_MIN_MACS:
         dw = _im2col_weight_grad(x, dy, w.shape, strides, padding)
-    elif ynn:
+    else:  # Eigen runs autodiff's weight-gradient convolution as fast as PyTorch (docs/speed.md)
         dw = jax.vjp(lambda w_: _lax_conv(x, w_, strides, padding), w)[1](dy)[0]
-    else:
-        dw = _eigen_weight_grad(x, dy, w.shape, strides, padding)
     return dx, dw
 
 
