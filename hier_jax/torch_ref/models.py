@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Framework-free pieces of the architecture come from hier-jax itself, so the twins cannot drift apart.
+from hier_jax.models.split import ExitHeadConfig, pool_grid, resolve_point
+from hier_jax.models.vgg import VGG16_BLOCKS
+
 BN_MOMENTUM = 0.1  # PyTorch's sense: new = (1 - m) * old + m * batch; Flax momentum 0.9
 BN_EPSILON = 1e-5
 
@@ -102,9 +106,6 @@ class StagedNet(nn.Module):
         return self.classifier(self.features(images_BCHW))
 
 
-VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
-
-
 def vgg16(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64) -> StagedNet:
     stages: list[tuple[str, nn.Module]] = []
     cin = input_shape[-1]
@@ -159,19 +160,6 @@ def param_count(module: nn.Module) -> int:
 
 
 # --- split -------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class ExitHeadConfig:
-    """Mirror of hier_jax.models.ExitHeadConfig."""
-    channels: int = 128
-    convs: int = 1
-    grid: int = 4
-
-
-def pool_grid(height: int, width: int, grid: int) -> tuple[int, int]:
-    return (max(g for g in range(1, min(grid, height) + 1) if height % g == 0),
-            max(g for g in range(1, min(grid, width) + 1) if width % g == 0))
-
 
 class ExitHead(nn.Module):
     """`convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear on (row, col, channel) cells."""
@@ -247,13 +235,7 @@ def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
 def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(),
           *, seed: int = 0) -> Split:
     """Cut after stage `point` (name or index); the parts share the model's stage modules."""
-    names = model.stage_names
-    if isinstance(point, str) and point in names:
-        index = names.index(point)
-    elif isinstance(point, int) and not isinstance(point, bool) and 0 <= point < len(names):
-        index = point
-    else:
-        raise ValueError(f"invalid separation point {point!r} for {model.arch}; valid: {', '.join(names)}")
+    index = resolve_point(model, point)
     was_training = model.training
     model.eval()  # the shape probe must not touch BatchNorm statistics
     feature_shape = stage_output_shape(model, index)
@@ -263,4 +245,4 @@ def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = Exit
     stages = list(model.stages)
     edge = EdgeNet(stages[:index + 1], exit_head)
     cloud = CloudNet(stages[index + 1:], model.classifier)
-    return Split(edge, cloud, names[index], index, feature_shape, model.num_classes)
+    return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)
