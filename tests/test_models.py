@@ -125,8 +125,5 @@ def test_xla_cpu_convolution_option():
         pytest.skip("needs XLA:CPU with the YNNPACK fusion option (jaxlib 0.9 / 0.10)")
     assert not layers._ynn_takes_convolutions()
     assert layers._resolved_impl() == "cpu"
-    x = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
-    w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
-    conv = jax.jit(lambda x, w: layers._lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w)
-    assert layers.hlo_uses_ynn(conv.compile(compiler_options=layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS).as_text())
-    assert not layers.hlo_uses_ynn(conv.compile().as_text())
+    assert layers.hlo_uses_ynn(layers.probe_conv_hlo(layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS))
+    assert not layers.hlo_uses_ynn(layers.probe_conv_hlo())

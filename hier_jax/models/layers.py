@@ -112,13 +112,18 @@ def configure_xla_cpu() -> bool:
     return True
 
 
-@functools.cache
-def _ynn_takes_convolutions() -> bool:
-    """Does this process's XLA:CPU hand a plain NHWC convolution to YNNPACK? (compiles a tiny probe)"""
+def probe_conv_hlo(compiler_options: dict | None = None) -> str:
+    """Compiled HLO text of a plain 3x3 NHWC convolution under this process's XLA flags."""
     x = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
-    hlo = jax.jit(lambda x, w: _lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w).compile().as_text()
-    return hlo_uses_ynn(hlo)
+    lowered = jax.jit(lambda x, w: _lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w)
+    return lowered.compile(compiler_options=compiler_options).as_text()
+
+
+@functools.cache
+def _ynn_takes_convolutions() -> bool:
+    """Does this process's XLA:CPU hand a plain NHWC convolution to YNNPACK?"""
+    return hlo_uses_ynn(probe_conv_hlo())
 
 
 def hlo_uses_ynn(hlo_text: str) -> bool:
