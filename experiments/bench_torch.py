@@ -124,17 +124,25 @@ def jax_setting(variant: str) -> tuple[str, dict | None]:
             "eigen_xla": ("xla", layers.XLA_CPU_COMPILER_OPTIONS)}[variant]
 
 
+def model_and_split(args, shapes):
+    """The hier-jax model and its split that every variant starts from (same seed: same weights)."""
+    from hier_jax.models import ExitHeadConfig, build_model, split
+
+    input_shape, num_classes = shapes
+    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
+                        seed=args.seed)
+    return model, split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
+
+
 def jax_variant(args, variant: str, shapes) -> Variant:
     import jax
     import jax.numpy as jnp
 
     from hier_jax import optim, steps
-    from hier_jax.models import ExitHeadConfig, build_model, layers, split
+    from hier_jax.models import layers
 
     input_shape, num_classes = shapes
-    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
-                        seed=args.seed)
-    parts = split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
+    model, parts = model_and_split(args, shapes)
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=10_000)
     device = jax.devices()[0]
     put = lambda tree: jax.device_put(tree, device, may_alias=False)  # noqa: E731 - copies: states are donated
@@ -189,7 +197,6 @@ def jax_variant(args, variant: str, shapes) -> Variant:
 def torch_variant(args, mode: str, shapes) -> Variant:
     import torch
 
-    from hier_jax.models import ExitHeadConfig, build_model, split
     from hier_jax.optim import OptimConfig
     from hier_jax import torch_ref as tr
 
@@ -199,9 +206,7 @@ def torch_variant(args, mode: str, shapes) -> Variant:
     memory_format = torch.contiguous_format if mode == "eager" else torch.channels_last
     compile = mode == "compile"
     # The same architecture and weights as the JAX side (built there, ported here).
-    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
-                        seed=args.seed)
-    parts = split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
+    model, parts = model_and_split(args, shapes)
     t_model, t_parts = tr.torch_split_like(parts, model)
     for module in (t_model, t_parts.edge, t_parts.cloud):
         module.to(device=device, memory_format=memory_format).train()
@@ -298,8 +303,6 @@ def measure(variants: list[Variant], step: str, warmup: int, rounds: int) -> dic
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
-    import jax
-
     from hier_jax.models import MODELS  # noqa: F401 - fail early on a broken install
 
     args.split = args.split or DEFAULT_SPLIT[args.model]
@@ -338,7 +341,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     """One block per step: every variant, and JAX's median over each PyTorch variant's median."""
-    jax_rows = [r for r in rows if r["framework"] == "jax"]
     torch_rows = [r for r in rows if r["framework"] == "torch"]
     for r in rows:
         compile_s = f"{r['compile_s']:7.1f}" if r.get("compile_s") is not None else "      -"
@@ -347,7 +349,6 @@ def print_table(rows: list[dict]) -> None:
             ratios = "  " + "  ".join(f"{r['median_s'] / t['median_s']:5.2f}x {t['mode']}" for t in torch_rows)
         print(f"{r['model']:11s} {r['step']:10s} {r['framework']:5s} {r['mode']:14s} median {r['median_s']:8.3f} s"
               f"  min {r['min_s']:7.3f}  max {r['max_s']:7.3f}  compile {compile_s} s{ratios}", flush=True)
-    del jax_rows
 
 
 if __name__ == "__main__":
