@@ -127,3 +127,12 @@ def test_xla_cpu_convolution_option():
     assert layers._resolved_impl() == "cpu"
     assert layers.hlo_uses_ynn(layers.probe_conv_hlo(layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS))
     assert not layers.hlo_uses_ynn(layers.probe_conv_hlo())
+
+
+def test_inputs_too_small_for_the_model_are_refused():
+    """VGG-16's five 2x2 pools need at least 32x32: 16x16 would reach its classifier as an empty map (NaN loss)."""
+    from hier_jax.models import check_input_size
+
+    check_input_size(build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=4))
+    with pytest.raises(ValueError, match="16x16 images are too small for vgg16: stage pool5"):
+        check_input_size(build_model("vgg16", num_classes=10, input_shape=(16, 16, 3), width=4))

@@ -31,10 +31,29 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int
     return MODELS[name](num_classes, tuple(input_shape), width=width, rngs=nnx.Rngs(seed))
 
 
+def check_input_size(model: StagedNet) -> None:
+    """ValueError if an input of the model's shape shrinks to an empty feature map at some stage
+    (VGG-16 below 32x32: its classifier would average nothing and train on NaN)."""
+    for index, stage in enumerate(model.stage_names):
+        if 0 in stage_output_shape(model, index)[:2]:
+            height, width = model.input_shape[:2]
+            raise ValueError(f"{height}x{width} images are too small for {model.arch}: stage {stage} would "
+                             f"output an empty feature map")
+
+
+@functools.cache
+def stage_names(name: str) -> tuple[str, ...]:
+    """The separation points of a registered backbone, from an abstract build (no arrays allocated)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    return nnx.eval_shape(lambda: MODELS[name](2, (32, 32, 3), width=1, rngs=nnx.Rngs(0))).stage_names
+
+
 def param_count(module: nnx.Module) -> int:
     """Trainable parameters (nnx.Param leaves; BatchNorm running statistics are not parameters)."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 __all__ = ["MODELS", "CloudNet", "EdgeNet", "ExitHead", "ExitHeadConfig", "Split", "StagedNet", "build_model",
-           "check_images", "param_count", "resolve_point", "resnet18", "split", "stage_output_shape", "vgg16"]
+           "check_images", "check_input_size", "param_count", "resolve_point", "resnet18", "split", "stage_names", "stage_output_shape",
+           "vgg16"]
