@@ -2,15 +2,21 @@
 
 Each field becomes a flag of the same name (underscores as dashes: --model, --dataset, --split,
 --bits, --batch-size, --out, ...; --batch is an alias of --batch-size, as in the benchmarks); an
-experiment passes its own defaults and may add flags of its own.
+experiment passes its own defaults and may add flags of its own. `validate` checks every field that
+can be checked without the data (a ConfigError naming the field and its valid values), so a bad flag
+fails before anything is loaded or built.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from pathlib import Path
+
+from hier_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,13 @@ class ExperimentConfig:
     seed: int = 0
     data_dir: str = ""               # tfds data_dir / cache dir; "" = the library default
     out: str = ""                    # output directory; "" = write nothing
+    checkpoint_every: int = 250      # save both states every this many steps (0 = only at the end)
+    keep_checkpoints: int = 3        # how many of the latest checkpoints to keep
+
+
+RUN_ONLY_FIELDS = ("edge_device", "cloud_device", "queue_size", "data_dir", "out", "checkpoint_every",
+                   "keep_checkpoints")
+"""Fields that do not change the training trajectory: a resumed run may give them new values."""
 
 
 ALIASES = {"batch_size": ("--batch",)}
@@ -56,3 +69,60 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: ExperimentConfig
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExperimentConfig)})
+
+
+def _check(ok: bool, field: str, value: object, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{field.replace('_', '-')} {value!r} is invalid; valid: {valid}")
+
+
+def check_dataset_spec(spec: str) -> None:
+    """ConfigError unless `spec` names a known data set or an existing image folder (nothing is loaded)."""
+    folder = spec.removeprefix("folder:") if spec.startswith("folder:") else None
+    _check(spec in ("digits", "cifar10", "tiny_imagenet") or bool(folder), "dataset", spec,
+           "digits, cifar10, tiny_imagenet, folder:PATH")
+    if folder is not None and not Path(folder).is_dir():
+        raise ConfigError(f"--dataset {spec!r}: {folder} is not a directory (an image folder holds "
+                          f"train/CLASS/*.jpg and test/CLASS/*.jpg)")
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Check every field that needs no data; ConfigError naming the flag, the value and the valid choices."""
+    from hier_jax.models import MODELS, stage_names
+    from hier_jax.quantization import VALID_BITS
+    from hier_jax.runner import resolve_device
+
+    _check(config.model in MODELS, "model", config.model, ", ".join(MODELS))
+    points = stage_names(config.model)
+    _check(config.split in points, "split", config.split, f"a stage of {config.model}: {', '.join(points)}")
+    _check(config.bits in VALID_BITS, "bits", config.bits, ", ".join(map(str, VALID_BITS)))
+    check_dataset_spec(config.dataset)
+    for field in ("width", "batch_size", "epochs", "head_channels", "head_grid", "queue_size", "keep_checkpoints"):
+        value = getattr(config, field)
+        _check(value >= 1, field, value, "an integer >= 1")
+    for field in ("max_steps", "head_convs", "seed", "checkpoint_every"):
+        value = getattr(config, field)
+        _check(value >= 0, field, value, "an integer >= 0")
+    _check(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", config.learning_rate,
+           "a finite number > 0")
+    _check(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
+    _check(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", config.weight_decay,
+           "a finite number >= 0")
+    for field in ("edge_device", "cloud_device"):
+        try:
+            resolve_device(getattr(config, field))
+        except ValueError as error:
+            raise ConfigError(f"--{field.replace('_', '-')}: {error}") from None
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The config fields given on the command line (not left at their defaults)."""
+    unset = object()
+    fields = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    saved = {name: parser.get_default(name) for name in fields}
+    parser.set_defaults(**{name: unset for name in fields})
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**saved)
+    return {name for name in fields if getattr(args, name) is not unset}

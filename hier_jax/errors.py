@@ -1,0 +1,52 @@
+"""The ways a run can end other than by finishing, as exception types the CLI maps to exit codes.
+
+A `UserError` is a mistake in what was asked for (a bad flag, an unusable --out, an unprepared data
+set, a resume that does not match its checkpoint): the experiments print it as one line and exit 2,
+before any training where it can be known before. The others are faults of the run itself, each
+carrying what a user needs to act on it (the side and step that diverged; the checkpoint file that
+is damaged; the step a stopped run can resume from).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input: shown as one line (no traceback), exit status 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that is out of range or unknown; the message names it and the valid choices."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or incomplete; the message names the file and the side."""
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """Resuming with a configuration that differs from the one the checkpoint was made with."""
+
+
+class DivergenceError(FloatingPointError):
+    """A non-finite training loss: names the side ("edge" or "cloud") and the step it first appeared at."""
+
+    def __init__(self, side: str, step: int, value: float, last_checkpoint: Path | None = None):
+        self.side, self.step, self.value, self.last_checkpoint = side, step, value, last_checkpoint
+        kept = (f"; the last finite checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                else "; no checkpoint was saved before it")
+        super().__init__(f"training diverged: the {side} loss is {value} at step {step}{kept} "
+                         f"(a lower --learning-rate usually helps)")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after its last complete step, with its threads joined.
+
+    `step` is the number of steps both sides completed; `checkpoint` is where that state was saved
+    (None when the run had nowhere to save it).
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None = None, resume_hint: str = ""):
+        self.step, self.checkpoint = step, checkpoint
+        where = f"; saved {checkpoint}" if checkpoint is not None else "; nothing saved (no checkpoint directory)"
+        super().__init__(f"interrupted after step {step}{where}{resume_hint}")

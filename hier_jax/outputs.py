@@ -1,0 +1,99 @@
+"""A run's output directory: checked before any work, never mixed with another run, written atomically.
+
+`prepare_run_dir` runs first, before data is loaded: it refuses a path that is a file or cannot be
+written, and a directory that already holds a run unless the caller resumes it or overwrites it (then
+the old run's files are removed first, so old and new outputs never sit side by side). Files are
+written to a temporary name and renamed into place, so a file that exists is complete, and every
+file a run reports as written was written. JSON is always valid: NaN and infinities become null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hier_jax.errors import UserError
+
+RUN_OUTPUTS = ("summary.json", "metrics.csv", "curves.png", "checkpoints")
+"""What `experiments.train` writes; a directory holding any of them holds a run."""
+
+
+def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                    outputs: Sequence[str] = RUN_OUTPUTS) -> Path:
+    """Check (and create) `out` before any work; UserError for anything that would lose or mix outputs."""
+    path = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    existing = [name for name in outputs if (path / name).exists()]
+    if existing and not (resume or overwrite):
+        raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
+                        f"continue it, --overwrite to replace it, or another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"--out {out} cannot be written: {error.strerror or error}") from None
+    if overwrite:
+        for name in existing:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return path
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NumPy scalars and arrays as Python values and non-finite floats as None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """Strict JSON (no bare NaN), written atomically."""
+    return write_atomic(path, json.dumps(json_safe(value), indent=2, allow_nan=False, default=str) + "\n")
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> Path:
+    """matplotlib's savefig, atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
