@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -230,6 +231,18 @@ def test_cifar10_not_prepared_fails_fast_with_instructions(tmp_path: Path, no_do
     message = str(error.value)
     assert str(tmp_path) in message and "not prepared" in message
     assert "download=True" in message and "download_and_prepare" in message and "folder:" in message
+
+
+def test_tfds_builders_leave_no_temporary_directories(tmp_path: Path, monkeypatch, no_download) -> None:
+    # tfds makes a tempfile.mkdtemp("tfds") directory for every builder of an unprepared data set
+    # (DatasetInfo.initialize_from_bucket) and never removes it; the sources must clean up after it.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    for spec in ("cifar10", "tiny_imagenet"):
+        with pytest.raises(FileNotFoundError, match="not prepared"):
+            load_dataset(spec, data_dir=tmp_path / "data")
+    assert sorted(p.name for p in scratch.iterdir()) == []
 
 
 # --- Tiny ImageNet builder ----------------------------------------------------------------

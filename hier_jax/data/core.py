@@ -176,11 +176,12 @@ def _prefetched(batches: Iterator[tuple]) -> Iterator[tuple]:
 
 
 def train_batches(
-    ds: ImageDataset, batch_size: int, *, seed: int, epoch: int = 0, device: Placement = None
+    ds: ImageDataset, batch_size: int, *, seed: int, epoch: int = 0, device: Placement = None, start: int = 0
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """One epoch of (images float32 [B,H,W,C] normalized and augmented, labels int32 [B]).
 
-    Shuffled by (seed, epoch), last partial batch dropped, deterministic for (seed, epoch).
+    Shuffled by (seed, epoch), last partial batch dropped, deterministic for (seed, epoch); `start`
+    skips the epoch's first batches (a resumed run), which are never gathered or transformed.
     """
     if batch_size <= 0 or batch_size > ds.num_train:
         raise ValueError(
@@ -191,7 +192,7 @@ def train_batches(
     order = epoch_permutation(ds.num_train, seed, epoch)
 
     def generate() -> Iterator[tuple[jax.Array, jax.Array]]:
-        for step in range(num_train_steps(ds, batch_size)):
+        for step in range(start, num_train_steps(ds, batch_size)):
             index = order[step * batch_size : (step + 1) * batch_size]
             images = _place(ds.train_images[index], device)
             labels = _place(ds.train_labels[index], device)

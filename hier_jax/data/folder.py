@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hier_jax.data.core import ImageDataset, channel_stats
+from hier_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TEST_SPLITS = ("test", "val", "validation")
@@ -32,6 +33,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HIER_JAX_CACHE", Path.home() / ".cache" / "hier_jax"))
 
 
+class ImageFolderError(UserError, ValueError):
+    """An image folder that cannot be read as a data set (missing, misshapen, or with a bad image)."""
+
+
+class ImageFolderMissingError(UserError, FileNotFoundError):
+    """The image folder, or its train/ or test/ split, does not exist."""
+
+
 Listing = list[tuple[Path, int, os.stat_result]]
 """(image file, label, its stat) for every image of a split."""
 
@@ -40,11 +49,11 @@ def _list_split(split_dir: Path, class_names: tuple[str, ...] | None) -> tuple[t
     """(class names, listing) of one split; labels index `class_names` if given, else its own folders."""
     found = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if not found:
-        raise ValueError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*.jpg|png)")
+        raise ImageFolderError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*.jpg|png)")
     names = class_names if class_names is not None else tuple(found)
     unknown = sorted(set(found) - set(names))
     if unknown:
-        raise ValueError(f"class folders in {split_dir} that train/ lacks: {unknown}")
+        raise ImageFolderError(f"class folders in {split_dir} that train/ lacks: {unknown}")
     files = []
     for label, name in enumerate(names):
         class_dir = split_dir / name
@@ -55,10 +64,10 @@ def _list_split(split_dir: Path, class_names: tuple[str, ...] | None) -> tuple[t
             key=lambda e: e.name,
         )
         if not entries and class_names is None:
-            raise ValueError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in class folder {class_dir}")
+            raise ImageFolderError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in class folder {class_dir}")
         files.extend((Path(e.path), label, e.stat()) for e in entries)
     if not files:
-        raise ValueError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {split_dir}")
+        raise ImageFolderError(f"no images ({'/'.join(IMAGE_SUFFIXES)}) in {split_dir}")
     return names, files
 
 
@@ -67,7 +76,7 @@ def _decode(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"corrupt or unreadable image file {path}: {error}") from error
+        raise ImageFolderError(f"corrupt or unreadable image file {path}: {error}") from error
 
 
 def _decode_all(paths: list[Path]) -> np.ndarray:
@@ -79,7 +88,7 @@ def _decode_all(paths: list[Path]) -> np.ndarray:
         for i in range(start, min(start + _CHUNK, len(paths))):
             image = _decode(paths[i])
             if image.shape != first.shape:
-                raise ValueError(
+                raise ImageFolderError(
                     f"image {paths[i]} is {image.shape[:2]}, but {paths[0]} is {first.shape[:2]}: "
                     "resize the folder to one size"
                 )
@@ -101,13 +110,13 @@ def _cache_key(root: Path, listing: Listing) -> str:
 
 def _find_splits(root: Path) -> tuple[Path, Path]:
     if not root.exists():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise ImageFolderMissingError(f"image folder {root} does not exist")
     if not root.is_dir():
-        raise NotADirectoryError(f"image folder {root} is not a directory")
+        raise ImageFolderError(f"image folder {root} is not a directory")
     test_dirs = [root / name for name in TEST_SPLITS if (root / name).is_dir()]
     if not (root / "train").is_dir() or not test_dirs:
         present = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise ValueError(
+        raise ImageFolderError(
             f"image folder {root} needs train/ and one of {'/, '.join(TEST_SPLITS)}/ "
             f"(each holding <class>/*.jpg|png); found folders: {present or 'none'}"
         )
@@ -139,7 +148,7 @@ def load_image_folder(
         }
         if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
             train_size, test_size = arrays["train_images"].shape[1:3], arrays["test_images"].shape[1:3]
-            raise ValueError(f"image folder {root}: train images are {train_size}, test images {test_size}")
+            raise ImageFolderError(f"image folder {root}: train images are {train_size}, test images {test_size}")
         arrays["mean"], arrays["std"] = map(np.asarray, channel_stats(arrays["train_images"]))
         _write_cache(cache_file, arrays)
     if augmentation == "auto":

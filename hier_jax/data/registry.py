@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from hier_jax.data.core import ImageDataset
+from hier_jax.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "tiny_imagenet", "folder:PATH")
 """Valid `spec` values for `load_dataset`."""
@@ -57,4 +58,4 @@ def _load(
         from hier_jax.data.folder import load_image_folder
 
         return load_image_folder(spec.removeprefix("folder:"), cache_dir=cache_dir)
-    raise ValueError(f"unknown data set {spec!r}; valid: {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown data set {spec!r}; valid: {', '.join(DATASETS)}")

@@ -7,12 +7,19 @@ that prepares it, instead of tfds retrying a download for minutes on an offline 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import tempfile
+import threading
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from hier_jax.data.core import ImageDataset, channel_stats
+from hier_jax.errors import UserError
 
 CIFAR10_CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
@@ -22,8 +29,37 @@ CIFAR10_CLASS_NAMES = (
 _READ_BATCH = 8192
 
 
-class DatasetNotPreparedError(FileNotFoundError):
-    """The data set's files are not in data_dir and downloading was not requested."""
+class DatasetNotPreparedError(UserError, FileNotFoundError):
+    """The data set's files are not in data_dir and downloading was not requested (a user error:
+    the experiments print it as one line with the command that prepares it)."""
+
+
+_TEMPDIR_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def no_stray_tempdirs() -> Iterator[None]:
+    """While inside, the temporary directories tfds makes for a builder's metadata are removed on exit.
+
+    A builder whose data_dir holds no dataset_info.json yet (an unprepared data set, or one about to
+    be prepared) runs `DatasetInfo.initialize_from_bucket`, which makes a `tempfile.mkdtemp("tfds")`
+    directory for metadata from GCS and never removes it (with GCS access off, as it is by default,
+    it stays empty): every such builder would leave a /tmp/tmp*tfds directory behind. Inside this
+    context those directories are made in one scratch directory, removed when it exits.
+    """
+    from tensorflow_datasets.core import dataset_info
+
+    with _TEMPDIR_LOCK:
+        saved = getattr(dataset_info, "tempfile", None)
+        if saved is None:  # a tfds that no longer makes them this way
+            yield
+            return
+        with tempfile.TemporaryDirectory(prefix="hier_jax-tfds-") as scratch:
+            dataset_info.tempfile = types.SimpleNamespace(mkdtemp=functools.partial(tempfile.mkdtemp, dir=scratch))
+            try:
+                yield
+            finally:
+                dataset_info.tempfile = saved
 
 
 def _split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +103,10 @@ def _to_dataset(
 
 def load_cifar10(data_dir: str | Path | None = None, *, download: bool = False) -> ImageDataset:
     """CIFAR-10 from tfds (50k train / 10k test, 32x32x3)."""
-    builder = tfds.builder("cifar10", data_dir=None if data_dir is None else str(data_dir))
-    if download:
-        builder.download_and_prepare()
+    with no_stray_tempdirs():
+        builder = tfds.builder("cifar10", data_dir=None if data_dir is None else str(data_dir))
+        if download:
+            builder.download_and_prepare()
     dir_arg = "" if data_dir is None else f", data_dir={str(data_dir)!r}"
     _require_prepared(
         builder,
@@ -91,10 +128,11 @@ def load_tiny_imagenet(
     """
     from hier_jax.data.tiny_imagenet import TinyImagenet
 
-    builder = TinyImagenet(data_dir=None if data_dir is None else str(data_dir))
-    if download:
-        config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
-        builder.download_and_prepare(download_config=config)
+    with no_stray_tempdirs():
+        builder = TinyImagenet(data_dir=None if data_dir is None else str(data_dir))
+        if download:
+            config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
+            builder.download_and_prepare(download_config=config)
     data_arg = "" if data_dir is None else f" --data-dir {data_dir}"
     _require_prepared(
         builder,

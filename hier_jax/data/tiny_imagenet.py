@@ -162,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manual-dir", required=True, help=f"folder holding {ARCHIVE} or {FOLDER}/")
     parser.add_argument("--data-dir", default=None, help="tfds data directory (default: tfds's)")
     args = parser.parse_args(argv)
-    builder = TinyImagenet(data_dir=args.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+    from hier_jax.data.tfds_sources import no_stray_tempdirs
+
+    with no_stray_tempdirs():
+        builder = TinyImagenet(data_dir=args.data_dir)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
     print(f"prepared {builder.data_path}: {builder.info.splits}")
 
 
