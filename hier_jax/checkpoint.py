@@ -1,44 +1,116 @@
-"""Saving and restoring the edge and cloud states together, with orbax.
+"""Checkpoints of a run: both states and the run's metadata under one step, written atomically.
 
-Both sides are saved under one step so that a restored run resumes with states that belong
-together; each restored state lands on the device of the template it is restored into (the edge's
-on the edge device, the cloud's on the cloud device), whatever devices wrote it.
+A run's checkpoints live under one directory, one subdirectory per step (`DIR/250/`, `DIR/500/`, ...),
+each holding three items: `edge` and `cloud` (the two train states, orbax StandardSave) and `meta`
+(JSON: the config the run was made with, the position in the data, the RNG seed, the metrics so far).
+Orbax writes each step into a temporary directory and renames it into place once complete, so a
+run killed mid-save leaves the previous checkpoint as the latest; only the latest `keep` are kept.
+
+Each restored state lands on the device of the template it is restored into (the edge's on the edge
+device, the cloud's on the cloud device), whatever devices wrote it. Every failure to read names the
+directory and the item (side) at fault, as a `CheckpointError`; reading never creates anything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from hier_jax.errors import CheckpointError
 from hier_jax.steps import State
 
-
-def _manager(directory: str | Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(Path(directory).absolute(), item_names=("edge", "cloud"))
+ITEMS = ("edge", "cloud", "meta")
 
 
-def save(directory: str | Path, step: int, edge_state: State, cloud_state: State) -> Path:
-    """Write both states as checkpoint `step` under `directory`; blocks until written."""
-    with _manager(directory) as manager:
-        manager.save(step, args=ocp.args.Composite(edge=ocp.args.StandardSave(edge_state),
-                                                   cloud=ocp.args.StandardSave(cloud_state)))
-        manager.wait_until_finished()
-    return Path(directory) / str(step)
+def _abstract(tree: State) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore(directory: str | Path, edge_template: State, cloud_template: State, step: int | None = None
-            ) -> tuple[State, State, int]:
-    """Restore checkpoint `step` (default: the latest) into the structure, dtypes and devices of the templates."""
-    def abstract(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
-    with _manager(directory) as manager:
-        step = manager.latest_step() if step is None else step
+
+class RunCheckpoints:
+    """The checkpoints of one run under `directory`. Writing creates it; reading requires it to exist."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory {self.directory}")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, edge_state: State, cloud_state: State, meta: dict[str, Any]) -> Path:
+        """Write checkpoint `step`; blocks until it is complete on disk. Refuses a step that exists."""
+        if step in self.steps():
+            raise CheckpointError(f"checkpoint {self.path(step)} already exists; it is never overwritten")
+        saved = self._manager.save(step, args=ocp.args.Composite(edge=ocp.args.StandardSave(edge_state),
+                                                                 cloud=ocp.args.StandardSave(cloud_state),
+                                                                 meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
+        if not saved or not self.path(step).is_dir():
+            raise CheckpointError(f"checkpoint {self.path(step)} was not written")
+        return self.path(step)
+
+    def _step_or_latest(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {Path(directory).absolute()}")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            edge=ocp.args.StandardRestore(abstract(edge_template)),
-            cloud=ocp.args.StandardRestore(abstract(cloud_template))))
-    return restored["edge"], restored["cloud"], step
+            raise CheckpointError(f"no checkpoint under {self.directory}")
+        if not self.path(step).is_dir():
+            raise CheckpointError(f"no checkpoint {self.path(step)}; there are: {self.steps()}")
+        return step
+
+    def _restore_item(self, step: int, item: str, args: Any) -> Any:
+        location = self.path(step) / item
+        if not location.is_dir():
+            raise CheckpointError(f"checkpoint {self.path(step)} is incomplete: its {item} item ({location}) is missing")
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+        except Exception as error:  # noqa: BLE001 - any read failure is reported as a damaged item
+            raise CheckpointError(f"checkpoint {location} ({item}) is damaged or unreadable: "
+                                  f"{_first_line(error)}") from error
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The metadata of checkpoint `step` (default: the latest)."""
+        step = self._step_or_latest(step)
+        meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CheckpointError(f"checkpoint {self.path(step) / 'meta'} (meta) is damaged: it does not "
+                                  f"describe step {step}")
+        return meta
+
+    def restore(self, edge_template: State, cloud_template: State, step: int | None = None
+                ) -> tuple[State, State, dict[str, Any]]:
+        """Checkpoint `step` (default: the latest) in the structure, dtypes and devices of the templates."""
+        step = self._step_or_latest(step)
+        meta = self.read_meta(step)
+        edge = self._restore_item(step, "edge", ocp.args.StandardRestore(_abstract(edge_template)))
+        cloud = self._restore_item(step, "cloud", ocp.args.StandardRestore(_abstract(cloud_template)))
+        return edge, cloud, meta

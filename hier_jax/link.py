@@ -1,6 +1,6 @@
 """A simulated edge -> cloud link for `runner.run_overlapped`: real delays, scripted outages, drops.
 
-`SimulatedLink` has the channel interface of `runner.QueueChannel` (send / close / receive, each given
+`SimulatedLink` implements `runner.Channel` (open / send / close / receive / join, each given
 the run's stop event). A background delivery thread moves payloads from the edge's buffer onto the
 link one at a time: the link is busy for 8 * nbytes / uplink_bps (serialization), and each payload
 arrives `latency_s` after its last bit left, so latencies of consecutive payloads overlap, as on a
@@ -66,6 +66,10 @@ class SimulatedLink:
         self.link, self.capacity, self.time_scale = link, capacity, time_scale
         self.outages = tuple((int(a), int(b)) for a, b in outages)
         self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._buffer: collections.deque = collections.deque()   # (step, payload, nbytes)
         self._flight: collections.deque = collections.deque()   # (arrival time, step, payload)
         self._link_free_at = 0.0
@@ -73,7 +77,24 @@ class SimulatedLink:
         self._closed = False
         self._sent = self._delivered = 0
         self._dropped: list[int] = []
-        self._thread: threading.Thread | None = None
+
+    def open(self, stop: threading.Event) -> None:
+        """Start a run: counters, buffers and the outage clock begin afresh (`stats()` then describes
+        this run). A link still carrying another run is refused rather than shared."""
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError("this SimulatedLink is still carrying another run; give each concurrent "
+                                   "run its own link")
+            self._thread = None
+            self._reset()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the delivery thread, which ends with the stream (or the run's stop)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                raise RuntimeError(f"the link's delivery thread did not end within {timeout_s} s")
 
     def _down(self) -> bool:
         return not self._closed and any(a <= self._step < b for a, b in self.outages)

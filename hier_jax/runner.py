@@ -10,18 +10,33 @@ state to its own device. Two ways to run them over the same batches:
 
 Both modes run the same compiled programs on the same inputs in the same per-device order, so they
 give bit-identical states and metrics; the cloud checks that the payload it consumes is step t's.
+
+In both modes the steps run on worker threads and the calling thread supervises them:
+- every `snapshot_every` steps each side hands over a copy of its state, and once both sides have
+  reached the same step the supervisor passes the pair to `on_snapshot` (a checkpoint writer), so
+  saving never blocks the next step;
+- each side checks its loss a few steps behind the newest (reading a finished step never stalls
+  dispatch) and stops the run with a `DivergenceError` naming the side and step at the first NaN/inf;
+- Ctrl-C (KeyboardInterrupt in the calling thread) is a graceful stop: the edge starts no new step,
+  the cloud consumes what was already sent, and the run returns with `interrupted=True` and both
+  sides at the same step. A second Ctrl-C aborts at once.
 An exception in either thread stops both and is re-raised in the caller with its traceback; every
-wait is bounded, so a failure never hangs.
+wait is bounded and every thread a run starts is joined before it returns, so nothing hangs and no
+thread outlives the call.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
+import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +45,13 @@ import optax
 from tqdm.auto import tqdm
 
 from hier_jax import steps
+from hier_jax.errors import DivergenceError
 from hier_jax.models import Split
 
 _DONE = object()
 _POLL_S = 0.05
-_JOIN_GRACE_S = 30.0  # after a stop, how long a worker may take to finish the step it is running
+_JOIN_GRACE_S = 60.0  # after a stop, how long a worker may take to finish the step it is running
+_FINITE_LAG = 2       # a side checks the loss of the step this many steps behind its newest
 
 
 def resolve_device(spec: str | jax.Device) -> jax.Device:
@@ -44,6 +61,8 @@ def resolve_device(spec: str | jax.Device) -> jax.Device:
     available = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
     platform, _, index = str(spec).partition(":")
     try:
+        if not platform or (index and not index.isdigit()):
+            raise ValueError(spec)
         idx = int(index) if index else 0
         devices = jax.devices(platform)
     except (RuntimeError, ValueError):
@@ -55,17 +74,29 @@ def resolve_device(spec: str | jax.Device) -> jax.Device:
     return devices[idx]
 
 
-class QueueChannel:
-    """The hand-off between the edge and cloud threads: a bounded FIFO with instant delivery.
+class Channel(Protocol):
+    """The hand-off between the edge and cloud threads. Every call is given the run's stop event and
+    returns soon after it is set; `open` starts a run (resetting what the last run left) and `join`
+    waits for any thread the channel started, after the run."""
 
-    The interface (send / close / receive, each given the run's stop event and each returning soon
-    after it is set) is what a simulated link implements to add delays, outages and drops.
-    """
+    def open(self, stop: threading.Event) -> None: ...
+    def send(self, t: int, payload: Any, stop: threading.Event) -> bool: ...
+    def close(self, stop: threading.Event) -> None: ...
+    def receive(self, stop: threading.Event) -> tuple[int, Any] | None: ...
+    def join(self, timeout_s: float) -> None: ...
+
+
+class QueueChannel:
+    """A bounded FIFO with instant delivery: the default `Channel`."""
 
     def __init__(self, capacity: int = 2):
         if capacity < 1:
             raise ValueError(f"queue capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+
+    def open(self, stop: threading.Event) -> None:
+        self._queue = queue.Queue(maxsize=self.capacity)
 
     def _put(self, item, stop: threading.Event) -> bool:
         while not stop.is_set():
@@ -92,6 +123,9 @@ class QueueChannel:
             except queue.Empty:
                 pass
         return None
+
+    def join(self, timeout_s: float) -> None:
+        """Starts no thread: nothing to wait for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +165,9 @@ def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransform
 class RunResult:
     """Final states, per-step metrics as host arrays ({"loss": [T], "accuracy": [T]}) and wall time.
 
-    cloud_steps[i] is the edge step whose payload the cloud's i-th step consumed.
+    The metrics cover the steps this call ran, start_step .. end_step - 1; cloud_steps[i] is the edge
+    step whose payload the cloud's i-th step consumed. `interrupted`: stopped early by Ctrl-C, with
+    both sides at end_step.
     """
     edge_state: steps.State
     cloud_state: steps.State
@@ -139,6 +175,20 @@ class RunResult:
     cloud_metrics: dict[str, np.ndarray]
     wall_s: float
     payload_bytes: int
+    cloud_steps: np.ndarray
+    start_step: int = 0
+    end_step: int = 0
+    interrupted: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Copies of both states after `step` steps, with the metrics of this run's steps before it."""
+    step: int
+    edge_state: steps.State
+    cloud_state: steps.State
+    edge_metrics: dict[str, np.ndarray]
+    cloud_metrics: dict[str, np.ndarray]
     cloud_steps: np.ndarray
 
 
@@ -150,8 +200,8 @@ def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
 class _Progress:
     """A tqdm bar whose postfix shows metrics two steps old, so reading them never blocks dispatch."""
 
-    def __init__(self, enabled: bool, total: int | None, desc: str):
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    def __init__(self, enabled: bool, total: int | None, desc: str, initial: int = 0):
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, initial=initial)
 
     def update(self, metrics: list[dict[str, jax.Array]]) -> None:
         if len(metrics) > 2 and not self.bar.disable and len(metrics) % 5 == 0:
@@ -166,98 +216,299 @@ def _total(batches: Iterable) -> int | None:
     return len(batches) if hasattr(batches, "__len__") else None
 
 
+class _FiniteCheck:
+    """One side's divergence check, `lag` steps behind its newest step so it never stalls dispatch."""
+
+    def __init__(self, side: str, lag: int):
+        self.side, self.lag = side, lag
+        self.pending: collections.deque = collections.deque()
+
+    def push(self, t: int, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append((t, metrics["loss"]))
+        while len(self.pending) > self.lag:
+            self._check(*self.pending.popleft())
+
+    def flush(self) -> None:
+        while self.pending:
+            self._check(*self.pending.popleft())
+
+    def _check(self, t: int, loss: jax.Array) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise DivergenceError(self.side, t, value)
+
+
+def _copy(state: steps.State, device: jax.Device) -> steps.State:
+    """A copy the next (donating) step cannot delete; dispatched asynchronously."""
+    return jax.device_put(state, device, may_alias=False)
+
+
+class _Supervisor:
+    """The calling thread's side of a run: snapshots, Ctrl-C, errors and the deadline.
+
+    Workers report with `fail` (any exception; stops everything at once) and `offer` (a state copy of
+    one side at a snapshot step). `stop` makes every wait return; `stop_request` only asks the edge
+    to start no new step, so what is already in flight is finished and consumed.
+    """
+
+    def __init__(self, start_step: int, snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None,
+                 timeout_s: float | None):
+        if snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
+        self.start_step = start_step
+        self.every = snapshot_every if on_snapshot is not None else 0
+        self.on_snapshot = on_snapshot
+        self.timeout_s = timeout_s
+        self.stop = threading.Event()
+        self.stop_request = threading.Event()
+        self.errors: list[BaseException] = []
+        self.interrupted = False
+        self._offers: queue.Queue = queue.Queue()
+        self._pending: dict[str, dict[int, steps.State]] = {"edge": {}, "cloud": {}}
+
+    def halted(self) -> bool:
+        return self.stop.is_set() or self.stop_request.is_set()
+
+    def fail(self, error: BaseException) -> None:
+        self.errors.append(error)
+        self.stop.set()
+
+    def is_boundary(self, step: int) -> bool:
+        return self.every > 0 and step > self.start_step and step % self.every == 0
+
+    def boundaries_between(self, first: int, last: int) -> range:
+        """Snapshot steps k with first <= k <= last."""
+        if self.every <= 0:
+            return range(0)
+        k = max(first, self.start_step + 1)
+        k = -(-k // self.every) * self.every
+        return range(k, last + 1, self.every)
+
+    def offer(self, side: str, step: int, state: steps.State, device: jax.Device) -> None:
+        self._offers.put((side, step, _copy(state, device)))
+
+    def supervise(self, threads: list[threading.Thread], metrics: Callable[[int], tuple]) -> float:
+        """Start `threads`, serve snapshots until they end, then join them; returns the wall time.
+
+        `metrics(k)` gives (edge_metrics, cloud_metrics, cloud_steps) of this run's steps before k.
+        """
+        start = time.perf_counter()
+        deadline = None if self.timeout_s is None else start + self.timeout_s
+        for thread in threads:
+            thread.start()
+        try:
+            while any(t.is_alive() for t in threads) and not self.errors:
+                if deadline is not None and time.perf_counter() > deadline:
+                    self.fail(TimeoutError(f"run did not finish within {self.timeout_s} s"))
+                    break
+                try:
+                    self._serve(metrics, block=True)
+                except KeyboardInterrupt:
+                    self._interrupt()
+                except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised below
+                    self.fail(error)
+        finally:
+            self._join(threads)
+        wall_s = time.perf_counter() - start
+        if not self.errors:
+            while self._serve(metrics, block=False):
+                pass
+        return wall_s
+
+    def _interrupt(self) -> None:
+        if self.stop_request.is_set():
+            print("\nsecond interrupt: aborting without finishing the step in flight", file=sys.stderr, flush=True)
+            self.stop.set()
+            return
+        self.interrupted = True
+        self.stop_request.set()
+        print("\ninterrupted: finishing the steps in flight, then saving (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def _serve(self, metrics: Callable[[int], tuple], block: bool) -> bool:
+        """Take one offered state; hand a completed pair to on_snapshot. False when nothing was offered."""
+        try:
+            side, step, state = self._offers.get(timeout=_POLL_S) if block else self._offers.get_nowait()
+        except queue.Empty:
+            return False
+        self._pending[side][step] = state
+        if step in self._pending["edge"] and step in self._pending["cloud"]:
+            edge_metrics, cloud_metrics, cloud_steps = metrics(step)
+            self.on_snapshot(Snapshot(step, self._pending["edge"].pop(step), self._pending["cloud"].pop(step),
+                                      edge_metrics, cloud_metrics, cloud_steps))
+            for side_pending in self._pending.values():  # older unmatched offers can never pair now
+                for old in [k for k in side_pending if k < step]:
+                    del side_pending[old]
+        return True
+
+    def _join(self, threads: list[threading.Thread]) -> None:
+        """Join every worker; after an error or abort each gets `_JOIN_GRACE_S` to finish its step."""
+        if self.errors:
+            self.stop.set()
+        deadline = None
+        for thread in threads:
+            while thread.is_alive():
+                try:
+                    if self.stop.is_set() and deadline is None:
+                        deadline = time.perf_counter() + _JOIN_GRACE_S
+                    if deadline is not None and time.perf_counter() > deadline:
+                        raise RuntimeError(f"thread {thread.name} did not stop within {_JOIN_GRACE_S} s of the stop")
+                    thread.join(_POLL_S)
+                except KeyboardInterrupt:
+                    self._interrupt()
+
+
+def _metrics_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
+                    ) -> Callable[[int], tuple]:
+    def upto(k: int) -> tuple:
+        n_cloud = bisect.bisect_left(cloud_steps[:len(cloud_metrics)], k)
+        return (_stack(edge_metrics[:k - start_step]), _stack(cloud_metrics[:n_cloud]),
+                np.asarray(cloud_steps[:n_cloud], dtype=np.int64))
+    return upto
+
+
 def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, progress: bool = False) -> RunResult:
-    """Edge step then cloud step for each batch, blocking on both: the reference schedule."""
-    edge_metrics, cloud_metrics, payload_bytes = [], [], 0
-    bar = _Progress(progress, _total(batches), "sequential")
-    start = time.perf_counter()
-    for images, labels in batches:
-        edge_state, payload, m_edge = h.edge_step(
-            edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
-        payload_bytes = payload.nbytes
-        cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
-        jax.block_until_ready((edge_state, cloud_state))
-        edge_metrics.append(m_edge)
-        cloud_metrics.append(m_cloud)
-        bar.update(cloud_metrics)
-    wall_s = time.perf_counter() - start
-    bar.close()
-    return RunResult(edge_state, cloud_state, _stack(edge_metrics), _stack(cloud_metrics), wall_s, payload_bytes,
-                     np.arange(len(cloud_metrics)))
+                   batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
+                   on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
+                   progress: bool = False) -> RunResult:
+    """Edge step then cloud step for each batch, blocking on both: the reference schedule.
+
+    `batches` are steps start_step, start_step + 1, ...; see the module docstring for snapshots,
+    divergence checks and Ctrl-C.
+    """
+    run = _Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
+    edge_metrics, cloud_metrics, cloud_steps = [], [], []
+    final: dict[str, Any] = {}
+    total = _total(batches)
+    bar = _Progress(progress, None if total is None else start_step + total, "sequential", start_step)
+
+    def worker(edge_state, cloud_state):
+        try:
+            checks = (_FiniteCheck("edge", 0), _FiniteCheck("cloud", 0))
+            t = start_step
+            for images, labels in batches:
+                if run.halted():
+                    break
+                edge_state, payload, m_edge = h.edge_step(
+                    edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+                final["payload_bytes"] = payload.nbytes
+                cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
+                jax.block_until_ready((edge_state, cloud_state))
+                edge_metrics.append(m_edge)
+                cloud_metrics.append(m_cloud)
+                cloud_steps.append(t)
+                checks[0].push(t, m_edge)
+                checks[1].push(t, m_cloud)
+                t += 1
+                if run.is_boundary(t):
+                    run.offer("edge", t, edge_state, h.edge_device)
+                    run.offer("cloud", t, cloud_state, h.cloud_device)
+                bar.update(cloud_metrics)
+            if not run.stop.is_set():
+                final.update(edge=edge_state, cloud=cloud_state, end_step=t)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            run.fail(exc)
+
+    thread = threading.Thread(target=worker, args=(edge_state, cloud_state), name="hier-sequential", daemon=True)
+    del edge_state, cloud_state  # donated to the worker
+    try:
+        wall_s = run.supervise([thread], _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
+    finally:
+        bar.close()
+    return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
+
+
+def _result(run: _Supervisor, final: dict, edge_metrics: list, cloud_metrics: list, cloud_steps: list,
+            wall_s: float, start_step: int) -> RunResult:
+    if run.errors:
+        raise run.errors[0]
+    if "edge" not in final or "cloud" not in final:
+        raise KeyboardInterrupt("run aborted by a second interrupt before both sides finished their step")
+    return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
+                     final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64), start_step,
+                     final["end_step"], run.interrupted)
 
 
 def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, channel: Any = None, timeout_s: float = 3600.0,
-                   progress: bool = False) -> RunResult:
+                   batches: Iterable[tuple[Any, Any]], *, channel: Channel | None = None, start_step: int = 0,
+                   snapshot_every: int = 0, on_snapshot: Callable[[Snapshot], None] | None = None,
+                   timeout_s: float | None = None, progress: bool = False) -> RunResult:
     """Edge and cloud each on a dispatch thread of their own, joined by `channel` (default: a
     QueueChannel of capacity 2).
 
-    The cloud consumes payloads in strictly increasing step order (a lossy channel may skip steps).
+    The cloud consumes payloads in strictly increasing step order (a lossy channel may skip steps;
+    then the cloud's snapshot at step k is its state before the first payload of a step >= k).
     Raises the first exception of either side (the other side stops within one poll interval) and
     TimeoutError if the run takes longer than `timeout_s`.
     """
     channel = QueueChannel() if channel is None else channel
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    run = _Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
     edge_metrics: list = []
     cloud_metrics: list = []
     cloud_steps: list[int] = []
     final: dict[str, Any] = {}
-    bar = _Progress(progress, _total(batches), "overlapped")
+    total = _total(batches)
+    bar = _Progress(progress, None if total is None else start_step + total, "overlapped", start_step)
 
     def edge_worker(state):
         try:
-            for t, (images, labels) in enumerate(batches):
+            check = _FiniteCheck("edge", _FINITE_LAG)
+            t = start_step
+            for images, labels in batches:
+                if run.halted():
+                    break
                 state, payload, metrics = h.edge_step(
                     state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
                 edge_metrics.append(metrics)
                 final["payload_bytes"] = payload.nbytes
-                if not channel.send(t, jax.device_put(payload, h.cloud_device), stop):
+                if run.is_boundary(t + 1):
+                    run.offer("edge", t + 1, state, h.edge_device)
+                if not channel.send(t, jax.device_put(payload, h.cloud_device), run.stop):
                     return
-            channel.close(stop)
+                check.push(t, metrics)
+                t += 1
+            check.flush()
+            channel.close(run.stop)
             final["edge"] = jax.block_until_ready(state)
+            final["end_step"] = t
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            errors.append(exc)
-            stop.set()
+            run.fail(exc)
 
     def cloud_worker(state):
         try:
-            while (item := channel.receive(stop)) is not None:
+            check = _FiniteCheck("cloud", _FINITE_LAG)
+            last = start_step - 1
+            while (item := channel.receive(run.stop)) is not None:
                 t, payload = item
-                if cloud_steps and t <= cloud_steps[-1]:
-                    raise RuntimeError(f"cloud received the payload of step {t} after step {cloud_steps[-1]}")
+                if t <= last:
+                    raise RuntimeError(f"cloud received the payload of step {t} after step {last}")
+                for k in run.boundaries_between(last + 2, t):  # snapshot steps whose payloads were dropped
+                    run.offer("cloud", k, state, h.cloud_device)
                 state, metrics = h.cloud_step(state, payload)
                 cloud_metrics.append(metrics)
                 cloud_steps.append(t)
+                check.push(t, metrics)
+                last = t
+                if run.is_boundary(t + 1):
+                    run.offer("cloud", t + 1, state, h.cloud_device)
                 bar.update(cloud_metrics)
-            if not stop.is_set():
+            if not run.stop.is_set():
+                check.flush()
                 final["cloud"] = jax.block_until_ready(state)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            errors.append(exc)
-            stop.set()
+            run.fail(exc)
 
+    channel.open(run.stop)
     threads = [threading.Thread(target=edge_worker, args=(edge_state,), name="hier-edge", daemon=True),
                threading.Thread(target=cloud_worker, args=(cloud_state,), name="hier-cloud", daemon=True)]
     del edge_state, cloud_state  # donated to the workers
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    deadline = start + timeout_s
-    for thread in threads:
-        while thread.is_alive() and not errors and time.perf_counter() < deadline:
-            thread.join(_POLL_S)
-    stop.set()
-    for thread in threads:
-        thread.join(_JOIN_GRACE_S)
-    wall_s = time.perf_counter() - start
-    bar.close()
-    if errors:
-        raise errors[0]
-    if "edge" not in final or "cloud" not in final:
-        raise TimeoutError(f"overlapped run did not finish within {timeout_s} s")
-    return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
-                     final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64))
+    try:
+        wall_s = run.supervise(threads, _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
+    finally:
+        run.stop.set()
+        channel.join(_JOIN_GRACE_S)
+        bar.close()
+    return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,15 +9,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from hier_jax import runner, steps
-from hier_jax.config import ExperimentConfig
+from hier_jax.checkpoint import RunCheckpoints
+from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
+from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
-from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, split
+from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import OptimConfig, make_optimizer
-from hier_jax.quantization import check_bits
 
 MODES = ("sequential", "overlapped")
 
@@ -40,16 +45,27 @@ def total_steps(config: ExperimentConfig, dataset: ImageDataset) -> int:
     return min(steps_all, config.max_steps) if config.max_steps > 0 else steps_all
 
 
+def check_data(config: ExperimentConfig, dataset: ImageDataset) -> None:
+    """The checks that need the data (ConfigError): at least one full batch in the training split."""
+    if total_steps(config, dataset) < 1:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training split of {dataset.name} "
+                          f"({dataset.num_train} images): no training steps; valid: 1..{dataset.num_train}")
+
+
 def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
-    """Build and split the model, the optimizers and the compiled steps; validate the config early."""
-    check_bits(config.bits)
+    """Validate the config against the data, then build and split the model, the optimizers and the
+    compiled steps."""
+    validate(config)
+    check_data(config, dataset)
     model = build_model(config.model, num_classes=dataset.num_classes, input_shape=dataset.image_shape,
                         width=config.width, seed=config.seed)
-    parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid), seed=config.seed)
+    try:
+        check_input_size(model)
+    except ValueError as error:
+        raise ConfigError(f"--model {config.model} on --dataset {config.dataset}: {error}") from None
+    parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid),
+                  seed=config.seed)
     n_steps = total_steps(config, dataset)
-    if n_steps < 1:
-        raise ValueError(f"no training steps: {config.epochs} epoch(s) of {dataset.num_train} images at "
-                         f"batch size {config.batch_size}")
     tx = make_optimizer(OptimConfig(config.learning_rate, config.momentum, config.weight_decay), n_steps)
     hierarchy, edge_state, cloud_state = runner.build_hierarchy(
         parts, bits=config.bits, edge_tx=tx, cloud_tx=tx, edge_device=config.edge_device,
@@ -58,19 +74,27 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
 
 
 class TrainBatches:
-    """The run's batches, epoch after epoch, cut at the step count; has a length for progress bars."""
+    """The run's batches from step `start` on, epoch after epoch, cut at the step count.
 
-    def __init__(self, setup: Setup):
-        self.setup = setup
+    Step k is batch k % steps_per_epoch of epoch k // steps_per_epoch, shuffled and augmented by
+    (seed, epoch, step) alone, so the batches from `start` on are exactly those an uninterrupted run
+    sees there: the position in the data and the RNG state are both the step number.
+    """
+
+    def __init__(self, setup: Setup, start: int = 0):
+        self.setup, self.start = setup, start
 
     def __len__(self) -> int:
-        return self.setup.total_steps
+        return max(self.setup.total_steps - self.start, 0)
 
     def __iter__(self) -> Iterator:
         c = self.setup.config
+        per_epoch = num_train_steps(self.setup.dataset, c.batch_size)
+        first_epoch, skip = divmod(self.start, per_epoch)
         epochs = (train_batches(self.setup.dataset, c.batch_size, seed=c.seed, epoch=e,
-                                device=self.setup.hierarchy.edge_device) for e in itertools.count())
-        return itertools.islice(itertools.chain.from_iterable(epochs), self.setup.total_steps)
+                                device=self.setup.hierarchy.edge_device, start=skip if e == first_epoch else 0)
+                  for e in itertools.count(first_epoch))
+        return itertools.islice(itertools.chain.from_iterable(epochs), len(self))
 
 
 def fresh_states(setup: Setup) -> tuple[steps.State, steps.State]:
@@ -92,21 +116,142 @@ def warm_up(setup: Setup) -> None:
     jax.block_until_ready(h.cloud_eval(cloud_state, jax.device_put(eval_payload, h.cloud_device)))
 
 
-def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, progress: bool = True
+def payload_nbytes(setup: Setup) -> int:
+    """Bytes of one batch's payload, from the edge step's output shapes (nothing is computed)."""
+    h, c = setup.hierarchy, setup.config
+    images = jax.ShapeDtypeStruct((c.batch_size, *setup.dataset.image_shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
+    _, payload, _ = jax.eval_shape(h.edge_step, setup.initial_edge_state, images, labels)
+    return payload.nbytes
+
+
+METRIC_KEYS = ("loss", "accuracy")
+
+
+def _history(meta: dict | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """(edge metrics, cloud metrics, cloud steps) recorded in a checkpoint's metadata (empty without one)."""
+    recorded = (meta or {}).get("metrics", {})
+    edge = {k: np.asarray(recorded.get(f"edge_{k}", []), np.float32) for k in METRIC_KEYS}
+    cloud = {k: np.asarray(recorded.get(f"cloud_{k}", []), np.float32) for k in METRIC_KEYS}
+    return edge, cloud, np.asarray(recorded.get("cloud_steps", []), np.int64)
+
+
+def _joined(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([before[k], np.asarray(after.get(k, np.zeros(0)), np.float32)]) for k in METRIC_KEYS}
+
+
+def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_steps: np.ndarray,
+          wall_s: float, payload_bytes: int) -> dict:
+    per_epoch = num_train_steps(setup.dataset, setup.config.batch_size)
+    return {
+        "format": 1, "step": step, "total_steps": setup.total_steps, "mode": mode,
+        "config": dataclasses.asdict(setup.config),
+        "data": {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "steps_per_epoch": per_epoch,
+                 "order": "epoch_permutation(seed, epoch)"},
+        "rng": {"seed": setup.config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
+        "metrics": {**{f"edge_{k}": edge[k].tolist() for k in METRIC_KEYS},
+                    **{f"cloud_{k}": cloud[k].tolist() for k in METRIC_KEYS},
+                    "cloud_steps": cloud_steps.tolist()},
+        "wall_s": wall_s, "payload_bytes": payload_bytes,
+    }
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                                if jnp.issubdtype(x.dtype, jnp.inexact)]))
+
+
+def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> None:
+    """ResumeMismatchError naming every field (RUN_ONLY_FIELDS aside) in which `config` differs from `recorded`."""
+    current = dataclasses.asdict(config)
+    differ = [f"{name} ({current[name]!r} here, {recorded.get(name)!r} in the checkpoint)"
+              for name in current if name not in RUN_ONLY_FIELDS and current[name] != recorded.get(name)]
+    if differ:
+        raise ResumeMismatchError(f"cannot resume from {where}: the config differs in " + "; ".join(differ))
+
+
+def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, progress: bool = True,
+          checkpoint_dir: str | Path | None = None, resume: bool = False, timeout_s: float | None = None
           ) -> runner.RunResult:
-    """Train from the initial states in `mode` ("sequential" or "overlapped"); `channel` (overlapped
-    only, e.g. a link.SimulatedLink) replaces the default instant queue of `queue_size` payloads."""
+    """Train in `mode` ("sequential" or "overlapped") from the initial states, or with `resume=True`
+    from the latest checkpoint in `checkpoint_dir`; returns the whole run's metrics and final states.
+
+    With a `checkpoint_dir`, both states are saved every `config.checkpoint_every` steps (the latest
+    `config.keep_checkpoints` kept) and at the end. A resumed run continues bit-identically to one that
+    never stopped, in either mode; resuming with a config that differs in a field that shapes training
+    is refused (`ResumeMismatchError`). Ctrl-C stops both sides after the steps in flight, saves them
+    and raises `RunInterrupted`; a NaN/inf loss raises `DivergenceError`, the last finite checkpoint kept.
+    `channel` (overlapped only, e.g. a link.SimulatedLink) replaces the default instant queue of
+    `queue_size` payloads.
+    """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+        raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     if channel is not None and mode != "overlapped":
-        raise ValueError("a channel (simulated link) needs mode='overlapped'")
+        raise ConfigError("a channel (simulated link) needs mode='overlapped'")
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resume=True needs the checkpoint_dir to resume from")
+    config = setup.config
     edge_state, cloud_state = fresh_states(setup)
-    batches = TrainBatches(setup)
-    if mode == "sequential":
-        return runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, progress=progress)
-    channel = runner.QueueChannel(setup.config.queue_size) if channel is None else channel
-    return runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches, channel=channel,
-                                 progress=progress)
+    checkpoints = None if checkpoint_dir is None else RunCheckpoints(
+        checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir())
+    meta = None
+    try:
+        if resume:
+            meta = checkpoints.read_meta()
+            check_resumable(config, meta.get("config", {}), checkpoints.path(meta["step"]))
+            edge_state, cloud_state, meta = checkpoints.restore(edge_state, cloud_state, meta["step"])
+        start = 0 if meta is None else int(meta["step"])
+        edge_before, cloud_before, steps_before = _history(meta)
+        wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
+        setup_payload_bytes = payload_nbytes(setup)
+        saved: dict[str, Any] = {"step": start, "path": None if meta is None else checkpoints.path(start)}
+
+        def save(step, edge, cloud, edge_new, cloud_new, cloud_steps_new, wall_s, payload_bytes):
+            """Checkpoint `step`, unless a loss or parameter on either side is already non-finite."""
+            edge_steps = np.arange(start, start + len(edge_new.get("loss", ())))
+            for side, metrics, at in (("edge", edge_new, edge_steps), ("cloud", cloud_new, cloud_steps_new)):
+                bad = np.flatnonzero(~np.isfinite(metrics.get("loss", np.zeros(0))))
+                if bad.size:
+                    raise DivergenceError(side, int(at[bad[0]]), float(metrics["loss"][bad[0]]), saved["path"])
+            for side, state in (("edge", edge), ("cloud", cloud)):
+                if not bool(_all_finite(state["params"])):
+                    raise DivergenceError(side, step - 1, float("nan"), saved["path"])
+            record = _meta(setup, mode, step, _joined(edge_before, edge_new), _joined(cloud_before, cloud_new),
+                           np.concatenate([steps_before, cloud_steps_new]), wall_s, payload_bytes)
+            saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
+
+        def on_snapshot(snap: runner.Snapshot) -> None:
+            save(snap.step, snap.edge_state, snap.cloud_state, snap.edge_metrics, snap.cloud_metrics,
+                 snap.cloud_steps, wall_before, setup_payload_bytes)
+
+        every = config.checkpoint_every if checkpoints is not None else 0
+        batches = TrainBatches(setup, start)
+        kwargs = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
+                      timeout_s=timeout_s, progress=progress)
+        try:
+            if mode == "sequential":
+                result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
+            else:
+                channel = runner.QueueChannel(config.queue_size) if channel is None else channel
+                result = runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches, channel=channel,
+                                               **kwargs)
+        except DivergenceError as error:
+            raise DivergenceError(error.side, error.step, error.value, saved["path"]) from None
+        wall_s = wall_before + result.wall_s
+        if checkpoints is not None and result.end_step > saved["step"]:
+            save(result.end_step, result.edge_state, result.cloud_state, result.edge_metrics, result.cloud_metrics,
+                 result.cloud_steps, wall_s, result.payload_bytes or setup_payload_bytes)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    if result.interrupted:
+        raise RunInterrupted(result.end_step, saved["path"])
+    return dataclasses.replace(
+        result, edge_metrics=_joined(edge_before, result.edge_metrics),
+        cloud_metrics=_joined(cloud_before, result.cloud_metrics),
+        cloud_steps=np.concatenate([steps_before, result.cloud_steps]), wall_s=wall_s, start_step=start,
+        payload_bytes=result.payload_bytes or setup_payload_bytes)
 
 
 def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float]:

@@ -166,3 +166,33 @@ def test_runner_without_loss_matches_sequential_reference(hierarchy):
     assert link.stats().dropped == 0
     np.testing.assert_array_equal(result.cloud_steps, np.arange(10))
     np.testing.assert_array_equal(result.cloud_metrics["loss"], reference.cloud_metrics["loss"])
+
+
+def test_a_link_carries_a_second_run_and_its_thread_ends_with_each_run(hierarchy):
+    """Reusing a link used to hang (its first run had closed it); now each run starts it afresh."""
+    h, fresh = hierarchy
+    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=10)
+    before = set(threading.enumerate())  # other tests' links may still wait on streams they never closed
+    for _ in range(2):
+        result = runner.run_overlapped(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
+        np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
+        assert link.stats().sent == link.stats().delivered == 4  # counts of this run alone
+        assert not [t for t in threading.enumerate() if t.name == "hier-link" and t not in before]
+
+
+def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(hierarchy):
+    """With payloads dropped, the cloud's snapshot at step k is its state before consuming the first
+    payload of a step >= k; every snapshot pairs an edge and a cloud state at the same step."""
+    h, fresh = hierarchy
+    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
+    snapshots = []
+    result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2,
+                                   on_snapshot=snapshots.append)
+    dropped = set(link.stats().dropped_steps)
+    assert dropped and [s.step for s in snapshots] == [2, 4, 6, 8, 10]
+    for snap in snapshots:
+        assert int(snap.edge_state["step"]) == snap.step
+        consumed = [t for t in range(snap.step) if t not in dropped]
+        assert int(snap.cloud_state["step"]) == len(consumed)
+        np.testing.assert_array_equal(snap.cloud_steps, consumed)
+    assert int(result.cloud_state["step"]) == 10 - len(dropped)

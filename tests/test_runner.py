@@ -108,7 +108,7 @@ class Boom(Exception):
 
 def runner_threads_started_since(before):
     """Edge/cloud threads of runs started after `before` that are still alive (other tests' leftovers excluded)."""
-    return [t for t in threading.enumerate() if t not in before and t.name in ("hier-edge", "hier-cloud")]
+    return [t for t in threading.enumerate() if t not in before and t.name in ("hier-edge", "hier-cloud", "hier-sequential")]
 
 
 def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
@@ -160,7 +160,7 @@ def test_evaluate_counts_masked_examples_once(hierarchy):
     assert acc["edge_accuracy"] == pytest.approx(hits / 3)
 
 
-@pytest.mark.parametrize("spec", ["cpu:7", "gpu:0", "tpu", "npu:0", "cpu:x"])
+@pytest.mark.parametrize("spec", ["cpu:7", "gpu:0", "tpu", "npu:0", "cpu:x", ":1", "", "cpu:-1"])
 def test_unknown_devices_are_clear_errors(spec):
     with pytest.raises(ValueError, match=f"device '{spec}' does not exist; available devices: cpu:0, cpu:1"):
         runner.resolve_device(spec)
@@ -170,3 +170,39 @@ def test_resolve_device():
     assert runner.resolve_device("cpu:1") == jax.devices()[1]
     assert runner.resolve_device("cpu") == jax.devices()[0]
     assert runner.resolve_device(jax.devices()[1]) == jax.devices()[1]
+
+
+@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+def test_snapshots_are_the_states_of_a_run_cut_at_that_step(hierarchy, run):
+    data = batches(6)
+    snapshots = []
+    full = run(*fresh(hierarchy), data, snapshot_every=2, on_snapshot=snapshots.append)
+    assert [s.step for s in snapshots] == [2, 4, 6]
+    for snap in snapshots:
+        cut = runner.run_sequential(*fresh(hierarchy), data[:snap.step])
+        assert leaves_equal(snap.edge_state, cut.edge_state) and leaves_equal(snap.cloud_state, cut.cloud_state)
+        np.testing.assert_array_equal(snap.edge_metrics["loss"], full.edge_metrics["loss"][:snap.step])
+        np.testing.assert_array_equal(snap.cloud_metrics["loss"], full.cloud_metrics["loss"][:snap.step])
+
+
+@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(hierarchy, run):
+    import _thread
+
+    data = batches(12)
+
+    def interrupted_batches():
+        for i, item in enumerate(data):
+            if i == 3:
+                _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+            if i >= 3:
+                time.sleep(0.2)  # steps that take time, as real ones do, so the stop lands mid-run
+            yield item
+
+    before = set(threading.enumerate())
+    result = run(*fresh(hierarchy), interrupted_batches())
+    assert not runner_threads_started_since(before)
+    assert result.interrupted and 3 <= result.end_step < 12
+    assert int(result.edge_state["step"]) == int(result.cloud_state["step"]) == result.end_step
+    cut = runner.run_sequential(*fresh(hierarchy), data[:result.end_step])
+    assert leaves_equal(result.edge_state, cut.edge_state) and leaves_equal(result.cloud_state, cut.cloud_state)

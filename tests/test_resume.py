@@ -1,0 +1,213 @@
+"""A run never loses work: periodic checkpoints, Ctrl-C that saves and joins, bit-identical resume,
+divergence caught with its side and step, damaged checkpoints named, stale output refused."""
+
+import _thread
+import dataclasses
+import json
+import shutil
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from hier_jax import runner, train
+from hier_jax.checkpoint import RunCheckpoints
+from hier_jax.config import ExperimentConfig
+from hier_jax.data import load_dataset, num_train_steps
+from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchError, RunInterrupted
+
+CONFIG = ExperimentConfig(model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=12,
+                          head_channels=8, checkpoint_every=4, keep_checkpoints=2)
+RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return train.build(CONFIG, load_dataset("digits"))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted run (sequential; overlapped is bit-identical to it, tests/test_runner.py)."""
+    return train.train(setup, "sequential", progress=False)
+
+
+def assert_same_run(a: runner.RunResult, b: runner.RunResult) -> None:
+    for x, y in zip(jax.tree.leaves((a.edge_state, a.cloud_state)), jax.tree.leaves((b.edge_state, b.cloud_state)),
+                    strict=True):
+        np.testing.assert_array_equal(x, y)
+    for k in ("loss", "accuracy"):
+        np.testing.assert_array_equal(a.edge_metrics[k], b.edge_metrics[k])
+        np.testing.assert_array_equal(a.cloud_metrics[k], b.cloud_metrics[k])
+    np.testing.assert_array_equal(a.cloud_steps, b.cloud_steps)
+
+
+def interrupt_at(monkeypatch, batch: int) -> None:
+    """Make the first run raise KeyboardInterrupt in the main thread (as Ctrl-C does) when its
+    batch iterator reaches `batch`; resumed runs (start > 0) are left alone."""
+    original = train.TrainBatches.__iter__
+
+    def iterate(self):
+        for i, item in enumerate(original(self)):
+            if self.start == 0 and i == batch:
+                _thread.interrupt_main()
+            yield item
+
+    monkeypatch.setattr(train.TrainBatches, "__iter__", iterate)
+
+
+def live_run_threads(before: set) -> list[str]:
+    return [t.name for t in threading.enumerate() if t not in before and t.name in RUN_THREADS]
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_interrupt_then_resume_is_bit_identical(setup, reference, tmp_path, monkeypatch, mode):
+    interrupt_at(monkeypatch, 6)
+    before = set(threading.enumerate())
+    with pytest.raises(RunInterrupted) as stopped:
+        train.train(setup, mode, progress=False, checkpoint_dir=tmp_path)
+    assert not live_run_threads(before)  # nothing trains on in the background after the call
+    step = stopped.value.step
+    assert 0 < step < CONFIG.max_steps
+    assert stopped.value.checkpoint == tmp_path.absolute() / str(step)
+    with RunCheckpoints(tmp_path) as checkpoints:
+        assert checkpoints.latest_step() == step
+    monkeypatch.undo()
+    resumed = train.train(setup, mode, progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.start_step == step and resumed.end_step == CONFIG.max_steps
+    assert_same_run(resumed, reference)
+
+
+def test_checkpoint_records_step_data_position_rng_and_config(setup, reference, tmp_path):
+    result = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path)
+    assert_same_run(result, reference)  # snapshots taken every 4 steps change nothing
+    with RunCheckpoints(tmp_path) as checkpoints:
+        assert checkpoints.steps() == [8, 12]  # every 4 steps and the end; the latest 2 kept
+        meta = checkpoints.read_meta(8)
+    per_epoch = num_train_steps(setup.dataset, CONFIG.batch_size)
+    assert meta["step"] == 8 and meta["config"] == dataclasses.asdict(CONFIG)
+    assert meta["data"] == {"epoch": 8 // per_epoch, "batch_in_epoch": 8 % per_epoch, "steps_per_epoch": per_epoch,
+                            "order": "epoch_permutation(seed, epoch)"}
+    assert meta["rng"]["seed"] == CONFIG.seed
+    np.testing.assert_array_equal(np.float32(meta["metrics"]["edge_loss"]), reference.edge_metrics["loss"][:8])
+    np.testing.assert_array_equal(meta["metrics"]["cloud_steps"], np.arange(8))
+
+
+def test_resume_from_a_periodic_checkpoint_in_the_other_mode(setup, reference, tmp_path):
+    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    shutil.rmtree(tmp_path / "12")  # as if the run had been killed between steps 8 and 12
+    resumed = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.start_step == 8
+    assert_same_run(resumed, reference)
+
+
+@pytest.mark.parametrize("change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1}])
+def test_resume_with_another_config_is_refused_naming_the_field(setup, tmp_path, change):
+    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    recorded = dataclasses.asdict(CONFIG)
+    field = next(iter(change))
+    with pytest.raises(ResumeMismatchError, match=f"differs in {field} "):
+        train.check_resumable(dataclasses.replace(CONFIG, **change), recorded, tmp_path)
+    # Where the run happens (devices, queue, checkpoint cadence) may change.
+    train.check_resumable(dataclasses.replace(CONFIG, queue_size=5, checkpoint_every=2), recorded, tmp_path)
+
+
+@pytest.mark.parametrize("side", ["edge", "cloud"])
+@pytest.mark.parametrize("mode", train.MODES)
+def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, side, mode):
+    """A NaN in step 6's loss on one side: the run stops with that side and step, and the last
+    checkpoint (step 4) is kept; nothing is saved after it."""
+    h = setup.hierarchy
+
+    def poisoned(step_fn, loss_at):
+        def step(*args):
+            *rest, metrics = step_fn(*args)
+            nan = jax.numpy.where(rest[0]["step"] == loss_at + 1, jax.numpy.nan, metrics["loss"])
+            return (*rest, {**metrics, "loss": nan})
+        return step
+
+    name = f"{side}_step"
+    bad = dataclasses.replace(setup, hierarchy=dataclasses.replace(h, **{name: poisoned(getattr(h, name), 6)}))
+    before = set(threading.enumerate())
+    with pytest.raises(DivergenceError) as diverged:
+        train.train(bad, mode, progress=False, checkpoint_dir=tmp_path)
+    assert (diverged.value.side, diverged.value.step) == (side, 6)
+    assert f"the {side} loss is nan at step 6" in str(diverged.value)
+    assert diverged.value.last_checkpoint == tmp_path.absolute() / "4"
+    with RunCheckpoints(tmp_path) as checkpoints:
+        assert checkpoints.steps() == [4]
+    assert not live_run_threads(before)
+
+
+def test_a_real_divergence_is_caught(tmp_path):
+    config = dataclasses.replace(CONFIG, learning_rate=1e3, checkpoint_every=2)
+    with pytest.raises(DivergenceError, match="training diverged: the (edge|cloud) loss is (nan|inf)"):
+        train.train(train.build(config, load_dataset("digits")), "overlapped", progress=False,
+                    checkpoint_dir=tmp_path)
+
+
+def test_damaged_checkpoints_name_the_file_and_the_side(setup, tmp_path):
+    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    edge, cloud = train.fresh_states(setup)
+    for item in (tmp_path / "12" / "cloud").rglob("*"):
+        if item.is_file() and item.stat().st_size > 0 and "manifest" not in item.name:
+            item.write_bytes(b"\0" * 7)  # truncated and garbled
+    with RunCheckpoints(tmp_path) as checkpoints:
+        with pytest.raises(CheckpointError, match=r"checkpoint .*/12/cloud \(cloud\) is damaged or unreadable"):
+            checkpoints.restore(edge, cloud)
+    shutil.rmtree(tmp_path / "12" / "edge")
+    with RunCheckpoints(tmp_path) as checkpoints:
+        with pytest.raises(CheckpointError, match=r"checkpoint .*/12 is incomplete: its edge item"):
+            checkpoints.restore(edge, cloud)
+    (tmp_path / "8" / "meta" / "metadata").write_text("{not json")
+    with RunCheckpoints(tmp_path) as checkpoints:
+        with pytest.raises(CheckpointError, match=r"/8/meta \(meta\) is damaged"):
+            checkpoints.read_meta(8)
+
+
+def test_reading_a_missing_checkpoint_directory_creates_nothing(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        RunCheckpoints(missing, read_only=True)
+    assert not missing.exists()
+    with RunCheckpoints(tmp_path / "empty") as checkpoints:
+        with pytest.raises(CheckpointError, match="no checkpoint under"):
+            checkpoints.read_meta()
+
+
+def test_a_checkpoint_is_never_overwritten(setup, tmp_path):
+    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    edge, cloud = train.fresh_states(setup)
+    with RunCheckpoints(tmp_path) as checkpoints:
+        with pytest.raises(CheckpointError, match="already exists"):
+            checkpoints.save(12, edge, cloud, {"step": 12})
+
+
+def test_second_interrupt_aborts_without_saving(setup, tmp_path, monkeypatch):
+    original = train.TrainBatches.__iter__
+
+    def iterate(self):
+        for i, item in enumerate(original(self)):
+            if i in (3, 4):
+                _thread.interrupt_main()
+            yield item
+
+    monkeypatch.setattr(train.TrainBatches, "__iter__", iterate)
+    before = set(threading.enumerate())
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    assert not live_run_threads(before)
+    # Either the second interrupt came before the graceful stop completed (abort: nothing new saved) or
+    # after it (a normal RunInterrupted with its checkpoint).
+    if isinstance(stopped.value, RunInterrupted):
+        assert (tmp_path / str(stopped.value.step)).is_dir()
+    else:
+        assert "aborted" in str(stopped.value)
+
+
+def test_summary_json_is_always_valid(tmp_path):
+    from hier_jax.outputs import write_json
+
+    path = write_json(tmp_path / "s.json", {"loss": float("nan"), "acc": np.float32(0.5), "x": [np.inf, 1]})
+    assert json.loads(path.read_text()) == {"loss": None, "acc": 0.5, "x": [None, 1]}
