@@ -9,17 +9,14 @@ parameters, and reports both exits' test accuracy, payload vs raw-image bytes an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from hier_jax import train
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
+from hier_jax import cli, outputs, train
+from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.models import param_count
 from hier_jax.profiler import edge_footprint
@@ -33,10 +30,16 @@ def states_equal(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str]) -> dict:
+    parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
-    config = config_from_args(parser.parse_args(argv))
+    parser.add_argument("--overwrite", action="store_true", help="replace a summary.json already in --out")
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    validate(config)
+    out = (outputs.prepare_run_dir(config.out, overwrite=args.overwrite, outputs=("summary.json",))
+           if config.out else None)
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     setup = train.build(config, dataset)
     narrowed = "" if config.width == 64 else f" (narrowed: width {config.width} of 64, to finish in minutes on 2 CPU cores)"
@@ -87,11 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
-    if config.out:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"wrote {out / 'summary.json'}")
+    if out is not None:
+        print(f"wrote {outputs.write_json(out / 'summary.json', summary)}")
     if not identical:
         sys.exit("overlapped training diverged from sequential training")
     return summary

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -9,6 +10,7 @@ from experiments import quickstart
 from hier_jax import train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
+from hier_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +46,19 @@ def test_both_losses_fall(digits):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model": "alexnet"}, "unknown model 'alexnet'"),
-    ({"split": "layer9_9"}, "invalid separation point 'layer9_9'"),
-    ({"bits": 9}, "bits must be one of"),
+    ({"model": "alexnet"}, "--model 'alexnet' is invalid; valid: vgg16, resnet18, resnet18_tv"),
+    ({"split": "layer9_9"}, "--split 'layer9_9' is invalid; valid: a stage of resnet18: stem, layer1_0"),
+    ({"bits": 9}, "--bits 9 is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8, 16, 32"),
     ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
     ({"edge_device": "gpu:0"}, "device 'gpu:0' does not exist"),
-    ({"batch_size": 4000}, r"no training steps: 1 epoch\(s\) of 1437 images at batch size 4000"),
+    ({"edge_device": ":1"}, "device ':1' does not exist"),
+    ({"queue_size": 0}, "--queue-size 0 is invalid; valid: an integer >= 1"),
+    ({"learning_rate": -1.0}, "--learning-rate -1.0 is invalid; valid: a finite number > 0"),
+    ({"batch_size": 4000}, "--batch-size 4000 is larger than the training split of digits (1437 images)"),
 ])
 def test_bad_configs_fail_clearly(digits, change, message):
     config = dataclasses.replace(ExperimentConfig(dataset="digits", width=4), **change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train.build(config, digits)
 
 
@@ -79,7 +84,7 @@ def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,edge_loss") and len(rows) == 1 + 6
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    assert (tmp_path / "checkpoint" / "6").is_dir()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
     # vgg16 width 4 after pool2: 8x8 maps of 8 channels, 32 per batch at 4 bits.
     assert summary["payload_bytes_per_batch"] == 32 * 8 * 8 * 8 // 2 + 4 + 4 + 32
 
