@@ -10,18 +10,16 @@ edge + cloud. `hidden` is the fraction of the shorter side that the overlapped s
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from hier_jax import runner, train
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
+from hier_jax import cli, outputs, runner, train
+from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
+from hier_jax.errors import UserError
 
 DEFAULTS = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64,
                             head_channels=64)
@@ -36,14 +34,23 @@ def time_side(step, state, inputs) -> tuple[float, object]:
     return time.perf_counter() - start, state
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli.entry_point
+def main(argv: list[str]) -> dict:
+    parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    setup = train.build(config, load_dataset(config.dataset, data_dir=config.data_dir or None))
+    # Every check that needs no data, before anything is loaded or built.
+    validate(config)
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise UserError(f"{flag} {value} is invalid; valid: an integer >= 1")
+    out = outputs.prepare_run_dir(config.out, outputs=()) if config.out else None
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    train.check_data(config, dataset)
+    setup = train.build(config, dataset)
     h = setup.hierarchy
     batches = [tuple(jax.device_get(b)) for b in list(train.TrainBatches(setup))[:1]] * args.steps
     edge_inputs = [(jax.device_put(x, h.edge_device), jax.device_put(y, h.edge_device)) for x, y in batches]
@@ -75,10 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {key:<11} {median[key] * 1e3:8.1f} ms  [{min(values) * 1e3:.1f}, {max(values) * 1e3:.1f}]")
     print(f"  ideal overlapped = max(edge, cloud) = {result['ideal_overlapped_s'] * 1e3:.1f} ms; "
           f"speed-up {result['speedup']:.2f}x; hidden {100 * hidden:.0f} % of the shorter side")
-    if config.out:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_overlap.json").write_text(json.dumps(result, indent=2, default=str))
+    if out is not None:
+        outputs.write_json(out / "bench_overlap.json", result)
     return result
 
 

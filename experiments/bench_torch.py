@@ -42,15 +42,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
+import importlib.util
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from hier_jax import cli, outputs
 
 DATASETS = {"cifar10": ((32, 32, 3), 10), "tiny_imagenet": ((64, 64, 3), 200)}
 DEFAULT_SPLIT = {"vgg16": "pool3", "resnet18": "layer2_1", "resnet18_tv": "layer2_1"}
@@ -71,8 +72,12 @@ def tune_malloc() -> bool:
         return False
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed and checked arguments; UserError naming the flag, the value and what is valid.
+
+    Every argument is checked here, before any model is built or any framework is set up.
+    """
+    parser = cli.Parser(description=__doc__)
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_SPLIT))
     parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS),
                         help="sets the input shape and class count (inputs are random)")
@@ -94,14 +99,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps_to_time = [s for s in args.steps_to_time.split(",") if s]
     args.torch_modes = [m for m in args.torch_modes.split(",") if m]
     args.jax_variants = [c for c in args.jax_variants.split(",") if c]
-    for what, values, valid in [("step", args.steps_to_time, STEPS), ("torch mode", args.torch_modes, TORCH_MODES),
-                                ("JAX variant", args.jax_variants, JAX_VARIANTS)]:
+    for flag, values, valid in [("--steps-to-time", args.steps_to_time, STEPS),
+                                ("--torch-modes", args.torch_modes, TORCH_MODES),
+                                ("--jax-variants", args.jax_variants, JAX_VARIANTS)]:
         bad = [v for v in values if v not in valid]
         if bad:
-            parser.error(f"unknown {what} {bad}; valid: {', '.join(valid)}")
-    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("need --steps >= 1, --warmup >= 0, --batch >= 1")
+            parser.error(f"{flag}: unknown {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
+    if not args.steps_to_time:
+        parser.error(f"--steps-to-time is empty; valid: a comma-separated subset of {','.join(STEPS)}")
+    if not args.torch_modes and not args.jax_variants:
+        parser.error("--torch-modes and --jax-variants are both empty: nothing to time")
+    for flag, value, least in [("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--width", args.width, 1), ("--exit-channels", args.exit_channels, 1),
+                               ("--seed", args.seed, 0)]:
+        if value < least:
+            parser.error(f"{flag} {value} is invalid; valid: an integer >= {least}")
+
+    from hier_jax.models import stage_names
+    from hier_jax.quantization import VALID_BITS
+
+    args.split = args.split or DEFAULT_SPLIT[args.model]
+    points = stage_names(args.model)
+    if args.split not in points:
+        parser.error(f"--split {args.split!r} is invalid; valid: a stage of {args.model}: {', '.join(points)}")
+    if args.bits not in VALID_BITS:
+        parser.error(f"--bits {args.bits} is invalid; valid: {', '.join(map(str, VALID_BITS))}")
+    if args.torch_modes and importlib.util.find_spec("torch") is None:
+        parser.error(f"--torch-modes {','.join(args.torch_modes)} needs PyTorch, which is not installed "
+                     f"(pip install -e .[torch]); --torch-modes '' times JAX alone")
     return args
+
+
+parse_args = cli.entry_point(arguments)
+"""`arguments` with the command line's conventions: a bad argument prints one line and raises SystemExit(2)."""
 
 
 class Variant:
@@ -300,8 +330,10 @@ def measure(variants: list[Variant], step: str, warmup: int, rounds: int) -> dic
     return times
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
+@cli.entry_point
+def main(argv: list[str]) -> list[dict]:
+    args = arguments(argv)
+    out = outputs.prepare_run_dir(args.out, outputs=()) if args.out else None
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
     from hier_jax.models import MODELS  # noqa: F401 - fail early on a broken install
 
@@ -332,10 +364,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "steps": len(ts),
                          "compile_s": v.compile_s.get(step), **v.info})
         print_table([r for r in rows if r["step"] == step])
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_torch.json").write_text(json.dumps(rows, indent=1))
+    if out is not None:
+        outputs.write_json(out / "bench_torch.json", rows)
     return rows
 
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
+import math
 from pathlib import Path
 
-from hier_jax import costmodel, profiler, selection
+from hier_jax import cli, costmodel, outputs, profiler, selection
+from hier_jax.errors import UserError
 from hier_jax.models import MODELS, build_model
+from hier_jax.quantization import VALID_BITS
 
 # Public specifications (TechPowerUp GPU database): FP32 peak, Quadro K620 863.2 GFLOPS (384 CUDA cores at
 # 1124 MHz boost, 28.8 GB/s DDR3, 2 GB), GeForce RTX 2080 Ti 13.45 TFLOPS (4352 cores at 1545 MHz, 616 GB/s).
@@ -102,9 +106,16 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
             rows.append({**common, "scheme": scheme, "split_choice": "", "split": "", "bits": "",
                          "epoch_s": base[scheme], "edge_memory_mib": 0.0, "fits_memory": True})
         for scheme in HIER_SCHEMES:
-            ranked = selection.select_split(edge, cloud, link, batch=args.batch, num_examples=spec.num_train,
-                                            memory_budget_bytes=budget, epochs=args.epochs, scheme=scheme,
-                                            bits=(32,) if scheme == "split_learning" else tuple(args.bits))
+            try:
+                ranked = selection.select_split(edge, cloud, link, batch=args.batch, num_examples=spec.num_train,
+                                                memory_budget_bytes=budget, epochs=args.epochs, scheme=scheme,
+                                                bits=(32,) if scheme == "split_learning" else tuple(args.bits))
+            except ValueError as error:
+                if "memory budget" not in str(error):
+                    raise
+                # A budget below every separation point's need: the flag's value, known only from the profile.
+                raise UserError(f"--memory-budget-gib {args.memory_budget_gib:g} is too small for {model_name} on "
+                                f"{dataset}: {error}") from None
             chosen = [("selection", ranked.best)]
             if scheme != "split_learning":
                 point = PAPER_SPLITS[(model_name.removesuffix("_tv"), dataset)]
@@ -169,10 +180,11 @@ def print_table(rows: list[dict], lines: list[str]) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    outputs.write_atomic(path, text.getvalue())
 
 
 def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
@@ -207,7 +219,7 @@ def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     fig.suptitle("Epoch time per scheme, at the selected split or the paper's inferred cut; "
                  "% = reduction vs cloud_only")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -238,12 +250,28 @@ def plot_sweep(sweep: list[dict], args: argparse.Namespace, path: Path) -> None:
             ax.set_title(f"{model}, {dataset}, {args.bits[0]} bits")
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no profile, so a bad flag fails before any model is built."""
+    for flag, value in (("--batch", args.batch), ("--epochs", args.epochs), ("--profile-batch", args.profile_batch),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise UserError(f"{flag} {value} is invalid; valid: an integer >= 1")
+    for flag, value in (("--edge-slowdown", args.edge_slowdown), ("--cloud-tflops", args.cloud_tflops),
+                        ("--memory-budget-gib", args.memory_budget_gib)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} {value:g} is invalid; valid: a finite number > 0")
+    bad = [b for b in args.bits if b not in VALID_BITS]
+    if bad:
+        raise UserError(f"--bits {' '.join(map(str, bad))} is invalid; valid: {', '.join(map(str, VALID_BITS))}")
+
+
+@cli.entry_point
+def main(argv: list[str]) -> list[dict]:
+    parser = cli.Parser(description=__doc__)
     parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--bits", nargs="+", type=int, default=[4], help="candidate bit widths (the selection "
@@ -261,9 +289,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--time-source", choices=("flops", "measured"), default="flops")
     parser.add_argument("--reprofile", action="store_true", help="measure again even if a cached profile exists")
     args = parser.parse_args(argv)
+    check_args(args)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = outputs.prepare_run_dir(args.out, outputs=())  # UserError for a file or an unwritable path
     rows, sweep = [], []
     for model_name in args.model:
         for dataset in args.dataset:
