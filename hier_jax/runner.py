@@ -200,8 +200,9 @@ def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
 class _Progress:
     """A tqdm bar whose postfix shows metrics two steps old, so reading them never blocks dispatch."""
 
-    def __init__(self, enabled: bool, total: int | None, desc: str, initial: int = 0):
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, initial=initial)
+    def __init__(self, enabled: bool, batches: Iterable, desc: str, start: int = 0):
+        total = start + len(batches) if hasattr(batches, "__len__") else None
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, initial=start)
 
     def update(self, metrics: list[dict[str, jax.Array]]) -> None:
         if len(metrics) > 2 and not self.bar.disable and len(metrics) % 5 == 0:
@@ -210,10 +211,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _total(batches: Iterable) -> int | None:
-    return len(batches) if hasattr(batches, "__len__") else None
 
 
 class _FiniteCheck:
@@ -322,7 +319,7 @@ class _Supervisor:
             return
         self.interrupted = True
         self.stop_request.set()
-        print("\ninterrupted: finishing the steps in flight, then saving (Ctrl-C again to abort)",
+        print("\ninterrupted: stopping both sides after the steps in flight (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
 
     def _serve(self, metrics: Callable[[int], tuple], block: bool) -> bool:
@@ -379,8 +376,7 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     run = _Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
     edge_metrics, cloud_metrics, cloud_steps = [], [], []
     final: dict[str, Any] = {}
-    total = _total(batches)
-    bar = _Progress(progress, None if total is None else start_step + total, "sequential", start_step)
+    bar = _Progress(progress, batches, "sequential", start_step)
 
     def worker(edge_state, cloud_state):
         try:
@@ -447,8 +443,7 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     cloud_metrics: list = []
     cloud_steps: list[int] = []
     final: dict[str, Any] = {}
-    total = _total(batches)
-    bar = _Progress(progress, None if total is None else start_step + total, "overlapped", start_step)
+    bar = _Progress(progress, batches, "overlapped", start_step)
 
     def edge_worker(state):
         try:
@@ -549,7 +544,7 @@ def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
 def run_end_to_end(b: Baseline, state: steps.State, batches: Iterable[tuple[Any, Any]], *,
                    progress: bool = False) -> tuple[steps.State, dict[str, np.ndarray], float]:
     """Train the unsplit model over `batches`; returns (state, per-step metrics, wall seconds)."""
-    metrics, bar = [], _Progress(progress, _total(batches), "end-to-end")
+    metrics, bar = [], _Progress(progress, batches, "end-to-end")
     start = time.perf_counter()
     for images, labels in batches:
         state, m = b.train_step(state, jax.device_put(images, b.edge_device), jax.device_put(labels, b.edge_device))
@@ -563,7 +558,7 @@ def run_end_to_end(b: Baseline, state: steps.State, batches: Iterable[tuple[Any,
 def run_split_learning(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
                        batches: Iterable[tuple[Any, Any]], *, progress: bool = False) -> RunResult:
     """Edge forward, activations to the cloud, cloud step, boundary gradient back, edge backward."""
-    cloud_metrics, bar = [], _Progress(progress, _total(batches), "split learning")
+    cloud_metrics, bar = [], _Progress(progress, batches, "split learning")
     start = time.perf_counter()
     for images, labels in batches:
         features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,11 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
 
         def on_snapshot(snap: runner.Snapshot) -> None:
             save(snap.step, snap.edge_state, snap.cloud_state, snap.edge_metrics, snap.cloud_metrics,
-                 snap.cloud_steps, wall_before, setup_payload_bytes)
+                 snap.cloud_steps, wall_before + time.perf_counter() - started, setup_payload_bytes)
 
         every = config.checkpoint_every if checkpoints is not None else 0
         batches = TrainBatches(setup, start)
+        started = time.perf_counter()
         kwargs = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
                       timeout_s=timeout_s, progress=progress)
         try:
