@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 
 import jax
 import numpy as np
@@ -52,6 +53,8 @@ def interrupt_at(monkeypatch, batch: int) -> None:
         for i, item in enumerate(original(self)):
             if self.start == 0 and i == batch:
                 _thread.interrupt_main()
+            if self.start == 0 and i >= batch:
+                time.sleep(0.1)  # steps that take time, as real ones do, so the stop lands mid-run
             yield item
 
     monkeypatch.setattr(train.TrainBatches, "__iter__", iterate)
@@ -191,6 +194,8 @@ def test_second_interrupt_aborts_without_saving(setup, tmp_path, monkeypatch):
         for i, item in enumerate(original(self)):
             if i in (3, 4):
                 _thread.interrupt_main()
+            if i >= 3:
+                time.sleep(0.1)
             yield item
 
     monkeypatch.setattr(train.TrainBatches, "__iter__", iterate)
