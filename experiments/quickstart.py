@@ -42,6 +42,8 @@ def main(argv: list[str]) -> dict:
            if config.out else None)
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     setup = train.build(config, dataset)
+    if out is not None and args.overwrite:
+        outputs.remove_run(out, ("summary.json",))
     narrowed = "" if config.width == 64 else f" (narrowed: width {config.width} of 64, to finish in minutes on 2 CPU cores)"
     print(f"{config.model}{narrowed} on {dataset.name} {dataset.image_shape}, split after {setup.split.point}, "
           f"{config.bits}-bit payload, batch {config.batch_size}, {setup.total_steps} steps, "

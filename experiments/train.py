@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 from pathlib import Path
 
 from hier_jax import cli, costmodel, outputs, train
@@ -67,7 +68,8 @@ def resumed_config(resume_dir: Path, parsed: ExperimentConfig, given: set[str]) 
         recorded = checkpoints.read_meta()["config"]
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     config = ExperimentConfig(**{k: v for k, v in recorded.items() if k in known})
-    config = dataclasses.replace(config, **{name: getattr(parsed, name) for name in given}, out=str(resume_dir))
+    config = dataclasses.replace(config, **{name: getattr(parsed, name) for name in given - {"out"}},
+                                 out=str(resume_dir))
     train.check_resumable(config, recorded, resume_dir / "checkpoints")
     return config
 
@@ -80,8 +82,8 @@ def make_link(args) -> SimulatedLink | None:
         return None
     if args.link not in costmodel.LINKS:
         raise UserError(f"--link {args.link!r} is invalid; valid: {', '.join(costmodel.LINKS)}")
-    if not args.time_scale > 0:
-        raise UserError(f"--time-scale {args.time_scale} is invalid; valid: a number > 0")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        raise UserError(f"--time-scale {args.time_scale} is invalid; valid: a finite number > 0")
     if args.link_buffer < 1:
         raise UserError(f"--link-buffer {args.link_buffer} is invalid; valid: an integer >= 1")
     return SimulatedLink(costmodel.get_link(args.link), capacity=args.link_buffer,
@@ -115,6 +117,8 @@ def main(argv: list[str]) -> dict:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     train.check_data(config, dataset)
     setup = train.build(config, dataset)
+    if out is not None and args.overwrite:
+        outputs.remove_run(out)
     print(f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: "
           f"{dataset.num_train} train / {dataset.num_test} test, split after {setup.split.point}, "
           f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}"

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from hier_jax.errors import CheckpointError, DivergenceError, RunInterrupted, UserError
+from hier_jax.errors import CheckpointError, DivergenceError, RunAborted, RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -93,7 +93,7 @@ def entry_point(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | Non
                     raise
                 print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
                 raise SystemExit(EXIT_FAILED) from None
-            except RunInterrupted as stopped:
+            except (RunInterrupted, RunAborted) as stopped:
                 print(f"{prog}: {one_line(stopped)}", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED) from None
             except KeyboardInterrupt:

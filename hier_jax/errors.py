@@ -48,5 +48,9 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int, checkpoint: Path | None = None, resume_hint: str = ""):
         self.step, self.checkpoint = step, checkpoint
-        where = f"; saved {checkpoint}" if checkpoint is not None else "; nothing saved (no checkpoint directory)"
+        where = f"; saved {checkpoint}" if checkpoint is not None else "; nothing was saved"
         super().__init__(f"interrupted after step {step}{where}{resume_hint}")
+
+
+class RunAborted(KeyboardInterrupt):
+    """A run stopped at once by a second Ctrl-C: its threads are joined, nothing new is saved."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ class SimulatedLink:
                  time_scale: float = 1.0):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
-        if not time_scale > 0:
+        if not (math.isfinite(time_scale) and time_scale > 0):
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
         for a, b in outages:
             if not 0 <= a < b:

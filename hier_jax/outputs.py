@@ -1,8 +1,9 @@
 """A run's output directory: checked before any work, never mixed with another run, written atomically.
 
 `prepare_run_dir` runs first, before data is loaded: it refuses a path that is a file or cannot be
-written, and a directory that already holds a run unless the caller resumes it or overwrites it (then
-the old run's files are removed first, so old and new outputs never sit side by side). Files are
+written, and a directory that already holds a run unless the caller resumes it or overwrites it; an
+overwrite then calls `remove_run` once every other check has passed, so old and new outputs never sit
+side by side and a refused run never costs the old one. Files are
 written to a temporary name and renamed into place, so a file that exists is complete, and every
 file a run reports as written was written. JSON is always valid: NaN and infinities become null.
 """
@@ -34,7 +35,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         raise UserError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
-    existing = [name for name in outputs if (path / name).exists()]
+    existing = run_outputs(path, outputs)
     if existing and not (resume or overwrite):
         raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
                         f"continue it, --overwrite to replace it, or another --out")
@@ -44,11 +45,25 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
             pass
     except OSError as error:
         raise UserError(f"--out {out} cannot be written: {error.strerror or error}") from None
-    if overwrite:
-        for name in existing:
-            target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
     return path
+
+
+def run_outputs(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> list[str]:
+    """The outputs of a run that `path` holds (an empty directory, e.g. a run stopped before its first
+    checkpoint, does not count)."""
+    return [name for name in outputs if (path / name).exists()
+            and not ((path / name).is_dir() and not any((path / name).iterdir()))]
+
+
+def remove_run(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> None:
+    """Delete the outputs of the run in `path` (what --overwrite replaces); call it once every check
+    has passed, just before the new run starts, so a refused run never costs the old one."""
+    for name in outputs:
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

@@ -45,7 +45,7 @@ import optax
 from tqdm.auto import tqdm
 
 from hier_jax import steps
-from hier_jax.errors import DivergenceError
+from hier_jax.errors import DivergenceError, RunAborted
 from hier_jax.models import Split
 
 _DONE = object()
@@ -291,9 +291,9 @@ class _Supervisor:
         """
         start = time.perf_counter()
         deadline = None if self.timeout_s is None else start + self.timeout_s
-        for thread in threads:
-            thread.start()
         try:
+            for thread in threads:
+                thread.start()
             while any(t.is_alive() for t in threads) and not self.errors:
                 if deadline is not None and time.perf_counter() > deadline:
                     self.fail(TimeoutError(f"run did not finish within {self.timeout_s} s"))
@@ -307,9 +307,14 @@ class _Supervisor:
         finally:
             self._join(threads)
         wall_s = time.perf_counter() - start
-        if not self.errors:
-            while self._serve(metrics, block=False):
-                pass
+        while not self.errors:  # the last snapshots, offered just before the workers ended
+            try:
+                if not self._serve(metrics, block=False):
+                    break
+            except KeyboardInterrupt:  # that snapshot is lost; the caller saves the final states
+                self.interrupted = True
+            except BaseException as error:  # noqa: BLE001 - re-raised by the caller
+                self.fail(error)
         return wall_s
 
     def _interrupt(self) -> None:
@@ -344,7 +349,7 @@ class _Supervisor:
             self.stop.set()
         deadline = None
         for thread in threads:
-            while thread.is_alive():
+            while thread.is_alive():  # False for a thread never started
                 try:
                     if self.stop.is_set() and deadline is None:
                         deadline = time.perf_counter() + _JOIN_GRACE_S
@@ -410,6 +415,7 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     try:
         wall_s = run.supervise([thread], _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
     finally:
+        run.stop.set()
         bar.close()
     return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
 
@@ -419,7 +425,8 @@ def _result(run: _Supervisor, final: dict, edge_metrics: list, cloud_metrics: li
     if run.errors:
         raise run.errors[0]
     if "edge" not in final or "cloud" not in final:
-        raise KeyboardInterrupt("run aborted by a second interrupt before both sides finished their step")
+        raise RunAborted("aborted by a second interrupt during training; nothing was saved after the last "
+                         "periodic checkpoint")
     return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
                      final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64), start_step,
                      final["end_step"], run.interrupted)

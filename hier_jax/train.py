@@ -200,8 +200,15 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
     try:
         if resume:
             meta = checkpoints.read_meta()
-            check_resumable(config, meta.get("config", {}), checkpoints.path(meta["step"]))
+            where = checkpoints.path(meta["step"])
+            check_resumable(config, meta.get("config", {}), where)
+            if meta.get("total_steps") != setup.total_steps:
+                raise ResumeMismatchError(f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
+                                          f"steps, this one has {setup.total_steps} (has the data set changed?)")
             edge_state, cloud_state, meta = checkpoints.restore(edge_state, cloud_state, meta["step"])
+        elif checkpoints is not None and checkpoints.steps():
+            raise ConfigError(f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
+                              f"resume=True to continue that run, or another checkpoint_dir")
         start = 0 if meta is None else int(meta["step"])
         edge_before, cloud_before, steps_before = _history(meta)
         wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
@@ -216,8 +223,11 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
                 if bad.size:
                     raise DivergenceError(side, int(at[bad[0]]), float(metrics["loss"][bad[0]]), saved["path"])
             for side, state in (("edge", edge), ("cloud", cloud)):
-                if not bool(_all_finite(state["params"])):
+                if not bool(_all_finite(state)):
                     raise DivergenceError(side, step - 1, float("nan"), saved["path"])
+            if step in checkpoints.steps():  # this run saved it already, then was interrupted before noting it
+                saved.update(step=step, path=checkpoints.path(step))
+                return
             record = _meta(setup, mode, step, _joined(edge_before, edge_new), _joined(cloud_before, cloud_new),
                            np.concatenate([steps_before, cloud_steps_new]), wall_s, payload_bytes)
             saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
@@ -247,7 +257,7 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
     finally:
         if checkpoints is not None:
             checkpoints.close()
-    if result.interrupted:
+    if result.interrupted and result.end_step < setup.total_steps:
         raise RunInterrupted(result.end_step, saved["path"])
     return dataclasses.replace(
         result, edge_metrics=_joined(edge_before, result.edge_metrics),

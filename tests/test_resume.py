@@ -216,3 +216,11 @@ def test_summary_json_is_always_valid(tmp_path):
 
     path = write_json(tmp_path / "s.json", {"loss": float("nan"), "acc": np.float32(0.5), "x": [np.inf, 1]})
     assert json.loads(path.read_text()) == {"loss": None, "acc": 0.5, "x": [None, 1]}
+
+
+def test_a_checkpoint_dir_of_another_run_is_refused_without_resume(setup, tmp_path):
+    from hier_jax.errors import ConfigError
+
+    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \[8, 12\]: pass resume=True"):
+        train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)

@@ -95,6 +95,10 @@ def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, cap
     capsys.readouterr()
     code, lines = run_cli(train_experiment.main, SMALL + ["--max-steps", "3", "--out", str(out)], capsys)
     assert code == 2 and len(lines) == 1 and "already holds a run" in lines[0] and "--resume" in lines[0]
+    # An --overwrite refused by a later check (here the batch, known only from the data) costs nothing.
+    code, lines = run_cli(train_experiment.main, SMALL + ["--batch", "5000", "--overwrite", "--out", str(out)], capsys)
+    assert code == 2 and "--batch-size 5000 is larger than the training split" in lines[-1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     summary = train_experiment.main(SMALL + ["--max-steps", "3", "--checkpoint-every", "0", "--overwrite",
                                              "--out", str(out)])
     # Nothing of the old run is left beside the new one: its checkpoints went with it.
@@ -125,7 +129,7 @@ def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_re
     assert lines[-1].startswith("experiments.train: interrupted after step ")
     assert lines[-1].endswith(f"resume with: python -m experiments.train --resume {out}")
     assert not (out / "summary.json").exists()  # the run did not finish: no summary claims it did
-    resumed = train_experiment.main(["--resume", str(out)])
+    resumed = train_experiment.main(["--resume", str(out), "--out", str(out)])  # --out may repeat the run's
     assert 0 < resumed["resumed_from_step"] < 12
     for key in ("edge_accuracy", "cloud_accuracy", "final_edge_loss", "final_cloud_loss", "steps"):
         assert resumed[key] == straight[key], key
@@ -175,3 +179,11 @@ def test_a_signal_stops_the_cli_cleanly_with_exit_130_and_a_checkpoint(tmp_path,
     step = int(last.split("interrupted after step ")[1].split(";")[0])
     assert (out / "checkpoints" / str(step)).is_dir()
     assert "terminate called" not in stderr and "Traceback" not in stderr
+
+
+def test_a_run_stopped_before_its_first_checkpoint_does_not_block_its_out(tmp_path):
+    from hier_jax.outputs import prepare_run_dir, run_outputs
+
+    (tmp_path / "checkpoints").mkdir()  # created by a run that diverged or stopped before saving anything
+    assert run_outputs(tmp_path) == []
+    prepare_run_dir(tmp_path)
