@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hier_jax import runner, steps
+from hier_jax import profiler, runner, steps
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
@@ -117,15 +117,6 @@ def warm_up(setup: Setup) -> None:
     jax.block_until_ready(h.cloud_eval(cloud_state, jax.device_put(eval_payload, h.cloud_device)))
 
 
-def payload_nbytes(setup: Setup) -> int:
-    """Bytes of one batch's payload, from the edge step's output shapes (nothing is computed)."""
-    h, c = setup.hierarchy, setup.config
-    images = jax.ShapeDtypeStruct((c.batch_size, *setup.dataset.image_shape), jnp.float32)
-    labels = jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)
-    _, payload, _ = jax.eval_shape(h.edge_step, setup.initial_edge_state, images, labels)
-    return payload.nbytes
-
-
 METRIC_KEYS = ("loss", "accuracy")
 
 
@@ -142,7 +133,7 @@ def _joined(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict
 
 
 def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_steps: np.ndarray,
-          wall_s: float, payload_bytes: int) -> dict:
+          wall_s: float) -> dict:
     per_epoch = num_train_steps(setup.dataset, setup.config.batch_size)
     return {
         "format": 1, "step": step, "total_steps": setup.total_steps, "mode": mode,
@@ -153,7 +144,7 @@ def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_ste
         "metrics": {**{f"edge_{k}": edge[k].tolist() for k in METRIC_KEYS},
                     **{f"cloud_{k}": cloud[k].tolist() for k in METRIC_KEYS},
                     "cloud_steps": cloud_steps.tolist()},
-        "wall_s": wall_s, "payload_bytes": payload_bytes,
+        "wall_s": wall_s,
     }
 
 
@@ -212,10 +203,9 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         start = 0 if meta is None else int(meta["step"])
         edge_before, cloud_before, steps_before = _history(meta)
         wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
-        setup_payload_bytes = payload_nbytes(setup)
         saved: dict[str, Any] = {"step": start, "path": None if meta is None else checkpoints.path(start)}
 
-        def save(step, edge, cloud, edge_new, cloud_new, cloud_steps_new, wall_s, payload_bytes):
+        def save(step, edge, cloud, edge_new, cloud_new, cloud_steps_new, wall_s):
             """Checkpoint `step`, unless a loss or parameter on either side is already non-finite."""
             edge_steps = np.arange(start, start + len(edge_new.get("loss", ())))
             for side, metrics, at in (("edge", edge_new, edge_steps), ("cloud", cloud_new, cloud_steps_new)):
@@ -229,12 +219,12 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
                 saved.update(step=step, path=checkpoints.path(step))
                 return
             record = _meta(setup, mode, step, _joined(edge_before, edge_new), _joined(cloud_before, cloud_new),
-                           np.concatenate([steps_before, cloud_steps_new]), wall_s, payload_bytes)
+                           np.concatenate([steps_before, cloud_steps_new]), wall_s)
             saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
 
         def on_snapshot(snap: runner.Snapshot) -> None:
             save(snap.step, snap.edge_state, snap.cloud_state, snap.edge_metrics, snap.cloud_metrics,
-                 snap.cloud_steps, wall_before + time.perf_counter() - started, setup_payload_bytes)
+                 snap.cloud_steps, wall_before + time.perf_counter() - started)
 
         every = config.checkpoint_every if checkpoints is not None else 0
         batches = TrainBatches(setup, start)
@@ -253,7 +243,7 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         wall_s = wall_before + result.wall_s
         if checkpoints is not None and result.end_step > saved["step"]:
             save(result.end_step, result.edge_state, result.cloud_state, result.edge_metrics, result.cloud_metrics,
-                 result.cloud_steps, wall_s, result.payload_bytes or setup_payload_bytes)
+                 result.cloud_steps, wall_s)
     finally:
         if checkpoints is not None:
             checkpoints.close()
@@ -263,7 +253,9 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         result, edge_metrics=_joined(edge_before, result.edge_metrics),
         cloud_metrics=_joined(cloud_before, result.cloud_metrics),
         cloud_steps=np.concatenate([steps_before, result.cloud_steps]), wall_s=wall_s, start_step=start,
-        payload_bytes=result.payload_bytes or setup_payload_bytes)
+        # A resumed run that was already complete ran no step: its payload size comes from the shapes.
+        payload_bytes=result.payload_bytes or profiler.payload_nbytes(
+            setup.split.feature_shape, config.batch_size, config.bits, setup.split.num_classes))
 
 
 def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float]:
