@@ -10,12 +10,13 @@ file a run reports as written was written. JSON is always valid: NaN and infinit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,25 @@ def remove_run(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> None:
             target.unlink()
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file name beside `path` (same suffix) to write to; renamed onto `path` on success,
+    removed on failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
     return path
 
 
@@ -101,14 +110,8 @@ def write_json(path: str | Path, value: Any) -> Path:
 
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:
-    """matplotlib's savefig, atomically."""
+    """matplotlib's savefig, atomically (the temporary file keeps the suffix that picks the format)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
