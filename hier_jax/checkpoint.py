@@ -43,8 +43,11 @@ class RunCheckpoints:
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory {self.directory}")
+        # cleanup_tmp_directories: a run killed mid-save leaves STEP.orbax-checkpoint-tmp*; the next
+        # writer of this directory (a resume) removes it.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def __enter__(self) -> RunCheckpoints:

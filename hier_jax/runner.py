@@ -13,8 +13,9 @@ give bit-identical states and metrics; the cloud checks that the payload it cons
 
 In both modes the steps run on worker threads and the calling thread supervises them:
 - every `snapshot_every` steps each side hands over a copy of its state, and once both sides have
-  reached the same step the supervisor passes the pair to `on_snapshot` (a checkpoint writer), so
-  saving never blocks the next step;
+  reached the same step the supervisor hands the pair to a writer thread that calls `on_snapshot`
+  (a checkpoint save), in step order: saving never blocks the next step, and a Ctrl-C, which always
+  lands in the calling thread, never lands inside a save;
 - each side checks its loss a few steps behind the newest (reading a finished step never stalls
   dispatch) and stops the run with a `DivergenceError` naming the side and step at the first NaN/inf;
 - Ctrl-C (KeyboardInterrupt in the calling thread) is a graceful stop: the edge starts no new step,
@@ -245,7 +246,9 @@ class _Supervisor:
 
     Workers report with `fail` (any exception; stops everything at once) and `offer` (a state copy of
     one side at a snapshot step). `stop` makes every wait return; `stop_request` only asks the edge
-    to start no new step, so what is already in flight is finished and consumed.
+    to start no new step, so what is already in flight is finished and consumed. Paired snapshots
+    queue for the writer thread (one per `snapshot_every` steps; saving is far faster than that many
+    steps at any sensible interval, so the queue stays short).
     """
 
     def __init__(self, start_step: int, snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None,
@@ -262,6 +265,7 @@ class _Supervisor:
         self.interrupted = False
         self._offers: queue.Queue = queue.Queue()
         self._pending: dict[str, dict[int, steps.State]] = {"edge": {}, "cloud": {}}
+        self._pairs: queue.Queue = queue.Queue()  # (step, edge state, cloud state) for the writer; None ends it
 
     def halted(self) -> bool:
         return self.stop.is_set() or self.stop_request.is_set()
@@ -291,7 +295,9 @@ class _Supervisor:
         """
         start = time.perf_counter()
         deadline = None if self.timeout_s is None else start + self.timeout_s
+        writer = threading.Thread(target=self._write, args=(metrics,), name="hier-checkpoint", daemon=True)
         try:
+            writer.start()
             for thread in threads:
                 thread.start()
             while any(t.is_alive() for t in threads) and not self.errors:
@@ -299,23 +305,30 @@ class _Supervisor:
                     self.fail(TimeoutError(f"run did not finish within {self.timeout_s} s"))
                     break
                 try:
-                    self._serve(metrics, block=True)
+                    self._serve(block=True)
                 except KeyboardInterrupt:
                     self._interrupt()
-                except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised below
-                    self.fail(error)
         finally:
-            self._join(threads)
-        wall_s = time.perf_counter() - start
-        while not self.errors:  # the last snapshots, offered just before the workers ended
             try:
-                if not self._serve(metrics, block=False):
-                    break
-            except KeyboardInterrupt:  # that snapshot is lost; the caller saves the final states
-                self.interrupted = True
-            except BaseException as error:  # noqa: BLE001 - re-raised by the caller
-                self.fail(error)
+                self._join(threads)
+            finally:
+                wall_s = time.perf_counter() - start
+                while self._serve(block=False):  # the last snapshots, offered just before the workers ended
+                    pass
+                self._pairs.put(None)
+                self._join([writer])
         return wall_s
+
+    def _write(self, metrics: Callable[[int], tuple]) -> None:
+        """The writer thread: `on_snapshot` for each paired snapshot, in step order, until None."""
+        while (pair := self._pairs.get()) is not None:
+            if self.errors:
+                continue  # a failed run saves nothing more
+            step, edge_state, cloud_state = pair
+            try:
+                self.on_snapshot(Snapshot(step, edge_state, cloud_state, *metrics(step)))
+            except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised by the caller
+                self.fail(error)
 
     def _interrupt(self) -> None:
         if self.stop_request.is_set():
@@ -327,17 +340,15 @@ class _Supervisor:
         print("\ninterrupted: stopping both sides after the steps in flight (Ctrl-C again to abort)",
               file=sys.stderr, flush=True)
 
-    def _serve(self, metrics: Callable[[int], tuple], block: bool) -> bool:
-        """Take one offered state; hand a completed pair to on_snapshot. False when nothing was offered."""
+    def _serve(self, block: bool) -> bool:
+        """Take one offered state; queue a completed pair for the writer. False when nothing was offered."""
         try:
             side, step, state = self._offers.get(timeout=_POLL_S) if block else self._offers.get_nowait()
         except queue.Empty:
             return False
         self._pending[side][step] = state
         if step in self._pending["edge"] and step in self._pending["cloud"]:
-            edge_metrics, cloud_metrics, cloud_steps = metrics(step)
-            self.on_snapshot(Snapshot(step, self._pending["edge"].pop(step), self._pending["cloud"].pop(step),
-                                      edge_metrics, cloud_metrics, cloud_steps))
+            self._pairs.put((step, self._pending["edge"].pop(step), self._pending["cloud"].pop(step)))
             for side_pending in self._pending.values():  # older unmatched offers can never pair now
                 for old in [k for k in side_pending if k < step]:
                     del side_pending[old]

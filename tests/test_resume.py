@@ -20,7 +20,7 @@ from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchErro
 
 CONFIG = ExperimentConfig(model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=12,
                           head_channels=8, checkpoint_every=4, keep_checkpoints=2)
-RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link")
+RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link", "hier-checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +224,35 @@ def test_a_checkpoint_dir_of_another_run_is_refused_without_resume(setup, tmp_pa
     train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"already holds checkpoints \[8, 12\]: pass resume=True"):
         train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+
+
+def test_ctrl_c_during_a_save_neither_breaks_the_save_nor_is_lost(setup, reference, tmp_path, monkeypatch):
+    """Saves run on a writer thread, so Ctrl-C (which lands in the calling thread) cannot cut one
+    short: the save in progress completes, no temporary directory is left, the run stops and resumes."""
+    original = RunCheckpoints.save
+    completed = []
+
+    def slow_save(self, step, *args, **kwargs):
+        if step == 4:
+            _thread.interrupt_main()
+            time.sleep(0.3)  # the interrupt arrives while this save is in progress
+        path = original(self, step, *args, **kwargs)
+        completed.append(step)
+        return path
+
+    monkeypatch.setattr(RunCheckpoints, "save", slow_save)
+    batches = train.TrainBatches.__iter__
+
+    def slow_batches(self):
+        for item in batches(self):
+            time.sleep(0.1)  # steps that take time, so the run is still going when the interrupt lands
+            yield item
+
+    monkeypatch.setattr(train.TrainBatches, "__iter__", slow_batches)
+    with pytest.raises(RunInterrupted) as stopped:
+        train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    assert completed[0] == 4 and completed[-1] == stopped.value.step < CONFIG.max_steps
+    assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
+    resumed = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert_same_run(resumed, reference)

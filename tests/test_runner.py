@@ -108,7 +108,8 @@ class Boom(Exception):
 
 def runner_threads_started_since(before):
     """Edge/cloud threads of runs started after `before` that are still alive (other tests' leftovers excluded)."""
-    return [t for t in threading.enumerate() if t not in before and t.name in ("hier-edge", "hier-cloud", "hier-sequential")]
+    names = ("hier-edge", "hier-cloud", "hier-sequential", "hier-checkpoint")
+    return [t for t in threading.enumerate() if t not in before and t.name in names]
 
 
 def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
