@@ -53,6 +53,8 @@ _DONE = object()
 _POLL_S = 0.05
 _JOIN_GRACE_S = 60.0  # after a stop, how long a worker may take to finish the step it is running
 _FINITE_LAG = 2       # a side checks the loss of the step this many steps behind its newest
+_WRITE_BACKLOG = 2    # snapshot pairs queued or being written; a side waits before offering another
+_UNPAIRED_PER_SIDE = 4  # copies a side may offer ahead of the other (an outage); older ones are dropped
 
 
 def resolve_device(spec: str | jax.Device) -> jax.Device:
@@ -246,9 +248,13 @@ class _Supervisor:
 
     Workers report with `fail` (any exception; stops everything at once) and `offer` (a state copy of
     one side at a snapshot step). `stop` makes every wait return; `stop_request` only asks the edge
-    to start no new step, so what is already in flight is finished and consumed. Paired snapshots
-    queue for the writer thread (one per `snapshot_every` steps; saving is far faster than that many
-    steps at any sensible interval, so the queue stays short).
+    to start no new step, so what is already in flight is finished and consumed.
+
+    State copies are bounded. Paired snapshots queue for the writer thread; while `_WRITE_BACKLOG`
+    pairs are unwritten, a side waits before copying its state again (when saving is slower than
+    the checkpoint cadence, training slows to it rather than piling copies up in memory). A side
+    never waits for the other: one running ahead (the edge through a link outage) keeps at most
+    `_UNPAIRED_PER_SIDE` unpaired copies, dropping the oldest, whose step then gets no checkpoint.
     """
 
     def __init__(self, start_step: int, snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None,
@@ -266,6 +272,8 @@ class _Supervisor:
         self._offers: queue.Queue = queue.Queue()
         self._pending: dict[str, dict[int, steps.State]] = {"edge": {}, "cloud": {}}
         self._pairs: queue.Queue = queue.Queue()  # (step, edge state, cloud state) for the writer; None ends it
+        self._unwritten = 0
+        self._written = threading.Condition()
 
     def halted(self) -> bool:
         return self.stop.is_set() or self.stop_request.is_set()
@@ -286,6 +294,10 @@ class _Supervisor:
         return range(k, last + 1, self.every)
 
     def offer(self, side: str, step: int, state: steps.State, device: jax.Device) -> None:
+        """Hand over a copy of `side`'s state after `step` steps, once the writer's backlog allows."""
+        with self._written:
+            while self._unwritten >= _WRITE_BACKLOG and not self.stop.is_set():
+                self._written.wait(_POLL_S)
         self._offers.put((side, step, _copy(state, device)))
 
     def supervise(self, threads: list[threading.Thread], metrics: Callable[[int], tuple]) -> float:
@@ -322,13 +334,17 @@ class _Supervisor:
     def _write(self, metrics: Callable[[int], tuple]) -> None:
         """The writer thread: `on_snapshot` for each paired snapshot, in step order, until None."""
         while (pair := self._pairs.get()) is not None:
-            if self.errors:
-                continue  # a failed run saves nothing more
             step, edge_state, cloud_state = pair
             try:
-                self.on_snapshot(Snapshot(step, edge_state, cloud_state, *metrics(step)))
+                if not self.errors:  # a failed run saves nothing more
+                    self.on_snapshot(Snapshot(step, edge_state, cloud_state, *metrics(step)))
             except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised by the caller
                 self.fail(error)
+            finally:
+                del pair, edge_state, cloud_state
+                with self._written:
+                    self._unwritten -= 1
+                    self._written.notify_all()
 
     def _interrupt(self) -> None:
         if self.stop_request.is_set():
@@ -346,12 +362,17 @@ class _Supervisor:
             side, step, state = self._offers.get(timeout=_POLL_S) if block else self._offers.get_nowait()
         except queue.Empty:
             return False
-        self._pending[side][step] = state
+        pending = self._pending[side]
+        pending[step] = state
         if step in self._pending["edge"] and step in self._pending["cloud"]:
+            with self._written:
+                self._unwritten += 1
             self._pairs.put((step, self._pending["edge"].pop(step), self._pending["cloud"].pop(step)))
             for side_pending in self._pending.values():  # older unmatched offers can never pair now
                 for old in [k for k in side_pending if k < step]:
                     del side_pending[old]
+        while len(pending) > _UNPAIRED_PER_SIDE:
+            del pending[min(pending)]
         return True
 
     def _join(self, threads: list[threading.Thread]) -> None:

@@ -207,3 +207,29 @@ def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(
     assert int(result.edge_state["step"]) == int(result.cloud_state["step"]) == result.end_step
     cut = runner.run_sequential(*fresh(hierarchy), data[:result.end_step])
     assert leaves_equal(result.edge_state, cut.edge_state) and leaves_equal(result.cloud_state, cut.cloud_state)
+
+
+@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state_copies(hierarchy, run):
+    """Every pair is still written, in order; but with saves far slower than the cadence (one per
+    step here), the sides wait for the writer, so only a few state copies exist at any time."""
+    h, edge_state, cloud_state = fresh(hierarchy)
+    edge_steps = []
+
+    def counted_edge_step(*args):
+        edge_steps.append(1)
+        return h.edge_step(*args)
+
+    lead = []
+
+    def slow_save(snap):
+        lead.append(len(edge_steps) - snap.step)  # how far training ran ahead of the snapshot being written
+        time.sleep(0.2)
+
+    data = batches(12)
+    run(dataclasses.replace(h, edge_step=counted_edge_step), edge_state, cloud_state, data, snapshot_every=1,
+        on_snapshot=slow_save)
+    assert len(lead) == 12  # every step's snapshot written
+    # Without backpressure the edge finishes all 12 steps during the first 0.2 s save (lead 11).
+    # With it: at most the writer's backlog of pairs, plus the steps the edge runs ahead of the cloud.
+    assert max(lead) <= runner._WRITE_BACKLOG + 2 + 2
