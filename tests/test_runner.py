@@ -233,3 +233,26 @@ def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state
     # Without backpressure the edge finishes all 12 steps during the first 0.2 s save (lead 11).
     # With it: at most the writer's backlog of pairs, plus the steps the edge runs ahead of the cloud.
     assert max(lead) <= runner._WRITE_BACKLOG + 2 + 2
+
+
+def test_a_side_running_ahead_keeps_only_its_newest_unpaired_copies():
+    """The edge offers snapshots 2..10 before the cloud offers any (an outage): only the newest
+    `_UNPAIRED_PER_SIDE` are kept, so step 2 can no longer pair and is skipped; the rest pair in order."""
+    device = jax.devices("cpu")[0]
+    run = runner._Supervisor(start_step=0, snapshot_every=2, on_snapshot=lambda snap: None, timeout_s=None)
+    boundaries = [2, 4, 6, 8, 10]
+    assert runner._UNPAIRED_PER_SIDE == 4
+    for k in boundaries:
+        run.offer("edge", k, {"step": np.int32(k)}, device)
+        assert run._serve(block=False)
+    assert sorted(run._pending["edge"]) == [4, 6, 8, 10]
+    paired = []
+    for k in boundaries:
+        run.offer("cloud", k, {"step": np.int32(100 + k)}, device)
+        run._serve(block=False)
+        while not run._pairs.empty():
+            step, edge_state, cloud_state = run._pairs.get_nowait()
+            paired.append((step, int(edge_state["step"]), int(cloud_state["step"])))
+            run._unwritten -= 1  # stands in for the writer thread
+    assert paired == [(k, k, 100 + k) for k in [4, 6, 8, 10]]
+    assert run._pending == {"edge": {}, "cloud": {}}
