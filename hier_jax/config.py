@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 
 from hier_jax.errors import ConfigError
+from hier_jax.optim import SCHEDULES, OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +30,20 @@ class ExperimentConfig:
     batch_size: int = 128
     epochs: int = 1
     max_steps: int = 0               # > 0: stop after this many steps in all
-    learning_rate: float = 0.05      # both sides (cosine decay over the run)
+    learning_rate: float = 0.05      # both sides, unless --edge-/--cloud-learning-rate is given
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: str = "cosine"         # cosine (decay to 0 over the run) | constant; both sides unless overridden
+    warmup_steps: int = 0            # linear warm-up before the cosine decay; both sides unless overridden
+    nesterov: bool = False           # Nesterov momentum; both sides unless overridden
+    edge_learning_rate: float | None = None   # None: --learning-rate
+    edge_schedule: str | None = None          # None: --schedule
+    edge_warmup_steps: int | None = None      # None: --warmup-steps
+    edge_nesterov: bool | None = None         # None: --nesterov
+    cloud_learning_rate: float | None = None
+    cloud_schedule: str | None = None
+    cloud_warmup_steps: int | None = None
+    cloud_nesterov: bool | None = None
     head_channels: int = 128         # early-exit head: conv channels
     head_convs: int = 1              # early-exit head: 3x3 conv-BN-ReLU layers
     head_grid: int = 4               # early-exit head: average-pool to grid x grid cells
@@ -44,6 +56,23 @@ class ExperimentConfig:
     checkpoint_every: int = 250      # save both states every this many steps (0 = only at the end)
     keep_checkpoints: int = 3        # how many of the latest checkpoints to keep
 
+
+    def optimizer(self, side: str) -> OptimConfig:
+        """The optimizer of `side` ("edge" or "cloud"; the end-to-end baseline trains with the cloud's):
+        the side's own fields where given, the shared ones elsewhere."""
+        if side not in SIDES:
+            raise ValueError(f"unknown side {side!r}; valid: {', '.join(SIDES)}")
+
+        def own(name: str):
+            value = getattr(self, f"{side}_{name}")
+            return getattr(self, name) if value is None else value
+
+        return OptimConfig(learning_rate=own("learning_rate"), momentum=self.momentum,
+                           weight_decay=self.weight_decay, schedule=own("schedule"),
+                           warmup_steps=own("warmup_steps"), nesterov=own("nesterov"))
+
+
+SIDES = ("edge", "cloud")
 
 RUN_ONLY_FIELDS = ("edge_device", "cloud_device", "queue_size", "data_dir", "out", "checkpoint_every",
                    "keep_checkpoints")
@@ -63,8 +92,13 @@ def _field_type(field: dataclasses.Field) -> type:
 def add_config_flags(parser: argparse.ArgumentParser, defaults: ExperimentConfig = ExperimentConfig()) -> None:
     """Add one flag per config field, defaulting to `defaults`."""
     for field in dataclasses.fields(ExperimentConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", *ALIASES.get(field.name, ()), type=_field_type(field),
-                            default=getattr(defaults, field.name), help=f"(default: %(default)s)")
+        flag, default = f"--{field.name.replace('_', '-')}", getattr(defaults, field.name)
+        if _field_type(field) is bool:  # --nesterov / --no-nesterov: argparse's type=bool takes "False" as true
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help="(default: %(default)s)")
+        else:
+            parser.add_argument(flag, *ALIASES.get(field.name, ()), type=_field_type(field), default=default,
+                                help="(default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -103,8 +137,15 @@ def validate(config: ExperimentConfig) -> None:
     for field in ("max_steps", "head_convs", "seed", "checkpoint_every"):
         value = getattr(config, field)
         _check(value >= 0, field, value, "an integer >= 0")
-    _check(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate", config.learning_rate,
-           "a finite number > 0")
+    for prefix in ("", "edge_", "cloud_"):
+        rate, schedule, warmup = (getattr(config, prefix + name) for name in ("learning_rate", "schedule",
+                                                                              "warmup_steps"))
+        if rate is not None:
+            _check(math.isfinite(rate) and rate > 0, prefix + "learning_rate", rate, "a finite number > 0")
+        if schedule is not None:
+            _check(schedule in SCHEDULES, prefix + "schedule", schedule, ", ".join(SCHEDULES))
+        if warmup is not None:
+            _check(warmup >= 0, prefix + "warmup_steps", warmup, "an integer >= 0")
     _check(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
     _check(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay", config.weight_decay,
            "a finite number >= 0")

@@ -21,10 +21,12 @@ class OptimConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_steps: int = 0
+    nesterov: bool = False
 
 
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """SGD(momentum) on grad + weight_decay * param; cosine decays to 0 over `total_steps`."""
+    """SGD(momentum, optionally Nesterov) on grad + weight_decay * param; cosine decays to 0 over
+    `total_steps` (after `warmup_steps` of linear warm-up from 0)."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {config.schedule!r}; valid: {', '.join(SCHEDULES)}")
     if config.learning_rate <= 0 or total_steps < 1:
@@ -37,4 +39,4 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
     else:
         learning_rate = config.learning_rate
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(learning_rate, momentum=config.momentum))
+                       optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))

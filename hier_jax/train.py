@@ -23,7 +23,7 @@ from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
-from hier_jax.optim import OptimConfig, make_optimizer
+from hier_jax.optim import make_optimizer
 
 MODES = ("sequential", "overlapped")
 
@@ -67,9 +67,9 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid),
                   seed=config.seed)
     n_steps = total_steps(config, dataset)
-    tx = make_optimizer(OptimConfig(config.learning_rate, config.momentum, config.weight_decay), n_steps)
     hierarchy, edge_state, cloud_state = runner.build_hierarchy(
-        parts, bits=config.bits, edge_tx=tx, cloud_tx=tx, edge_device=config.edge_device,
+        parts, bits=config.bits, edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+        cloud_tx=make_optimizer(config.optimizer("cloud"), n_steps), edge_device=config.edge_device,
         cloud_device=config.cloud_device)
     return Setup(config, dataset, model, parts, hierarchy, edge_state, cloud_state, n_steps)
 
@@ -157,6 +157,8 @@ def _all_finite(tree) -> jax.Array:
 def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> None:
     """ResumeMismatchError naming every field (RUN_ONLY_FIELDS aside) in which `config` differs from `recorded`."""
     current = dataclasses.asdict(config)
+    # A field added since the checkpoint was written had its default value then.
+    recorded = {**dataclasses.asdict(ExperimentConfig()), **recorded}
     differ = [f"{name} ({current[name]!r} here, {recorded.get(name)!r} in the checkpoint)"
               for name in current if name not in RUN_ONLY_FIELDS and current[name] != recorded.get(name)]
     if differ:
