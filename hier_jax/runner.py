@@ -224,6 +224,8 @@ class _FiniteCheck:
         self.pending: collections.deque = collections.deque()
 
     def push(self, t: int, metrics: dict[str, jax.Array]) -> None:
+        if "loss" not in metrics:  # a side that trains nothing (the end-to-end baseline's edge)
+            return
         self.pending.append((t, metrics["loss"]))
         while len(self.pending) > self.lag:
             self._check(*self.pending.popleft())
@@ -401,19 +403,20 @@ def _metrics_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, 
     return upto
 
 
-def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
-                   on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
-                   progress: bool = False) -> RunResult:
-    """Edge step then cloud step for each batch, blocking on both: the reference schedule.
+PairStep = Callable[[steps.State, steps.State, Any, Any], tuple[steps.State, steps.State, dict, dict, int]]
+"""(edge_state, cloud_state, images, labels) -> (edge_state, cloud_state, edge_metrics, cloud_metrics,
+payload_bytes): one step of both sides, dispatched on the calling thread."""
 
-    `batches` are steps start_step, start_step + 1, ...; see the module docstring for snapshots,
-    divergence checks and Ctrl-C.
-    """
+
+def _run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_state: steps.State,
+               cloud_state: steps.State, batches: Iterable[tuple[Any, Any]], desc: str, *, start_step: int,
+               snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None, timeout_s: float | None,
+               progress: bool) -> RunResult:
+    """One worker thread runs `pair_step` per batch, blocking on both states; the caller supervises."""
     run = _Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
     edge_metrics, cloud_metrics, cloud_steps = [], [], []
     final: dict[str, Any] = {}
-    bar = _Progress(progress, batches, "sequential", start_step)
+    bar = _Progress(progress, batches, desc, start_step)
 
     def worker(edge_state, cloud_state):
         try:
@@ -422,10 +425,8 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
             for images, labels in batches:
                 if run.halted():
                     break
-                edge_state, payload, m_edge = h.edge_step(
-                    edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
-                final["payload_bytes"] = payload.nbytes
-                cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
+                edge_state, cloud_state, m_edge, m_cloud, final["payload_bytes"] = pair_step(
+                    edge_state, cloud_state, images, labels)
                 jax.block_until_ready((edge_state, cloud_state))
                 edge_metrics.append(m_edge)
                 cloud_metrics.append(m_cloud)
@@ -434,8 +435,8 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
                 checks[1].push(t, m_cloud)
                 t += 1
                 if run.is_boundary(t):
-                    run.offer("edge", t, edge_state, h.edge_device)
-                    run.offer("cloud", t, cloud_state, h.cloud_device)
+                    run.offer("edge", t, edge_state, devices[0])
+                    run.offer("cloud", t, cloud_state, devices[1])
                 bar.update(cloud_metrics)
             if not run.stop.is_set():
                 final.update(edge=edge_state, cloud=cloud_state, end_step=t)
@@ -450,6 +451,26 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
         run.stop.set()
         bar.close()
     return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
+
+
+def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
+                   batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
+                   on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
+                   progress: bool = False) -> RunResult:
+    """Edge step then cloud step for each batch, blocking on both: the reference schedule.
+
+    `batches` are steps start_step, start_step + 1, ...; see the module docstring for snapshots,
+    divergence checks and Ctrl-C.
+    """
+    def pair_step(edge_state, cloud_state, images, labels):
+        edge_state, payload, m_edge = h.edge_step(
+            edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+        cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
+        return edge_state, cloud_state, m_edge, m_cloud, payload.nbytes
+
+    return _run_pairs(pair_step, (h.edge_device, h.cloud_device), edge_state, cloud_state, batches, "sequential",
+                      start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
+                      timeout_s=timeout_s, progress=progress)
 
 
 def _result(run: _Supervisor, final: dict, edge_metrics: list, cloud_metrics: list, cloud_steps: list,
@@ -547,22 +568,32 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning."""
+    """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning.
+
+    Both run under the same supervision as `run_sequential` (snapshots, divergence checks, Ctrl-C),
+    over an (edge state, cloud state) pair. End-to-end trains on one device and has no edge: the whole
+    model is the cloud state, and the edge state `{"step": 0}` is a placeholder nothing updates.
+    """
     edge_device: jax.Device
     cloud_device: jax.Device
     train_step: Callable | None = None         # end-to-end: (state, images, labels) -> (state, metrics)
     edge_forward: Callable | None = None       # split learning: (edge_state, images) -> (features, vjp, bn)
     cloud_step: Callable | None = None         # split learning: (cloud_state, features, labels) -> (.., grad, ..)
     edge_backward: Callable | None = None      # split learning: (edge_state, vjp, bn, grad) -> edge_state
+    edge_eval: Callable | None = None          # split learning: (edge_state, images) -> features
+    cloud_eval: Callable | None = None         # (cloud_state, features or images) -> logits
 
 
 def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str | jax.Device = "cpu:0"
-                     ) -> tuple[Baseline, steps.State]:
-    """The unsplit model trained on one device: what cloud-only training computes."""
+                     ) -> tuple[Baseline, steps.State, steps.State]:
+    """The unsplit model trained on one device: what cloud-only training computes. Returns
+    (baseline, the placeholder edge state `{"step": 0}`, the model's state)."""
     device = resolve_device(device)
     graphdef, state = steps.init_state(model, tx)
-    baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0))
-    return baseline, jax.device_put(state, device, may_alias=False)
+    baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0),
+                        cloud_eval=jax.jit(steps.make_eval(graphdef)))
+    no_edge = {"step": jax.device_put(jnp.zeros((), jnp.int32), device)}
+    return baseline, no_edge, jax.device_put(state, device, may_alias=False)
 
 
 def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
@@ -575,41 +606,58 @@ def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
     baseline = Baseline(edge_device, cloud_device,
                         edge_forward=jax.jit(steps.make_split_edge_forward(edge_graphdef)),
                         cloud_step=jax.jit(steps.make_split_cloud_step(cloud_graphdef, cloud_tx), donate_argnums=0),
-                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx), donate_argnums=0))
+                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx), donate_argnums=0),
+                        edge_eval=jax.jit(steps.make_features_eval(edge_graphdef)),
+                        cloud_eval=jax.jit(steps.make_eval(cloud_graphdef)))
     return (baseline, jax.device_put(edge_state, edge_device, may_alias=False),
             jax.device_put(cloud_state, cloud_device, may_alias=False))
 
 
-def run_end_to_end(b: Baseline, state: steps.State, batches: Iterable[tuple[Any, Any]], *,
-                   progress: bool = False) -> tuple[steps.State, dict[str, np.ndarray], float]:
-    """Train the unsplit model over `batches`; returns (state, per-step metrics, wall seconds)."""
-    metrics, bar = [], _Progress(progress, batches, "end-to-end")
-    start = time.perf_counter()
-    for images, labels in batches:
-        state, m = b.train_step(state, jax.device_put(images, b.edge_device), jax.device_put(labels, b.edge_device))
-        metrics.append(m)
-        bar.update(metrics)
-    state = jax.block_until_ready(state)
-    bar.close()
-    return state, _stack(metrics), time.perf_counter() - start
+def _baseline_pair_step(b: Baseline) -> PairStep:
+    if b.train_step is not None:
+        def end_to_end(edge_state, cloud_state, images, labels):
+            cloud_state, metrics = b.train_step(cloud_state, jax.device_put(images, b.cloud_device),
+                                                jax.device_put(labels, b.cloud_device))
+            return edge_state, cloud_state, {}, metrics, 0
+        return end_to_end
 
-
-def run_split_learning(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
-                       batches: Iterable[tuple[Any, Any]], *, progress: bool = False) -> RunResult:
-    """Edge forward, activations to the cloud, cloud step, boundary gradient back, edge backward."""
-    cloud_metrics, bar = [], _Progress(progress, batches, "split learning")
-    start = time.perf_counter()
-    for images, labels in batches:
+    def split_learning(edge_state, cloud_state, images, labels):
         features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))
-        cloud_state, boundary_grad, m = b.cloud_step(cloud_state, jax.device_put(features, b.cloud_device),
-                                                     jax.device_put(labels, b.cloud_device))
+        cloud_state, boundary_grad, metrics = b.cloud_step(cloud_state, jax.device_put(features, b.cloud_device),
+                                                           jax.device_put(labels, b.cloud_device))
         edge_state = b.edge_backward(edge_state, edge_vjp, batch_stats, jax.device_put(boundary_grad, b.edge_device))
-        cloud_metrics.append(m)
-        bar.update(cloud_metrics)
-    edge_state, cloud_state = jax.block_until_ready((edge_state, cloud_state))
-    bar.close()
-    return RunResult(edge_state, cloud_state, {}, _stack(cloud_metrics), time.perf_counter() - start, 0,
-                     np.arange(len(cloud_metrics)))
+        return edge_state, cloud_state, {}, metrics, features.nbytes + boundary_grad.nbytes
+    return split_learning
+
+
+def run_baseline(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
+                 batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
+                 on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
+                 progress: bool = False) -> RunResult:
+    """Train a baseline over `batches`, supervised as `run_sequential` is. The metrics are the final
+    exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is what crosses the link per
+    batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the raw
+    images are the cloud's input)."""
+    name = "end-to-end" if b.train_step is not None else "split learning"
+    return _run_pairs(_baseline_pair_step(b), (b.edge_device, b.cloud_device), edge_state, cloud_state, batches,
+                      name, start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
+                      timeout_s=timeout_s, progress=progress)
+
+
+def evaluate_baseline(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
+                      batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+    """Test accuracy of a baseline's final exit (`batches` as for `evaluate`)."""
+    correct = n = 0
+    for images, labels, mask in batches:
+        if b.edge_eval is not None:
+            images = jax.device_put(b.edge_eval(edge_state, jax.device_put(images, b.edge_device)), b.cloud_device)
+        logits = b.cloud_eval(cloud_state, jax.device_put(images, b.cloud_device))
+        hits, mask = jax.device_get((jnp.argmax(logits, -1) == jax.device_put(labels, b.cloud_device), mask))
+        correct += int((hits & mask.astype(bool)).sum())
+        n += int(mask.sum())
+    if n == 0:
+        raise ValueError("evaluation got no examples")
+    return {"cloud_accuracy": correct / n, "examples": n}
 
 
 def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,

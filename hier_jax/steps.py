@@ -168,6 +168,16 @@ def make_cloud_eval(graphdef: nnx.GraphDef) -> Callable:
     return cloud_eval
 
 
+def make_features_eval(graphdef: nnx.GraphDef) -> Callable:
+    """(edge_state, images) -> the edge's feature map in inference mode (split learning sends it as is)."""
+    def features_eval(edge_state, images):
+        features, _ = apply(graphdef, edge_state["params"], edge_state["batch_stats"], images, train=False,
+                            method="features")
+        return features
+
+    return features_eval
+
+
 def make_eval(graphdef: nnx.GraphDef) -> Callable:
     """(state, images) -> logits of the unsplit model in inference mode."""
     def eval_fn(state, images):

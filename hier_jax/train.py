@@ -26,6 +26,9 @@ from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check
 from hier_jax.optim import make_optimizer
 
 MODES = ("sequential", "overlapped")
+BASELINES = ("end_to_end", "split_learning")
+"""The paper's comparisons, trained from the same Setup (same initial weights of every stage, same
+batches, same checkpoints and resume) with `train(setup, "end_to_end")` or `train(setup, "split_learning")`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +108,22 @@ def fresh_states(setup: Setup) -> tuple[steps.State, steps.State]:
             jax.device_put(setup.initial_cloud_state, h.cloud_device, may_alias=False))
 
 
+def build_baseline(setup: Setup, scheme: str) -> tuple[runner.Baseline, steps.State, steps.State]:
+    """The compiled steps and initial states of a baseline. The unsplit model starts from the very
+    weights the hierarchy's stages start from; end-to-end trains with the cloud's optimizer on the
+    cloud device, split learning gives each side its own optimizer and cuts at the setup's split."""
+    config, n_steps = setup.config, setup.total_steps
+    cloud_tx = make_optimizer(config.optimizer("cloud"), n_steps)
+    if scheme == "end_to_end":
+        return runner.build_end_to_end(setup.model, cloud_tx, device=config.cloud_device)
+    if scheme == "split_learning":
+        return runner.build_split_learning(split(setup.model, setup.split.point, head=None),
+                                           edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+                                           cloud_tx=cloud_tx, edge_device=config.edge_device,
+                                           cloud_device=config.cloud_device)
+    raise ConfigError(f"unknown baseline {scheme!r}; valid: {', '.join(BASELINES)}")
+
+
 def warm_up(setup: Setup) -> None:
     """Compile the edge and cloud train and eval steps with one step on throwaway states."""
     h = setup.hierarchy
@@ -168,8 +187,9 @@ def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> No
 def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, progress: bool = True,
           checkpoint_dir: str | Path | None = None, resume: bool = False, timeout_s: float | None = None
           ) -> runner.RunResult:
-    """Train in `mode` ("sequential" or "overlapped") from the initial states, or with `resume=True`
-    from the latest checkpoint in `checkpoint_dir`; returns the whole run's metrics and final states.
+    """Train in `mode` ("sequential" or "overlapped", or a baseline: "end_to_end", "split_learning")
+    from the initial states, or with `resume=True` from the latest checkpoint in `checkpoint_dir`;
+    returns the whole run's metrics and final states.
 
     With a `checkpoint_dir`, both states are saved every `config.checkpoint_every` steps (the latest
     `config.keep_checkpoints` kept) and at the end. A resumed run continues bit-identically to one that
@@ -179,14 +199,17 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
     `channel` (overlapped only, e.g. a link.SimulatedLink) replaces the default instant queue of
     `queue_size` payloads.
     """
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode not in MODES + BASELINES:
+        raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MODES + BASELINES)}")
     if channel is not None and mode != "overlapped":
         raise ConfigError("a channel (simulated link) needs mode='overlapped'")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir to resume from")
     config = setup.config
-    edge_state, cloud_state = fresh_states(setup)
+    if mode in BASELINES:
+        baseline, edge_state, cloud_state = build_baseline(setup, mode)
+    else:
+        edge_state, cloud_state = fresh_states(setup)
     checkpoints = None if checkpoint_dir is None else RunCheckpoints(
         checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir())
     meta = None
@@ -195,6 +218,9 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
             meta = checkpoints.read_meta()
             where = checkpoints.path(meta["step"])
             check_resumable(config, meta.get("config", {}), where)
+            if mode != meta.get("mode") and (mode in BASELINES or meta.get("mode") in BASELINES):
+                raise ResumeMismatchError(f"cannot resume from {where}: it is a checkpoint of {meta.get('mode')} "
+                                          f"training, not {mode}")
             if meta.get("total_steps") != setup.total_steps:
                 raise ResumeMismatchError(f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
                                           f"steps, this one has {setup.total_steps} (has the data set changed?)")
@@ -234,7 +260,9 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         kwargs = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
                       timeout_s=timeout_s, progress=progress)
         try:
-            if mode == "sequential":
+            if mode in BASELINES:
+                result = runner.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
+            elif mode == "sequential":
                 result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
                 channel = runner.QueueChannel(config.queue_size) if channel is None else channel
@@ -256,11 +284,26 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         cloud_metrics=_joined(cloud_before, result.cloud_metrics),
         cloud_steps=np.concatenate([steps_before, result.cloud_steps]), wall_s=wall_s, start_step=start,
         # A resumed run that was already complete ran no step: its payload size comes from the shapes.
-        payload_bytes=result.payload_bytes or profiler.payload_nbytes(
-            setup.split.feature_shape, config.batch_size, config.bits, setup.split.num_classes))
+        payload_bytes=result.payload_bytes or payload_nbytes(setup, mode))
 
 
-def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float]:
-    """Edge-exit and cloud-exit accuracy of a run's final states on the test split."""
+def payload_nbytes(setup: Setup, mode: str) -> int:
+    """Bytes one training batch sends over the link in `mode` (split learning: features up and their
+    gradient down, float32; end-to-end: none beyond the raw data)."""
+    c, s = setup.config, setup.split
+    if mode == "end_to_end":
+        return 0
+    if mode == "split_learning":
+        return 2 * 4 * c.batch_size * int(np.prod(s.feature_shape))
+    return profiler.payload_nbytes(s.feature_shape, c.batch_size, c.bits, s.num_classes)
+
+
+def evaluate(setup: Setup, result: runner.RunResult, mode: str = "overlapped") -> dict[str, float | None]:
+    """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline has no
+    edge exit: its edge_accuracy is None)."""
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
+    if mode in BASELINES:
+        baseline, _, _ = build_baseline(setup, mode)
+        return {"edge_accuracy": None,
+                **runner.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
     return runner.evaluate(setup.hierarchy, result.edge_state, result.cloud_state, batches)

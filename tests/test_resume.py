@@ -256,3 +256,34 @@ def test_ctrl_c_during_a_save_neither_breaks_the_save_nor_is_lost(setup, referen
     assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
     resumed = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
     assert_same_run(resumed, reference)
+
+
+@pytest.mark.parametrize("mode", train.BASELINES)
+def test_baselines_checkpoint_and_resume_bit_identically(setup, tmp_path, monkeypatch, mode):
+    """The baselines run under the same supervision: periodic checkpoints, Ctrl-C that saves, and a
+    resume that ends exactly where an uninterrupted run ends."""
+    whole = train.train(setup, mode, progress=False)
+    assert whole.end_step == CONFIG.max_steps and whole.cloud_metrics["loss"].shape == (CONFIG.max_steps,)
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(RunInterrupted) as stopped:
+        train.train(setup, mode, progress=False, checkpoint_dir=tmp_path)
+    assert 0 < stopped.value.step < CONFIG.max_steps
+    monkeypatch.undo()
+    resumed = train.train(setup, mode, progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.start_step == stopped.value.step
+    assert_same_run(resumed, whole)
+    with pytest.raises(ResumeMismatchError, match=f"checkpoint of {mode} training, not overlapped"):
+        train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_split_learning_trains_what_end_to_end_trains(setup):
+    """Split learning backpropagates through the cut: the same losses as the unsplit model, step for
+    step (up to float reassociation), from the very initial weights the hierarchy starts from."""
+    e2e = train.train(setup, "end_to_end", progress=False)
+    sl = train.train(setup, "split_learning", progress=False)
+    np.testing.assert_allclose(sl.cloud_metrics["loss"], e2e.cloud_metrics["loss"], rtol=1e-4)
+    # 32 x float32 features of pool2 (width 4: 8 x 8 x 8) up, and their gradient down.
+    assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 and e2e.payload_bytes == 0
+    first_stage = lambda params: np.asarray(jax.tree.leaves(params["stages"][0])[0])  # noqa: E731
+    np.testing.assert_array_equal(first_stage(train.fresh_states(setup)[0]["params"]),
+                                  first_stage(train.build_baseline(setup, "end_to_end")[2]["params"]))

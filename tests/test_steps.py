@@ -111,9 +111,11 @@ def test_vanilla_split_learning_equals_end_to_end_training():
     twin = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4, seed=3)
     data = [batch(s) for s in range(3)]
     sl, edge_state, cloud_state = runner.build_split_learning(parts, edge_tx=opt, cloud_tx=opt)
-    result = runner.run_split_learning(sl, edge_state, cloud_state, data)
-    e2e, state = runner.build_end_to_end(twin, opt)
-    state, metrics, _ = runner.run_end_to_end(e2e, state, data)
+    result = runner.run_baseline(sl, edge_state, cloud_state, data)
+    e2e, no_edge, state = runner.build_end_to_end(twin, opt)
+    whole = runner.run_baseline(e2e, no_edge, state, data)
+    state, metrics = whole.cloud_state, whole.cloud_metrics
+    assert int(whole.edge_state["step"]) == 0 and whole.payload_bytes == 0 and whole.end_step == 3
     np.testing.assert_allclose(result.cloud_metrics["loss"], metrics["loss"], rtol=1e-5)
     full = nnx.merge(*nnx.split(twin, nnx.Param, nnx.BatchStat)[:1], state["params"], state["batch_stats"])
     edge = nnx.merge(*nnx.split(parts.edge, nnx.Param, nnx.BatchStat)[:1], result.edge_state["params"],
