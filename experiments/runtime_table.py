@@ -20,20 +20,10 @@ import math
 from pathlib import Path
 
 from hier_jax import cli, costmodel, outputs, profiler, selection
+from hier_jax.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES, paper_devices
 from hier_jax.errors import UserError
 from hier_jax.models import MODELS, build_model
 from hier_jax.quantization import VALID_BITS
-
-# Public specifications (TechPowerUp GPU database): FP32 peak, Quadro K620 863.2 GFLOPS (384 CUDA cores at
-# 1124 MHz boost, 28.8 GB/s DDR3, 2 GB), GeForce RTX 2080 Ti 13.45 TFLOPS (4352 cores at 1545 MHz, 616 GB/s).
-K620_FP32_FLOPS = 863.2e9
-RTX2080TI_FP32_FLOPS = 13.45e12
-EDGE_SLOWDOWN = RTX2080TI_FP32_FLOPS / K620_FP32_FLOPS  # 15.6
-K620_MEMORY_BYTES = 2 * 2**30
-# Lambda Labs, "RTX 2080 Ti Deep Learning Benchmarks with TensorFlow" (2019): 294 images/s training ResNet-50
-# in FP32; ResNet-50 is 3.8e9 multiply-adds per image forward (He et al., 2016), training ~3x forward.
-CLOUD_EFFECTIVE_FLOPS = 294 * 3 * 2 * 3.8e9  # 6.7e12, about half the FP32 peak
-
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -80,13 +70,8 @@ def load_or_profile(args: argparse.Namespace, model_name: str, dataset: str) -> 
 
 def devices(profile: profiler.Profile, args: argparse.Namespace) -> tuple[profiler.Profile, profiler.Profile]:
     """(edge, cloud) profiles of the paper's hardware from the CPU profile."""
-    cloud_flops = args.cloud_tflops * 1e12
-    if args.time_source == "flops":
-        cloud = profile.from_flops(cloud_flops, "RTX 2080 Ti (modeled)")
-    else:
-        cpu_flops = profile.train_flops / profile.stages_train_s
-        cloud = profile.scaled(cpu_flops / cloud_flops, "RTX 2080 Ti (modeled)")
-    return cloud.scaled(args.edge_slowdown, "Quadro K620 (modeled)"), cloud
+    return paper_devices(profile, time_source=args.time_source, cloud_flops=args.cloud_tflops * 1e12,
+                         edge_slowdown=args.edge_slowdown)
 
 
 def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple[list[dict], list[dict]]:

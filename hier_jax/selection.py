@@ -79,8 +79,12 @@ def _accuracy(table: Mapping, point: str, bits: int) -> float | None:
 def select_split(edge: Profile, cloud: Profile, link: Link, *, batch: int, num_examples: int,
                  memory_budget_bytes: int, bits: Sequence[int] = (4,), scheme: str = "hierarchical_pipelined",
                  epochs: int = 1, accuracy: Mapping[str | tuple[str, int], float] | None = None,
-                 max_accuracy_drop: float = 0.01) -> Selection:
-    """Rank every (separation point, bits) by modeled epoch time; the best one that fits the budget wins."""
+                 max_accuracy_drop: float = 0.01, reference_accuracy: float | None = None) -> Selection:
+    """Rank every (separation point, bits) by modeled epoch time; the best one that fits the budget wins.
+
+    The accuracy tolerance is measured from `reference_accuracy` when given (end-to-end training's,
+    say), else from the best accuracy in the table.
+    """
     table = []
     for s in edge.splits:
         memory = s.edge_memory_bytes(batch)
@@ -98,8 +102,11 @@ def select_split(edge: Profile, cloud: Profile, link: Link, *, batch: int, num_e
         known = [c.accuracy for c in fitting if c.accuracy is not None]
         if not known:
             raise ValueError("the accuracy table lists no separation point that fits the memory budget")
-        floor = max(known) - max_accuracy_drop
+        floor = (max(known) if reference_accuracy is None else reference_accuracy) - max_accuracy_drop
         eligible = {(c.split, c.bits) for c in fitting if c.accuracy is not None and c.accuracy >= floor}
+        if not eligible:
+            raise ValueError(f"no separation point that fits the memory budget is within {max_accuracy_drop} of "
+                             f"the reference accuracy {floor + max_accuracy_drop:.4f} (best measured: {max(known):.4f})")
     else:
         eligible = {(c.split, c.bits) for c in fitting}
     table = sorted((dataclasses.replace(c, eligible=(c.split, c.bits) in eligible) for c in table),

@@ -123,6 +123,21 @@ def test_selection_accuracy_tolerance():
     assert loose.best.split == "s1"
 
 
+def test_selection_tolerance_from_a_reference_accuracy():
+    """Measured from end-to-end's accuracy (0.905) rather than the table's best, a 0.01 tolerance admits
+    s0 (0.90) alone; a reference no point comes within fails with both figures named."""
+    p = _profile()
+    link = cm.Link("1 kB/s", 8e3, 8e3, 0.0)
+    acc = {"s0": 0.90, "s1": 0.85, "s2": 0.894}
+    sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
+                                 accuracy=acc, max_accuracy_drop=0.01, reference_accuracy=0.905)
+    assert sel.best.split == "s0"
+    assert [c.split for c in sel.candidates if c.eligible] == ["s0"]
+    with pytest.raises(ValueError, match=r"reference accuracy 0\.9500 \(best measured: 0\.9000\)"):
+        selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
+                               accuracy=acc, max_accuracy_drop=0.01, reference_accuracy=0.95)
+
+
 def test_workload_checks_batch_and_bits():
     p = _profile()
     with pytest.raises(ValueError, match="with_payload_batch"):
