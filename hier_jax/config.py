@@ -20,6 +20,9 @@ from hier_jax.errors import ConfigError
 from hier_jax.optim import SCHEDULES, OptimConfig
 
 
+SIDES = ("edge", "cloud")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     model: str = "resnet18"          # vgg16 | resnet18 | resnet18_tv
@@ -56,7 +59,6 @@ class ExperimentConfig:
     checkpoint_every: int = 250      # save both states every this many steps (0 = only at the end)
     keep_checkpoints: int = 3        # how many of the latest checkpoints to keep
 
-
     def optimizer(self, side: str) -> OptimConfig:
         """The optimizer of `side` ("edge" or "cloud"; the end-to-end baseline trains with the cloud's):
         the side's own fields where given, the shared ones elsewhere."""
@@ -71,8 +73,6 @@ class ExperimentConfig:
                            weight_decay=self.weight_decay, schedule=own("schedule"),
                            warmup_steps=own("warmup_steps"), nesterov=own("nesterov"))
 
-
-SIDES = ("edge", "cloud")
 
 RUN_ONLY_FIELDS = ("edge_device", "cloud_device", "queue_size", "data_dir", "out", "checkpoint_every",
                    "keep_checkpoints")

@@ -363,9 +363,11 @@ def _to_json(obj: Any) -> Any:
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
+    from hier_jax.outputs import write_atomic  # a half-written profile would break every later load
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **_to_json(profile)}, indent=1) + "\n")
+    write_atomic(path, json.dumps({"format_version": FORMAT_VERSION, **_to_json(profile)}, indent=1) + "\n")
 
 
 def load_profile(path: str | Path) -> Profile:

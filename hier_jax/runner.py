@@ -182,6 +182,7 @@ class RunResult:
     start_step: int = 0
     end_step: int = 0
     interrupted: bool = False
+    mode: str = ""          # set by train.train: sequential, overlapped, end_to_end or split_learning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +406,7 @@ def _metrics_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, 
 
 PairStep = Callable[[steps.State, steps.State, Any, Any], tuple[steps.State, steps.State, dict, dict, int]]
 """(edge_state, cloud_state, images, labels) -> (edge_state, cloud_state, edge_metrics, cloud_metrics,
-payload_bytes): one step of both sides, dispatched on the calling thread."""
+payload_bytes): one step of both sides, dispatched from the run's worker thread."""
 
 
 def _run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_state: steps.State,
@@ -635,9 +636,9 @@ def run_baseline(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
                  on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
                  progress: bool = False) -> RunResult:
     """Train a baseline over `batches`, supervised as `run_sequential` is. The metrics are the final
-    exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is what crosses the link per
-    batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the raw
-    images are the cloud's input)."""
+    exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is the arrays that cross the
+    link per batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the
+    raw images are the cloud's input)."""
     name = "end-to-end" if b.train_step is not None else "split learning"
     return _run_pairs(_baseline_pair_step(b), (b.edge_device, b.cloud_device), edge_state, cloud_state, batches,
                       name, start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,

@@ -283,27 +283,30 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
         result, edge_metrics=_joined(edge_before, result.edge_metrics),
         cloud_metrics=_joined(cloud_before, result.cloud_metrics),
         cloud_steps=np.concatenate([steps_before, result.cloud_steps]), wall_s=wall_s, start_step=start,
-        # A resumed run that was already complete ran no step: its payload size comes from the shapes.
-        payload_bytes=result.payload_bytes or payload_nbytes(setup, mode))
+        # A resumed run that was already complete ran no step: its payload size comes from the shapes
+        # (always, for the baselines: what their link carries includes the labels).
+        payload_bytes=payload_nbytes(setup, mode) if mode in BASELINES or not result.payload_bytes
+        else result.payload_bytes, mode=mode)
 
 
 def payload_nbytes(setup: Setup, mode: str) -> int:
-    """Bytes one training batch sends over the link in `mode` (split learning: features up and their
-    gradient down, float32; end-to-end: none beyond the raw data)."""
+    """Bytes one training batch sends over the link in `mode`, as the cost model counts them (split
+    learning: float32 features and the labels up, the float32 gradient down; end-to-end: no split, 0)."""
     c, s = setup.config, setup.split
     if mode == "end_to_end":
         return 0
     if mode == "split_learning":
-        return 2 * 4 * c.batch_size * int(np.prod(s.feature_shape))
+        return (profiler.payload_nbytes(s.feature_shape, c.batch_size, 32, s.num_classes)
+                + 4 * c.batch_size * int(np.prod(s.feature_shape)))
     return profiler.payload_nbytes(s.feature_shape, c.batch_size, c.bits, s.num_classes)
 
 
-def evaluate(setup: Setup, result: runner.RunResult, mode: str = "overlapped") -> dict[str, float | None]:
-    """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline has no
-    edge exit: its edge_accuracy is None)."""
+def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
+    """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline, by the
+    mode `train` recorded in the result, has no edge exit: its edge_accuracy is None)."""
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
-    if mode in BASELINES:
-        baseline, _, _ = build_baseline(setup, mode)
+    if result.mode in BASELINES:
+        baseline, _, _ = build_baseline(setup, result.mode)
         return {"edge_accuracy": None,
                 **runner.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
     return runner.evaluate(setup.hierarchy, result.edge_state, result.cloud_state, batches)

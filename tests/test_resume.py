@@ -282,8 +282,8 @@ def test_split_learning_trains_what_end_to_end_trains(setup):
     e2e = train.train(setup, "end_to_end", progress=False)
     sl = train.train(setup, "split_learning", progress=False)
     np.testing.assert_allclose(sl.cloud_metrics["loss"], e2e.cloud_metrics["loss"], rtol=1e-4)
-    # 32 x float32 features of pool2 (width 4: 8 x 8 x 8) up, and their gradient down.
-    assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 and e2e.payload_bytes == 0
+    # 32 x float32 features of pool2 (width 4: 8 x 8 x 8) and the labels up, the features' gradient down.
+    assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 + 32 and e2e.payload_bytes == 0  # + uint8 labels
     first_stage = lambda params: np.asarray(jax.tree.leaves(params["stages"][0])[0])  # noqa: E731
     np.testing.assert_array_equal(first_stage(train.fresh_states(setup)[0]["params"]),
                                   first_stage(train.build_baseline(setup, "end_to_end")[2]["params"]))
