@@ -1,0 +1,68 @@
+"""The golden trajectory: one fixed tiny run whose numbers any backend must reproduce.
+
+digits, torchvision-style ResNet-18 at width 4 cut after layer1_1, 4-bit hand-off, 20 steps of batch
+32, run sequentially and overlapped. `record()` gives its per-step losses, final accuracies, payload
+bytes and a SHA-256 of the final parameters and BatchNorm statistics; tests/golden/regenerate.py
+stores it as cpu.json with the versions and machine that produced it, and tests/test_golden.py
+compares a fresh run with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+
+import jax
+import numpy as np
+
+from hier_jax import train
+from hier_jax.config import ExperimentConfig
+from hier_jax.data import load_dataset
+
+CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4,
+                          batch_size=32, max_steps=20, head_channels=8, learning_rate=0.05, seed=0)
+
+
+def state_sha256(edge_state, cloud_state) -> str:
+    """SHA-256 over every leaf (params, BatchNorm statistics, optimizer state, step), in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves((edge_state, cloud_state)):
+        array = np.asarray(leaf)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def record() -> dict:
+    """Both schedules of the golden run: {"sequential": {...}, "overlapped": {...}}."""
+    setup = train.build(CONFIG, load_dataset("digits"))
+    runs = {}
+    for mode in train.MODES:
+        result = train.train(setup, mode, progress=False)
+        accuracy = train.evaluate(setup, result)
+        runs[mode] = {
+            "edge_loss": [float(x) for x in result.edge_metrics["loss"]],
+            "cloud_loss": [float(x) for x in result.cloud_metrics["loss"]],
+            "edge_accuracy": accuracy["edge_accuracy"], "cloud_accuracy": accuracy["cloud_accuracy"],
+            "test_examples": accuracy["examples"], "payload_bytes": result.payload_bytes,
+            "state_sha256": state_sha256(result.edge_state, result.cloud_state),
+        }
+    return runs
+
+
+def machine() -> dict:
+    """What produced a record: versions, backend, device and CPU model."""
+    import flax
+    import jaxlib
+    import optax
+
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        cpu = " ".join(fields.get(k, "").strip() for k in ("Model name", "CPU family", "Model"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        cpu = platform.processor()
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu": cpu}
