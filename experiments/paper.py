@@ -3,7 +3,7 @@ training and vanilla split learning, with the modeled runtime of each cut; then 
 
     python -m experiments.paper --profile smoke --out DIR            # about a minute: digits, tiny widths
     python -m experiments.paper --profile cpu --out DIR              # about 75 minutes on 2 CPU cores
-    python -m experiments.paper --profile full --out DIR --seeds 3   # the paper's scale, on gpu:0
+    python -m experiments.paper --profile full --out DIR --seeds 3   # the paper's scale, for a GPU
     python -m experiments.paper --profile cpu --out DIR --models vgg16 --cuts pool3 --bits 4 32
 
 Every cell is one training run through the library (`train.build` and `train.train`, the code path
@@ -110,14 +110,14 @@ def grid_profiles() -> dict[str, GridProfile]:
             runtime_width=64),
         "full": GridProfile(
             "full", "CIFAR-10 and Tiny ImageNet, width 64 (the paper's), 60 epochs of batch 128, SGD lr 0.05 with "
-            "Nesterov momentum 0.9, 2-epoch warm-up and cosine decay, weight decay 5e-4; edge and cloud on gpu:0 "
-            "(--edge-device and --cloud-device move them)",
+            "Nesterov momentum 0.9, 2-epoch warm-up and cosine decay, weight decay 5e-4; for a GPU host (devices "
+            "auto: the first and the last accelerator)",
             ("cifar10", "tiny_imagenet"),
             {"vgg16": ("pool2", "pool3", "pool4"), "resnet18_tv": ("layer1_1", "layer2_1", "layer3_1"),
              "resnet18": ("layer1_1", "layer2_1")},
             {"vgg16": "pool3", "resnet18_tv": "layer2_1", "resnet18": "layer1_1"}, (2, 4, 8, 32), (),
             ExperimentConfig(width=64, batch_size=128, epochs=60, learning_rate=0.05, nesterov=True,
-                             checkpoint_every=1000, keep_checkpoints=2, edge_device="gpu:0", cloud_device="gpu:0"),
+                             checkpoint_every=1000, keep_checkpoints=2),
             runtime_width=64, warmup_epochs=2),
     }
 
@@ -697,8 +697,8 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (the report gives mean ± std)")
     parser.add_argument("--tolerance-pts", type=float, default=1.0,
                         help="the chosen cut's cloud exit may be at most this many points below end-to-end")
-    parser.add_argument("--edge-device", default=None, help="where the edge trains (default: the profile's)")
-    parser.add_argument("--cloud-device", default=None, help="where the cloud trains (default: the profile's)")
+    parser.add_argument("--edge-device", default=None, help="where the edge trains (default: auto)")
+    parser.add_argument("--cloud-device", default=None, help="where the cloud trains (default: auto)")
     parser.add_argument("--data-dir", default="", help="tfds data directory (default: tfds's own)")
     args = parser.parse_args(argv)
     if args.profile not in profiles:

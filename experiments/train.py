@@ -20,7 +20,7 @@ import io
 import math
 from pathlib import Path
 
-from hier_jax import cli, costmodel, outputs, train
+from hier_jax import cli, costmodel, outputs, runner, train
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, explicit_flags, validate
 from hier_jax.data import load_dataset
@@ -121,7 +121,8 @@ def main(argv: list[str]) -> dict:
         outputs.remove_run(out)
     print(f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: "
           f"{dataset.num_train} train / {dataset.num_test} test, split after {setup.split.point}, "
-          f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}"
+          f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}; edge on "
+          f"{runner.device_name(setup.hierarchy.edge_device)}, cloud on {runner.device_name(setup.hierarchy.cloud_device)}"
           + (f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}" if out else
              "; no --out: nothing is saved"))
     try:
@@ -138,6 +139,8 @@ def main(argv: list[str]) -> dict:
     summary = {
         "config": dataclasses.asdict(config), "mode": args.mode, "dataset": dataset.name,
         "split": setup.split.point, "steps": setup.total_steps, "resumed_from_step": result.start_step,
+        "placement": {"edge": runner.device_name(setup.hierarchy.edge_device),
+                      "cloud": runner.device_name(setup.hierarchy.cloud_device)},
         "wall_s": result.wall_s,
         "edge_accuracy": accuracy["edge_accuracy"], "cloud_accuracy": accuracy["cloud_accuracy"],
         "test_examples": accuracy["examples"], "payload_bytes_per_batch": result.payload_bytes,

@@ -50,8 +50,8 @@ class ExperimentConfig:
     head_channels: int = 128         # early-exit head: conv channels
     head_convs: int = 1              # early-exit head: 3x3 conv-BN-ReLU layers
     head_grid: int = 4               # early-exit head: average-pool to grid x grid cells
-    edge_device: str = "cpu:0"
-    cloud_device: str = "cpu:1"
+    edge_device: str = "auto"        # auto: the first accelerator, else host device 0 (runner.auto_devices)
+    cloud_device: str = "auto"       # auto: the last accelerator, else host device 1
     queue_size: int = 2              # payloads the edge may run ahead of the cloud
     seed: int = 0
     data_dir: str = ""               # tfds data_dir / cache dir; "" = the library default
@@ -151,7 +151,7 @@ def validate(config: ExperimentConfig) -> None:
            "a finite number >= 0")
     for field in ("edge_device", "cloud_device"):
         try:
-            resolve_device(getattr(config, field))
+            resolve_device(getattr(config, field), field.removesuffix("_device"))
         except ValueError as error:
             raise ConfigError(f"--{field.replace('_', '-')}: {error}") from None
 

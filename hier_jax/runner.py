@@ -57,11 +57,33 @@ _WRITE_BACKLOG = 2    # snapshot pairs queued or being written; a side waits bef
 _UNPAIRED_PER_SIDE = 4  # copies a side may offer ahead of the other (an outage); older ones are dropped
 
 
-def resolve_device(spec: str | jax.Device) -> jax.Device:
-    """'cpu:1', 'gpu:0', 'tpu' (index 0) or a jax.Device; ValueError naming the available devices."""
+AUTO = "auto"
+ROLES = ("edge", "cloud")
+
+
+def auto_devices() -> tuple[jax.Device, jax.Device]:
+    """What `auto` places (edge, cloud) on. On an accelerator host the edge takes the first accelerator
+    and the cloud the last; with a single accelerator both share it (give --edge-device cpu:0 to make
+    the edge a weak device instead). On a CPU host, the first two host devices (XLA_FLAGS
+    --xla_force_host_platform_device_count=2, which the experiments and tests set; one if only one)."""
+    devices = jax.devices()
+    return devices[0], devices[min(1, len(devices) - 1)] if devices[0].platform == "cpu" else devices[-1]
+
+
+def device_name(device: jax.Device) -> str:
+    return f"{device.platform}:{device.id}"
+
+
+def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
+    """'auto' (see `auto_devices`; `role` is "edge" or "cloud"), 'cpu:1', 'gpu:0', 'tpu' (index 0) or a
+    jax.Device; ValueError naming the available devices."""
     if isinstance(spec, jax.Device):
         return spec
-    available = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; valid: {', '.join(ROLES)}")
+    if spec == AUTO:
+        return auto_devices()[ROLES.index(role)]
+    available = ", ".join(device_name(d) for d in jax.devices()) + f", {AUTO}"
     platform, _, index = str(spec).partition(":")
     try:
         if not platform or (index and not index.isdigit()):
@@ -145,10 +167,10 @@ class Hierarchy:
 
 
 def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransformation,
-                    cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = "cpu:0",
-                    cloud_device: str | jax.Device = "cpu:1") -> tuple[Hierarchy, steps.State, steps.State]:
+                    cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = AUTO,
+                    cloud_device: str | jax.Device = AUTO) -> tuple[Hierarchy, steps.State, steps.State]:
     """Jit the steps of `split` and return them with initial edge and cloud states on their devices."""
-    edge_device, cloud_device = resolve_device(edge_device), resolve_device(cloud_device)
+    edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
     edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
     cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
     hierarchy = Hierarchy(
@@ -585,11 +607,11 @@ class Baseline:
     cloud_eval: Callable | None = None         # (cloud_state, features or images) -> logits
 
 
-def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str | jax.Device = "cpu:0"
+def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str | jax.Device = AUTO
                      ) -> tuple[Baseline, steps.State, steps.State]:
     """The unsplit model trained on one device: what cloud-only training computes. Returns
     (baseline, the placeholder edge state `{"step": 0}`, the model's state)."""
-    device = resolve_device(device)
+    device = resolve_device(device, "cloud")  # cloud-only training runs where the cloud does
     graphdef, state = steps.init_state(model, tx)
     baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0),
                         cloud_eval=jax.jit(steps.make_eval(graphdef)))
@@ -598,10 +620,10 @@ def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str |
 
 
 def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
-                         cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = "cpu:0",
-                         cloud_device: str | jax.Device = "cpu:1") -> tuple[Baseline, steps.State, steps.State]:
+                         cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = AUTO,
+                         cloud_device: str | jax.Device = AUTO) -> tuple[Baseline, steps.State, steps.State]:
     """Vanilla split learning: the cloud's boundary gradient goes back and the edge backpropagates it."""
-    edge_device, cloud_device = resolve_device(edge_device), resolve_device(cloud_device)
+    edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
     edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
     cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
     baseline = Baseline(edge_device, cloud_device,

@@ -171,6 +171,33 @@ def test_resolve_device():
     assert runner.resolve_device("cpu:1") == jax.devices()[1]
     assert runner.resolve_device("cpu") == jax.devices()[0]
     assert runner.resolve_device(jax.devices()[1]) == jax.devices()[1]
+    with pytest.raises(ValueError, match="unknown role 'fog'"):
+        runner.resolve_device("auto", "fog")
+
+
+def test_auto_on_a_cpu_host_puts_edge_and_cloud_on_two_host_devices():
+    assert jax.default_backend() == "cpu" or pytest.skip("this host has an accelerator")
+    assert runner.resolve_device("auto", "edge") == jax.devices("cpu")[0]
+    assert runner.resolve_device("auto", "cloud") == jax.devices("cpu")[1]
+
+
+class FakeDevice:
+    def __init__(self, platform, id):
+        self.platform, self.id = platform, id
+
+
+@pytest.mark.parametrize("count, edge, cloud", [(1, 0, 0), (2, 0, 1), (4, 0, 3), (8, 0, 7)])
+def test_auto_on_an_accelerator_host_takes_the_first_and_the_last(monkeypatch, count, edge, cloud):
+    gpus = [FakeDevice("gpu", i) for i in range(count)]
+    monkeypatch.setattr(jax, "devices", lambda *backend: gpus)
+    assert runner.auto_devices() == (gpus[edge], gpus[cloud])
+
+
+@pytest.mark.parametrize("count, cloud", [(1, 0), (2, 1), (4, 1)])
+def test_auto_on_a_cpu_host_with_n_host_devices(monkeypatch, count, cloud):
+    cpus = [FakeDevice("cpu", i) for i in range(count)]
+    monkeypatch.setattr(jax, "devices", lambda *backend: cpus)
+    assert runner.auto_devices() == (cpus[0], cpus[cloud])
 
 
 @pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
