@@ -257,8 +257,10 @@ def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
         payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes))
 
 
-def _split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
-                 ) -> tuple[dict[int, int], int, int]:
+def split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
+                ) -> tuple[dict[int, int], int, int]:
+    """Link bytes of one batch cut at `feature_shape`: ({bits: hierarchical payload}, split learning's
+    float32 features + labels up, its float32 boundary gradient down)."""
     payload = {b: payload_nbytes(feature_shape, batch, b, num_classes) for b in bits}
     activation = payload_nbytes(feature_shape, batch, 32, num_classes)
     return payload, activation, 4 * batch * math.prod(feature_shape)
@@ -268,7 +270,7 @@ def with_payload_batch(profile: Profile, batch: int, bits: Sequence[int] = DEFAU
     """Recompute every byte count for another modeled batch size (shapes only, no timing)."""
     splits = []
     for s in profile.splits:
-        payload, activation, gradient = _split_bytes(s.feature_shape, batch, bits, profile.num_classes)
+        payload, activation, gradient = split_bytes(s.feature_shape, batch, bits, profile.num_classes)
         splits.append(dataclasses.replace(s, payload_bytes=payload, activation_bytes=activation,
                                           gradient_bytes=gradient))
     return dataclasses.replace(profile, splits=tuple(splits), payload_batch=batch,
@@ -325,7 +327,7 @@ def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "c
         head_timing, head_memory = heads[feature_shape]
         param_bytes, stat_bytes, residual_bytes = (sum(m[j] for m in (*stage_memory[:i + 1], head_memory))
                                                    for j in range(3))
-        payload, activation, gradient = _split_bytes(feature_shape, payload_batch, bits, model.num_classes)
+        payload, activation, gradient = split_bytes(feature_shape, payload_batch, bits, model.num_classes)
         splits.append(SplitProfile(name, i, feature_shape, head_timing, payload, activation, gradient,
                                    param_bytes, stat_bytes, residual_bytes))
         bar.update()

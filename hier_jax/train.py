@@ -292,13 +292,11 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
 def payload_nbytes(setup: Setup, mode: str) -> int:
     """Bytes one training batch sends over the link in `mode`, as the cost model counts them (split
     learning: float32 features and the labels up, the float32 gradient down; end-to-end: no split, 0)."""
-    c, s = setup.config, setup.split
     if mode == "end_to_end":
         return 0
-    if mode == "split_learning":
-        return (profiler.payload_nbytes(s.feature_shape, c.batch_size, 32, s.num_classes)
-                + 4 * c.batch_size * int(np.prod(s.feature_shape)))
-    return profiler.payload_nbytes(s.feature_shape, c.batch_size, c.bits, s.num_classes)
+    c, s = setup.config, setup.split
+    payload, activation, gradient = profiler.split_bytes(s.feature_shape, c.batch_size, (c.bits,), s.num_classes)
+    return activation + gradient if mode == "split_learning" else payload[c.bits]
 
 
 def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
