@@ -31,11 +31,9 @@ import dataclasses
 import io
 import json
 import math
-import platform
-import subprocess
+import shlex
 import sys
 import time
-import shlex
 import traceback
 from collections import defaultdict
 from pathlib import Path
@@ -542,17 +540,6 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        family = fields.get("CPU family", "").strip()
-        model = fields.get("Model", "").strip()
-        return f"{fields.get('Model name', platform.processor()).strip()} (family {family}, model {model})"
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return platform.processor() or "unknown CPU"
-
-
 def write_report(out: Path, profile: GridProfile, rows: list[dict], cells: list[Cell], skipped: list[str],
                  runtime: RuntimeModel, shapes: dict[str, DataShape], tolerance_pts: float, grid_wall_s: float,
                  command: str) -> None:
@@ -572,7 +559,7 @@ def write_report(out: Path, profile: GridProfile, rows: list[dict], cells: list[
         f"# Paper grid, profile `{profile.name}`", "",
         f"Written by `{command}`: {done} cells done ({len(cells)} asked for by that command), {len(failed)} "
         f"failed; the cells' training took {trained_s / 60:.0f} min in all (evaluation, compilation and the "
-        f"runtime model come on top), the last invocation {grid_wall_s / 60:.1f} min, on {cpu_model()}. Every "
+        f"runtime model come on top), the last invocation {grid_wall_s / 60:.1f} min, on {profiler.host_cpu()}. Every "
         f"figure below "
         f"comes from `results.csv` beside this file (the outage's link counts from the cells' result.json).", "",
         "## Budget", "",

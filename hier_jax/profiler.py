@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -255,6 +257,18 @@ def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
         memory_bytes=3 * param_bytes + stat_bytes + residual_per_example * batch,
         activation_bytes=residual_per_example * batch,
         payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes))
+
+
+def host_cpu() -> str:
+    """This machine's CPU as lscpu names it, with family and model (Zen 4 and Zen 5 share a name, and
+    JAX/PyTorch ratios differ between them): recorded beside every figure measured here."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+        return f"{fields.get('Model name', platform.processor())} (family {fields.get('CPU family', '?')}, " \
+               f"model {fields.get('Model', '?')})"
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown CPU"
 
 
 def split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import subprocess
 
 import jax
 import numpy as np
 
-from hier_jax import train
+from hier_jax import profiler, train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
 
@@ -57,12 +56,6 @@ def machine() -> dict:
     import jaxlib
     import optax
 
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        cpu = " ".join(fields.get(k, "").strip() for k in ("Model name", "CPU family", "Model"))
-    except (OSError, subprocess.SubprocessError, ValueError):
-        cpu = platform.processor()
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu": cpu}
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu": profiler.host_cpu()}
