@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import jax
 
-from hier_jax import cli, outputs
+from hier_jax import cli, outputs, process
 from hier_jax.config import check_dataset_spec
 from hier_jax.data import AUGMENTATIONS, ImageDataset, load_dataset, num_train_steps, train_batches
 from hier_jax.errors import UserError
@@ -36,6 +36,7 @@ def check_args(args) -> None:
 
 @cli.entry_point
 def main(argv: list[str]) -> dict:
+    process.setup()
     parser = cli.Parser(description=__doc__)
     parser.add_argument("--dataset", required=True, help="digits | cifar10 | tiny_imagenet | folder:PATH")
     parser.add_argument("--batch", type=int, default=128)

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from hier_jax import cli, outputs, runner, train
+from hier_jax import cli, outputs, process, runner, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
@@ -36,6 +36,7 @@ def time_side(step, state, inputs) -> tuple[float, object]:
 
 @cli.entry_point
 def main(argv: list[str]) -> dict:
+    process.setup()
     parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")

@@ -13,7 +13,7 @@ Steps (the paper's hierarchical scheme and its baseline):
 
 JAX: the library's real steps, jitted with the state donated (as hier_jax.runner does) and compiled
 ahead with .lower().compile(); compile time is reported apart. JAX variants (--jax-variants):
-  jit        the recommended setting: on CPU, hier_jax.models.layers' CPU convolution path ("cpu")
+  jit        the recommended setting: on CPU, hier_jax.models.xla_cpu's CPU formulation ("cpu")
              and XLA_CPU_COMPILER_OPTIONS (convolutions to Eigen, not YNNPACK); elsewhere plain jit
   plain      stock Flax: lax convolutions and pooling, jaxlib's default XLA:CPU options (the "before")
   ynn        the CPU path for XLA's default convolution backend ("cpu-ynn"), jaxlib's default options
@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hier_jax import cli, outputs
+from hier_jax import cli, outputs, process
 
 DATASETS = {"cifar10": ((32, 32, 3), 10), "tiny_imagenet": ((64, 64, 3), 200)}
 DEFAULT_SPLIT = {"vgg16": "pool3", "resnet18": "layer2_1", "resnet18_tv": "layer2_1"}
@@ -143,24 +143,24 @@ class Variant:
 
 
 def jax_setting(variant: str) -> tuple[str, dict | None]:
-    """(hier_jax.models.layers convolution path, XLA compiler options) of a JAX variant."""
+    """(hier_jax.models.xla_cpu formulation, XLA compiler options) of a JAX variant."""
     import jax
 
-    from hier_jax.models import layers
+    from hier_jax.models import xla_cpu
     if jax.default_backend() != "cpu":
         return ("auto", None) if variant == "jit" else ("xla", None)
-    stock = layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS  # explicit: experiments/__init__ changes the process default
-    return {"jit": ("cpu", layers.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", stock), "ynn": ("cpu-ynn", stock),
-            "eigen_xla": ("xla", layers.XLA_CPU_COMPILER_OPTIONS)}[variant]
+    stock = xla_cpu.XLA_CPU_DEFAULT_COMPILER_OPTIONS  # explicit: process.setup() changes the process default
+    return {"jit": ("cpu", xla_cpu.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", stock), "ynn": ("cpu-ynn", stock),
+            "eigen_xla": ("xla", xla_cpu.XLA_CPU_COMPILER_OPTIONS)}[variant]
 
 
-def model_and_split(args, shapes):
+def model_and_split(args, shapes, conv_impl: str | None = None):
     """The hier-jax model and its split that every variant starts from (same seed: same weights)."""
     from hier_jax.models import ExitHeadConfig, build_model, split
 
     input_shape, num_classes = shapes
     model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
-                        seed=args.seed)
+                        seed=args.seed, conv_impl=conv_impl)
     return model, split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
 
 
@@ -169,10 +169,10 @@ def jax_variant(args, variant: str, shapes) -> Variant:
     import jax.numpy as jnp
 
     from hier_jax import optim, steps
-    from hier_jax.models import layers
 
     input_shape, num_classes = shapes
-    model, parts = model_and_split(args, shapes)
+    conv, options = jax_setting(variant)
+    model, parts = model_and_split(args, shapes, conv)
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=10_000)
     device = jax.devices()[0]
     put = lambda tree: jax.device_put(tree, device, may_alias=False)  # noqa: E731 - copies: states are donated
@@ -185,18 +185,17 @@ def jax_variant(args, variant: str, shapes) -> Variant:
     y = jax.device_put(jax.random.randint(key_y, (args.batch,), 0, num_classes), device)
 
     compile_s: dict[str, float] = {}
-    conv, options = jax_setting(variant)
-    with layers.conv_impl(conv):
-        def compiled(name, fn, *example):
-            start = time.perf_counter()
-            exe = jax.jit(fn, donate_argnums=0).lower(*example).compile(compiler_options=options)
-            compile_s[name] = time.perf_counter() - start
-            return exe
-        edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes)
-        edge = compiled("edge", edge_fn, state["edge"], x, y)
-        payload = jax.eval_shape(edge_fn, state["edge"], x, y)[1]
-        cloud = compiled("cloud", steps.make_cloud_step(c_graphdef, tx), state["cloud"], payload)
-        full = compiled("end_to_end", steps.make_train_step(f_graphdef, tx), state["full"], x, y)
+
+    def compiled(name, fn, *example):
+        start = time.perf_counter()
+        exe = jax.jit(fn, donate_argnums=0).lower(*example).compile(compiler_options=options)
+        compile_s[name] = time.perf_counter() - start
+        return exe
+    edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes)
+    edge = compiled("edge", edge_fn, state["edge"], x, y)
+    payload = jax.eval_shape(edge_fn, state["edge"], x, y)[1]
+    cloud = compiled("cloud", steps.make_cloud_step(c_graphdef, tx), state["cloud"], payload)
+    full = compiled("end_to_end", steps.make_train_step(f_graphdef, tx), state["full"], x, y)
     compile_s["pair"] = compile_s["edge"] + compile_s["cloud"]
     # One edge step's real payload for the cloud-only timings.
     state["edge"], payload, _ = jax.block_until_ready(edge(state["edge"], x, y))
@@ -219,7 +218,7 @@ def jax_variant(args, variant: str, shapes) -> Variant:
         jax.block_until_ready((state["full"], m))
 
     fns = {"edge": run_edge, "cloud": run_cloud, "pair": run_pair, "end_to_end": run_full}
-    info = {"device": f"{device.platform}:{device.id} ({device.device_kind})", "conv_impl": conv,
+    info = {"device": f"{device.platform}:{device.id} ({device.device_kind})", "conv_impl": model.conv_impl,
             "compiler_options": options, "payload_bytes": int(payload.nbytes), "jax_version": jax.__version__}
     return Variant("jax", variant, fns, compile_s, info)
 
@@ -332,6 +331,7 @@ def measure(variants: list[Variant], step: str, warmup: int, rounds: int) -> dic
 
 @cli.entry_point
 def main(argv: list[str]) -> list[dict]:
+    process.setup()
     args = arguments(argv)
     out = outputs.prepare_run_dir(args.out, outputs=()) if args.out else None
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()

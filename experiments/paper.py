@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hier_jax import cli, costmodel, outputs, profiler, selection, train
+from hier_jax import cli, costmodel, outputs, process, profiler, selection, train
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, load_dataset, num_train_steps
@@ -670,6 +670,7 @@ def load_datasets(specs: list[str], explicit: bool, data_dir: str) -> tuple[dict
 
 @cli.entry_point
 def main(argv: list[str]) -> list[dict]:
+    process.setup()
     profiles = grid_profiles()
     parser = cli.Parser(description=__doc__)
     parser.add_argument("--profile", required=True, help=f"the budget: {', '.join(profiles)}")

@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 
-from hier_jax import cli, outputs, train
+from hier_jax import cli, outputs, process, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.models import param_count
@@ -32,6 +32,7 @@ def states_equal(a, b) -> bool:
 
 @cli.entry_point
 def main(argv: list[str]) -> dict:
+    process.setup()
     parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
     parser.add_argument("--overwrite", action="store_true", help="replace a summary.json already in --out")

@@ -19,7 +19,7 @@ import io
 import math
 from pathlib import Path
 
-from hier_jax import cli, costmodel, outputs, profiler, selection
+from hier_jax import cli, costmodel, outputs, process, profiler, selection
 from hier_jax.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES, paper_devices
 from hier_jax.errors import UserError
 from hier_jax.models import MODELS, build_model
@@ -256,6 +256,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 @cli.entry_point
 def main(argv: list[str]) -> list[dict]:
+    process.setup()
     parser = cli.Parser(description=__doc__)
     parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS))

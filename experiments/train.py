@@ -20,7 +20,7 @@ import io
 import math
 from pathlib import Path
 
-from hier_jax import cli, costmodel, outputs, runner, train
+from hier_jax import cli, costmodel, outputs, process, runner, train
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, explicit_flags, validate
 from hier_jax.data import load_dataset
@@ -92,6 +92,7 @@ def make_link(args) -> SimulatedLink | None:
 
 @cli.entry_point
 def main(argv: list[str]) -> dict:
+    process.setup()
     parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
     parser.add_argument("--mode", choices=train.MODES, default="overlapped")

@@ -1,9 +1,11 @@
-"""Test configuration: the process set-up the experiments run with (experiments/__init__.py: two
-host CPU devices, XLA:CPU convolutions on Eigen), made before JAX is imported anywhere."""
+"""Test configuration: the process set-up the experiments make in `main` (hier_jax.process.setup: two
+host CPU devices, XLA:CPU convolutions on Eigen), made before any test starts JAX."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import experiments  # noqa: E402, F401 - sets XLA_FLAGS; must come first
+from hier_jax import process  # noqa: E402 - after the environment above
+
+process.setup()

@@ -1,6 +1,10 @@
 """Backbones, stage names, the split and its exact equivalence with the unsplit forward pass."""
 
 import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -118,15 +122,81 @@ def test_clear_errors_for_bad_models_and_images():
 
 
 def test_xla_cpu_convolution_option():
-    """conftest (like experiments/__init__) hands XLA:CPU convolutions to Eigen; the explicit default
-    options must bring YNNPACK back, or bench_torch's "before" variants would measure the wrong thing."""
-    from hier_jax.models import layers
+    """conftest (like every experiment's main, via process.setup) hands XLA:CPU convolutions to Eigen;
+    the explicit default options must bring YNNPACK back, or bench_torch's "before" variants would
+    measure the wrong thing."""
+    from hier_jax.models import xla_cpu
     if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
         pytest.skip("needs XLA:CPU with the YNNPACK fusion option (jaxlib 0.9 / 0.10)")
-    assert not layers._ynn_takes_convolutions()
-    assert layers._resolved_impl() == "cpu"
-    assert layers.hlo_uses_ynn(layers.probe_conv_hlo(layers.XLA_CPU_DEFAULT_COMPILER_OPTIONS))
-    assert not layers.hlo_uses_ynn(layers.probe_conv_hlo())
+    assert not xla_cpu.ynn_takes_convolutions()
+    assert xla_cpu.resolve_impl("auto") == "cpu"
+    assert xla_cpu.hlo_uses_ynn(xla_cpu.probe_conv_hlo(xla_cpu.XLA_CPU_DEFAULT_COMPILER_OPTIONS))
+    assert not xla_cpu.hlo_uses_ynn(xla_cpu.probe_conv_hlo())
+
+
+def test_the_formulation_is_fixed_when_the_model_is_built():
+    """Changing the default after a build must not change what the built model computes, and models
+    built with different formulations must differ in their GraphDef (what jitted steps close over), so
+    no jit cache can hand one model's code to the other."""
+    from flax import nnx
+
+    from hier_jax.models import xla_cpu
+    images = jnp.zeros((2, 32, 32, 3))
+
+    def build(impl):
+        return build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=2, conv_impl=impl)
+
+    def hlo(model):
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False)).lower(state, images).as_text()
+
+    plain, fast = build("xla"), build("cpu")
+    assert (plain.conv_impl, fast.conv_impl) == ("xla", "cpu")
+    assert nnx.graphdef(plain) != nnx.graphdef(fast)
+    assert nnx.graphdef(build("cpu")) == nnx.graphdef(fast)  # equal by value: caches keyed on it still hit
+    before = hlo(fast)
+    assert before != hlo(plain)  # the dense 2x2 convolutions and block pooling show in the lowering
+    with xla_cpu.conv_impl("xla"):
+        assert hlo(fast) == before
+        assert split(fast, "pool2").edge.head.convs[0].conv.conv_general_dilated.impl == "cpu"
+    with pytest.raises(ValueError, match="convolution implementation 'gpu'"):
+        build("gpu")
+
+
+def test_a_slow_xla_cpu_is_warned_about_once(monkeypatch):
+    """Where the Eigen option cannot be set and YNNPACK runs the convolutions, resolving "auto" on CPU
+    warns once, naming the cause and the cost; it still resolves to the YNNPACK-friendly path."""
+    from hier_jax.models import xla_cpu
+    if jax.default_backend() != "cpu":
+        pytest.skip("the warning concerns XLA:CPU")
+    monkeypatch.setattr(xla_cpu, "ynn_takes_convolutions", lambda: True)
+    monkeypatch.setattr(xla_cpu, "_flags_missing_because", ["jax 0.11.0 has no XLA:CPU option"])
+    xla_cpu._warn_slow_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"jax 0\.11\.0 has no XLA:CPU option.*1\.3-1\.4x slower"):
+        assert xla_cpu.resolve_impl("auto") == "cpu-ynn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xla_cpu.resolve_impl("auto") == "cpu-ynn"
+    xla_cpu._warn_slow_once.cache_clear()
+
+
+def test_process_setup_runs_only_when_called():
+    """Importing the experiments and the library starts no JAX backend and sets no flag; the process
+    set-up is each main's first call (here: a fresh interpreter, so conftest's set-up does not count)."""
+    code = ("import os, experiments, experiments.train, experiments.paper, experiments.bench_torch\n"
+            "from jax._src import xla_bridge\n"
+            "assert not xla_bridge.backends_are_initialized()\n"
+            "assert 'xla_force_host' not in os.environ.get('XLA_FLAGS', ''), os.environ.get('XLA_FLAGS')\n"
+            "from hier_jax import process\n"
+            "process.setup()\n"
+            "import jax\n"
+            "print(len(jax.devices('cpu')), os.environ['XLA_FLAGS'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, flags = out.stdout.split(maxsplit=1)
+    assert count == "2" and "xla_force_host_platform_device_count=2" in flags
 
 
 def test_inputs_too_small_for_the_model_are_refused():

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from hier_jax import quantization, steps
-from hier_jax.models import ExitHeadConfig, build_model, layers, param_count, split
+from hier_jax.models import ExitHeadConfig, build_model, layers, param_count, split, xla_cpu
 from hier_jax.optim import OptimConfig, make_optimizer
 
 NUM_CLASSES = 10
@@ -285,7 +285,7 @@ def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     (4, 2, 2, 16, 16, 3, 1), (4, 1, 1, 16, 16, 3, 1), (4, 2, 2, 16, 32, 3, 2),  # dense product
     (3, 5, 7, 4, 6, 3, 2)])
 def test_cpu_convolution_paths_match_lax(case):
-    """hier_jax.models.layers' XLA:CPU formulations: same values and gradients as lax.conv (no torch)."""
+    """hier_jax.models.xla_cpu's formulations: same values and gradients as lax.conv (no torch)."""
     b, h, w, ci, co, k, s = case
     p = k // 2
     rng = np.random.RandomState(11)
@@ -295,8 +295,7 @@ def test_cpu_convolution_paths_match_lax(case):
     results = {}
     for impl in ("xla", "cpu", "cpu-ynn"):
         def conv(x_, k_, impl=impl):
-            with layers.conv_impl(impl):
-                return layers.conv_general_dilated(x_, k_, (s, s), ((p, p), (p, p)), dimension_numbers=dn)
+            return xla_cpu.conv_general_dilated(x_, k_, (s, s), ((p, p), (p, p)), dimension_numbers=dn, impl=impl)
         y = jax.jit(conv)(x, kern)
         grads = jax.jit(jax.grad(lambda x_, k_, conv=conv: jnp.sum(conv(x_, k_) * ct), (0, 1)))(x, kern)
         results[impl] = (y, *grads)
@@ -311,13 +310,13 @@ def test_block_max_pool_matches_lax_including_ties(shape, window):
     each window in row-major order, as lax's select-and-scatter (and PyTorch) route it."""
     x = jnp.asarray(np.random.RandomState(12).randn(*shape), jnp.float32)
     x = jax.nn.relu(jnp.round(x * 2) / 2)  # many ties, zeros above all
-    pool = layers.MaxPool(window, window)
     out = {}
     for impl in ("xla", "cpu"):
-        with layers.conv_impl(impl):
-            y = jax.jit(lambda x_: pool(x_, True))(x)
-            ct = jnp.asarray(np.random.RandomState(13).randn(*y.shape), jnp.float32)
-            grad = jax.jit(jax.grad(lambda x_: jnp.sum(pool(x_, True) * ct)))(x)
+        with xla_cpu.conv_impl(impl):
+            pool = layers.MaxPool(window, window)
+        y = jax.jit(lambda x_, pool=pool: pool(x_, True))(x)
+        ct = jnp.asarray(np.random.RandomState(13).randn(*y.shape), jnp.float32)
+        grad = jax.jit(jax.grad(lambda x_, pool=pool: jnp.sum(pool(x_, True) * ct)))(x)
         out[impl] = (y, grad)
     for a, e in zip(out["cpu"], out["xla"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

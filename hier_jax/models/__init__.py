@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from hier_jax.models import xla_cpu
 from hier_jax.models.resnet import resnet18
 from hier_jax.models.split import (CloudNet, EdgeNet, ExitHead, ExitHeadConfig, Split, resolve_point,
                                    split, stage_output_shape)
@@ -22,13 +23,17 @@ MODELS: dict[str, Callable[..., StagedNet]] = {
 
 
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64,
-                seed: int = 0) -> StagedNet:
-    """Build a registered backbone; `width` 64 is the paper's size, smaller values narrow every layer."""
+                seed: int = 0, conv_impl: str | None = None) -> StagedNet:
+    """Build a registered backbone; `width` 64 is the paper's size, smaller values narrow every layer.
+
+    `conv_impl` (xla_cpu.CONV_IMPLS; default xla_cpu.default_impl(), normally "auto") fixes how its
+    convolutions and pools compute; the model keeps the resolved choice as `model.conv_impl`."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if width < 1:
         raise ValueError(f"width must be a positive channel count, got {width}")
-    return MODELS[name](num_classes, tuple(input_shape), width=width, rngs=nnx.Rngs(seed))
+    with xla_cpu.conv_impl(xla_cpu.resolve_impl(conv_impl)):
+        return MODELS[name](num_classes, tuple(input_shape), width=width, rngs=nnx.Rngs(seed))
 
 
 def check_input_size(model: StagedNet) -> None:
@@ -46,7 +51,8 @@ def stage_names(name: str) -> tuple[str, ...]:
     """The separation points of a registered backbone, from an abstract build (no arrays allocated)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    return nnx.eval_shape(lambda: MODELS[name](2, (32, 32, 3), width=1, rngs=nnx.Rngs(0))).stage_names
+    with xla_cpu.conv_impl("xla"):  # no probe: the names do not depend on it
+        return nnx.eval_shape(lambda: MODELS[name](2, (32, 32, 3), width=1, rngs=nnx.Rngs(0))).stage_names
 
 
 def param_count(module: nnx.Module) -> int:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hier_jax.models import xla_cpu
 from hier_jax.models.layers import ConvBNReLU
 from hier_jax.models.staged import StagedNet, check_images
 
@@ -136,8 +137,9 @@ def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = Exit
     index = resolve_point(model, point)
     feature_shape = stage_output_shape(model, index)
     stages = list(model.stages)
-    exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head,
-                                                   rngs=nnx.Rngs(seed))
+    with xla_cpu.conv_impl(model.conv_impl):  # the head computes as the backbone does
+        exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head,
+                                                       rngs=nnx.Rngs(seed))
     edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape)
     cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape)
     return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)

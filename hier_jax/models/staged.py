@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from hier_jax.models import xla_cpu
+
 
 def check_images(images: jax.Array, input_shape: tuple[int, int, int]) -> None:
     """Raise a clear error for images that are not [B, H, W, C] of the model's input shape."""
@@ -32,6 +34,7 @@ class StagedNet(nnx.Module):
         self.classifier = classifier
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
+        self.conv_impl = xla_cpu.resolve_impl()  # what the stages were built with (build_model sets it)
 
     def features(self, x: jax.Array, train: bool, start: int = 0, stop: int | None = None) -> jax.Array:
         """Run stages[start:stop] on x."""

@@ -17,7 +17,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
-    import experiments  # noqa: F401 - the experiments' process set-up, as the tests have it
+    from hier_jax import process
+    process.setup()  # the experiments' process set-up, as the tests have it
     from golden import trajectory
 
     golden = {"machine": trajectory.machine(), "config": trajectory.CONFIG.__dict__, "runs": trajectory.record()}
