@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from hier_jax import cli, outputs, process, runner, train
+from hier_jax.channel import QueueChannel
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> dict:
         cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
         seq = runner.run_sequential(h, *train.fresh_states(setup), batches)
         ovl = runner.run_overlapped(h, *train.fresh_states(setup), batches,
-                                    channel=runner.QueueChannel(config.queue_size))
+                                    channel=QueueChannel(config.queue_size))
         if repeat:
             for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
                 figures[key].append(value / args.steps)

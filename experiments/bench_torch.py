@@ -168,14 +168,14 @@ def jax_variant(args, variant: str, shapes) -> Variant:
     import jax
     import jax.numpy as jnp
 
-    from hier_jax import optim, steps
+    from hier_jax import devices, optim, steps
 
     input_shape, num_classes = shapes
     conv, options = jax_setting(variant)
     model, parts = model_and_split(args, shapes, conv)
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=10_000)
     device = jax.devices()[0]
-    put = lambda tree: jax.device_put(tree, device, may_alias=False)  # noqa: E731 - copies: states are donated
+    put = lambda tree: devices.place(tree, device)  # noqa: E731 - copies: states are donated
     e_graphdef, e_state = steps.init_state(parts.edge, tx)
     c_graphdef, c_state = steps.init_state(parts.cloud, tx)
     f_graphdef, f_state = steps.init_state(model, tx)

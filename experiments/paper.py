@@ -46,7 +46,7 @@ from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, load_dataset, num_train_steps
 from hier_jax.errors import ConfigError, RunInterrupted, UserError
 from hier_jax.hardware import K620_MEMORY_BYTES, paper_devices
-from hier_jax.link import SimulatedLink
+from hier_jax.link import SimulatedLink, get_link
 from hier_jax.models import ExitHeadConfig, build_model, stage_names
 from hier_jax.quantization import VALID_BITS, raw_image_nbytes
 
@@ -175,7 +175,7 @@ def outage_link(total_steps: int) -> SimulatedLink:
     of the steps, with room for 2 payloads at the edge (older ones are dropped while it is down)."""
     first = int(total_steps * (0.5 - OUTAGE_FRACTION / 2))
     last = max(first + 1, int(total_steps * (0.5 + OUTAGE_FRACTION / 2)))
-    return SimulatedLink(costmodel.get_link("4g"), capacity=OUTAGE_BUFFER, outages=[(first, last)], time_scale=0.01)
+    return SimulatedLink(get_link("4g"), capacity=OUTAGE_BUFFER, outages=[(first, last)], time_scale=0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +227,7 @@ class RuntimeModel:
                                num_examples=shape.num_train)
         scheme = {"end_to_end": "cloud_only", "split_learning": "split_learning"}.get(row["scheme"],
                                                                                     "hierarchical_paper")
-        lk = costmodel.get_link(link)
+        lk = get_link(link)
         return costmodel.reduction(costmodel.epoch_time(scheme, w, lk), costmodel.epoch_time("cloud_only", w, lk))
 
 
@@ -418,13 +418,13 @@ def chosen_cuts(rows: list[dict], runtime: RuntimeModel, shapes: dict[str, DataS
         for link in REPORT_LINKS:
             try:
                 chosen = selection.select_split(
-                    edge, cloud, costmodel.get_link(link), batch=profile.config.batch_size, num_examples=ds.num_train,
+                    edge, cloud, get_link(link), batch=profile.config.batch_size, num_examples=ds.num_train,
                     memory_budget_bytes=K620_MEMORY_BYTES, bits=sorted({b for _, b in accuracy}),
                     scheme="hierarchical_paper", accuracy=accuracy, max_accuracy_drop=tolerance_pts / 100,
                     reference_accuracy=ref_acc).best
                 base = costmodel.epoch_time("cloud_only", selection.workload(
                     edge, cloud, chosen.split, chosen.bits, batch=profile.config.batch_size,
-                    num_examples=ds.num_train), costmodel.get_link(link))
+                    num_examples=ds.num_train), get_link(link))
                 saved = costmodel.reduction(chosen.epoch_s, base)
                 lines.append([dataset, model, link, chosen.split, chosen.bits, f"{100 * chosen.accuracy:.1f}",
                               "–" if ref_acc is None else f"{100 * ref_acc:.1f}",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hier_jax import cli, costmodel, outputs, process, profiler, selection
 from hier_jax.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES, paper_devices
+from hier_jax.link import LINKS, get_link
 from hier_jax.errors import UserError
 from hier_jax.models import MODELS, build_model
 from hier_jax.quantization import VALID_BITS
@@ -81,7 +82,7 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
     budget = int(args.memory_budget_gib * 2**30)
     rows, sweep = [], []
     for link_name in args.links:
-        link = costmodel.get_link(link_name)
+        link = get_link(link_name)
         any_point = edge.splits[0].name
         w = selection.workload(edge, cloud, any_point, args.bits[0], batch=args.batch, num_examples=spec.num_train)
         base = {s: costmodel.epoch_time(s, w, link, args.epochs) for s in ("cloud_only", "cloud_only_once")}
@@ -142,7 +143,7 @@ def assumptions(args: argparse.Namespace) -> list[str]:
         f"once and trains {args.epochs} epochs on it (the time shown is per epoch, upload amortized)",
         f"hierarchical payloads at {'/'.join(map(str, args.bits))} bits, bytes of the real packed payload; "
         f"split learning sends float32 up and the float32 gradient down",
-        *(f"link {name}: {costmodel.get_link(name).source}" for name in args.links),
+        *(f"link {name}: {get_link(name).source}" for name in args.links),
     ]
 
 
@@ -264,7 +265,7 @@ def main(argv: list[str]) -> list[dict]:
                         "picks the fastest; fewer bits always send less, so accuracy is what bounds this)")
     parser.add_argument("--batch", type=int, default=128, help="modeled training batch size")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--links", nargs="+", default=["3g", "4g"], choices=list(costmodel.LINKS))
+    parser.add_argument("--links", nargs="+", default=["3g", "4g"], choices=list(LINKS))
     parser.add_argument("--epochs", type=int, default=100, help="epochs over which cloud_only_once amortizes "
                         "its one upload")
     parser.add_argument("--profile-batch", type=int, default=8, help="batch the CPU profile is measured at")

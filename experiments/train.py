@@ -20,12 +20,13 @@ import io
 import math
 from pathlib import Path
 
-from hier_jax import cli, costmodel, outputs, process, runner, train
+from hier_jax import cli, outputs, process, train
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, explicit_flags, validate
 from hier_jax.data import load_dataset
+from hier_jax.devices import device_name
 from hier_jax.errors import RunInterrupted, UserError
-from hier_jax.link import SimulatedLink
+from hier_jax.link import LINKS, SimulatedLink, get_link
 from hier_jax.quantization import raw_image_nbytes
 
 DEFAULTS = ExperimentConfig(model="resnet18", dataset="cifar10", split="layer2_1", bits=4, epochs=1)
@@ -80,13 +81,13 @@ def make_link(args) -> SimulatedLink | None:
         raise UserError("--outage needs --link")
     if not args.link:
         return None
-    if args.link not in costmodel.LINKS:
-        raise UserError(f"--link {args.link!r} is invalid; valid: {', '.join(costmodel.LINKS)}")
+    if args.link not in LINKS:
+        raise UserError(f"--link {args.link!r} is invalid; valid: {', '.join(LINKS)}")
     if not (math.isfinite(args.time_scale) and args.time_scale > 0):
         raise UserError(f"--time-scale {args.time_scale} is invalid; valid: a finite number > 0")
     if args.link_buffer < 1:
         raise UserError(f"--link-buffer {args.link_buffer} is invalid; valid: an integer >= 1")
-    return SimulatedLink(costmodel.get_link(args.link), capacity=args.link_buffer,
+    return SimulatedLink(get_link(args.link), capacity=args.link_buffer,
                          outages=cli.parse_outages(args.outage), time_scale=args.time_scale)
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> dict:
     parser = cli.Parser(description=__doc__)
     add_config_flags(parser, DEFAULTS)
     parser.add_argument("--mode", choices=train.MODES, default="overlapped")
-    parser.add_argument("--link", default="", help=f"simulate a link: {', '.join(costmodel.LINKS)} (default: none)")
+    parser.add_argument("--link", default="", help=f"simulate a link: {', '.join(LINKS)} (default: none)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply the link's delays by this")
     parser.add_argument("--outage", action="append", default=[], metavar="A:B",
                         help="link down from step A until step B (repeatable)")
@@ -123,7 +124,7 @@ def main(argv: list[str]) -> dict:
     print(f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: "
           f"{dataset.num_train} train / {dataset.num_test} test, split after {setup.split.point}, "
           f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}; edge on "
-          f"{runner.device_name(setup.hierarchy.edge_device)}, cloud on {runner.device_name(setup.hierarchy.cloud_device)}"
+          f"{device_name(setup.hierarchy.edge_device)}, cloud on {device_name(setup.hierarchy.cloud_device)}"
           + (f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}" if out else
              "; no --out: nothing is saved"))
     try:
@@ -140,8 +141,8 @@ def main(argv: list[str]) -> dict:
     summary = {
         "config": dataclasses.asdict(config), "mode": args.mode, "dataset": dataset.name,
         "split": setup.split.point, "steps": setup.total_steps, "resumed_from_step": result.start_step,
-        "placement": {"edge": runner.device_name(setup.hierarchy.edge_device),
-                      "cloud": runner.device_name(setup.hierarchy.cloud_device)},
+        "placement": {"edge": device_name(setup.hierarchy.edge_device),
+                      "cloud": device_name(setup.hierarchy.cloud_device)},
         "wall_s": result.wall_s,
         "edge_accuracy": accuracy["edge_accuracy"], "cloud_accuracy": accuracy["cloud_accuracy"],
         "test_examples": accuracy["examples"], "payload_bytes_per_batch": result.payload_bytes,

@@ -50,7 +50,7 @@ class ExperimentConfig:
     head_channels: int = 128         # early-exit head: conv channels
     head_convs: int = 1              # early-exit head: 3x3 conv-BN-ReLU layers
     head_grid: int = 4               # early-exit head: average-pool to grid x grid cells
-    edge_device: str = "auto"        # auto: the first accelerator, else host device 0 (runner.auto_devices)
+    edge_device: str = "auto"        # auto: the first accelerator, else host device 0 (devices.auto_devices)
     cloud_device: str = "auto"       # auto: the last accelerator, else host device 1
     queue_size: int = 2              # payloads the edge may run ahead of the cloud
     seed: int = 0
@@ -124,7 +124,7 @@ def validate(config: ExperimentConfig) -> None:
     """Check every field that needs no data; ConfigError naming the flag, the value and the valid choices."""
     from hier_jax.models import MODELS, stage_names
     from hier_jax.quantization import VALID_BITS
-    from hier_jax.runner import resolve_device
+    from hier_jax.devices import resolve_device
 
     _check(config.model in MODELS, "model", config.model, ", ".join(MODELS))
     points = stage_names(config.model)

@@ -45,8 +45,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hier_jax import optim, quantization, steps
+from hier_jax.devices import place, resolve_device
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, param_count, split, stage_output_shape
-from hier_jax.runner import resolve_device
 
 FORMAT_VERSION = 1
 DEFAULT_BITS = (2, 4, 8, 16, 32)
@@ -66,6 +66,12 @@ class Timing:
         return max(self.train_s - self.fwd_s, 0.0)
 
 
+def edge_memory(param_bytes: int, stat_bytes: int, residual_bytes_per_example: int, batch: int) -> int:
+    """The edge's training memory estimate (see the module docstring): parameters + momentum (one copy)
+    + gradients, BatchNorm statistics, and the activations saved for the backward pass of `batch` examples."""
+    return 3 * param_bytes + stat_bytes + residual_bytes_per_example * batch
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitProfile:
     """One separation point: the head's timing, bytes at `Profile.payload_batch`, and edge memory."""
@@ -81,8 +87,8 @@ class SplitProfile:
     edge_residual_bytes_per_example: int   # activations saved for the backward pass
 
     def edge_memory_bytes(self, batch: int) -> int:
-        """Parameters + momentum (one copy) + gradients + BN statistics + activations for `batch`."""
-        return 3 * self.edge_param_bytes + self.edge_stat_bytes + self.edge_residual_bytes_per_example * batch
+        """The edge's training memory at `batch` (`edge_memory`)."""
+        return edge_memory(self.edge_param_bytes, self.edge_stat_bytes, self.edge_residual_bytes_per_example, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +237,12 @@ def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, 
     return _tree_bytes(params), _tree_bytes(stats), residual_bytes(2) - residual_bytes(1)
 
 
+def _summed(memory: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The edge's (parameter, BN statistic, per-example residual) bytes: the sum of its parts' `_memory`
+    (the composed backward pass keeps each part's residuals)."""
+    return tuple(sum(m[j] for m in memory) for j in range(3))
+
+
 @dataclasses.dataclass(frozen=True)
 class EdgeFootprint:
     """What the edge of one split holds and sends, for one batch size and bit width."""
@@ -251,10 +263,10 @@ def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
         x = jax.eval_shape(lambda x, stage=stage: stage(x, False), x)
     memory = [_memory(stage, shapes[i], input_grad=i > 0, labels=False) for i, stage in enumerate(parts.edge.stages)]
     memory.append(_memory(parts.edge.head, parts.feature_shape, input_grad=True, labels=True))
-    param_bytes, stat_bytes, residual_per_example = (sum(m[j] for m in memory) for j in range(3))
+    param_bytes, stat_bytes, residual_per_example = _summed(memory)
     return EdgeFootprint(
         params=param_count(parts.edge),
-        memory_bytes=3 * param_bytes + stat_bytes + residual_per_example * batch,
+        memory_bytes=edge_memory(param_bytes, stat_bytes, residual_per_example, batch),
         activation_bytes=residual_per_example * batch,
         payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes))
 
@@ -339,8 +351,7 @@ def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "c
                              repeats=repeats),
                 _memory(exit_head, feature_shape, input_grad=True, labels=True))
         head_timing, head_memory = heads[feature_shape]
-        param_bytes, stat_bytes, residual_bytes = (sum(m[j] for m in (*stage_memory[:i + 1], head_memory))
-                                                   for j in range(3))
+        param_bytes, stat_bytes, residual_bytes = _summed([*stage_memory[:i + 1], head_memory])
         payload, activation, gradient = split_bytes(feature_shape, payload_batch, bits, model.num_classes)
         splits.append(SplitProfile(name, i, feature_shape, head_timing, payload, activation, gradient,
                                    param_bytes, stat_bytes, residual_bytes))
@@ -361,7 +372,7 @@ def _time_whole(model: StagedNet, batch: int, device: jax.Device, warmup: int, r
     """The fused train step of the unsplit model (steps.make_train_step), for comparison with the sum."""
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=1000)
     graphdef, state = steps.init_state(model, tx)
-    state = jax.device_put(state, device, may_alias=False)
+    state = place(state, device)
     images = jax.device_put(np.zeros((batch, *model.input_shape), np.float32), device)
     labels = jax.device_put(np.zeros((batch,), np.int32), device)
     step = jax.jit(steps.make_train_step(graphdef, tx)).lower(state, images, labels).compile()

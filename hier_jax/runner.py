@@ -1,10 +1,11 @@
-"""Devices, threads and queues: the side-effecting shell around the pure steps.
+"""Threads and supervision: the side-effecting shell around the pure steps.
 
 `build_hierarchy` jits the edge and cloud steps separately (state buffers donated) and pins each
-state to its own device. Two ways to run them over the same batches:
+state to its own device (`devices`). Two ways to run them over the same batches:
 
 - `run_sequential`: edge step, hand-off, cloud step, one after the other (the reference).
-- `run_overlapped`: one dispatch thread per side and a bounded queue of payloads between them. The
+- `run_overlapped`: one dispatch thread per side and a `channel.Channel` between them (by default a
+  bounded queue of payloads, `channel.QueueChannel`; or a `link.SimulatedLink`). The
   edge's next step waits only on a full queue (backpressure), never on the cloud's compute; one
   thread dispatching to two CPU devices would run them one after the other.
 
@@ -23,7 +24,7 @@ In both modes the steps run on worker threads and the calling thread supervises 
   sides at the same step. A second Ctrl-C aborts at once.
 An exception in either thread stops both and is re-raised in the caller with its traceback; every
 wait is bounded and every thread a run starts is joined before it returns, so nothing hangs and no
-thread outlives the call.
+thread outlives the call. The baselines (`baselines`) run under the same supervision, via `run_pairs`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,111 +47,16 @@ import optax
 from tqdm.auto import tqdm
 
 from hier_jax import steps
+from hier_jax.channel import Channel, QueueChannel
+from hier_jax.devices import AUTO, place, resolve_device
 from hier_jax.errors import DivergenceError, RunAborted
 from hier_jax.models import Split
 
-_DONE = object()
-_POLL_S = 0.05
+_POLL_S = 0.05        # how often a blocked wait checks the run's stop event
 _JOIN_GRACE_S = 60.0  # after a stop, how long a worker may take to finish the step it is running
 _FINITE_LAG = 2       # a side checks the loss of the step this many steps behind its newest
 _WRITE_BACKLOG = 2    # snapshot pairs queued or being written; a side waits before offering another
 _UNPAIRED_PER_SIDE = 4  # copies a side may offer ahead of the other (an outage); older ones are dropped
-
-
-AUTO = "auto"
-ROLES = ("edge", "cloud")
-
-
-def auto_devices() -> tuple[jax.Device, jax.Device]:
-    """What `auto` places (edge, cloud) on. On an accelerator host the edge takes the first accelerator
-    and the cloud the last; with a single accelerator both share it (give --edge-device cpu:0 to make
-    the edge a weak device instead). On a CPU host, the first two host devices (XLA_FLAGS
-    --xla_force_host_platform_device_count=2, which the experiments and tests set; one if only one)."""
-    devices = jax.devices()
-    return devices[0], devices[min(1, len(devices) - 1)] if devices[0].platform == "cpu" else devices[-1]
-
-
-def device_name(device: jax.Device) -> str:
-    return f"{device.platform}:{device.id}"
-
-
-def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
-    """'auto' (see `auto_devices`; `role` is "edge" or "cloud"), 'cpu:1', 'gpu:0', 'tpu' (index 0) or a
-    jax.Device; ValueError naming the available devices."""
-    if isinstance(spec, jax.Device):
-        return spec
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; valid: {', '.join(ROLES)}")
-    if spec == AUTO:
-        return auto_devices()[ROLES.index(role)]
-    available = ", ".join(device_name(d) for d in jax.devices()) + f", {AUTO}"
-    platform, _, index = str(spec).partition(":")
-    try:
-        if not platform or (index and not index.isdigit()):
-            raise ValueError(spec)
-        idx = int(index) if index else 0
-        devices = jax.devices(platform)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device {spec!r} does not exist; available devices: {available}") from None
-    if not 0 <= idx < len(devices):
-        raise ValueError(f"device {spec!r} does not exist; available devices: {available}"
-                         + ("" if platform != "cpu" else " (more CPU devices: XLA_FLAGS="
-                            "--xla_force_host_platform_device_count=N before importing jax)"))
-    return devices[idx]
-
-
-class Channel(Protocol):
-    """The hand-off between the edge and cloud threads. Every call is given the run's stop event and
-    returns soon after it is set; `open` starts a run (resetting what the last run left) and `join`
-    waits for any thread the channel started, after the run."""
-
-    def open(self, stop: threading.Event) -> None: ...
-    def send(self, t: int, payload: Any, stop: threading.Event) -> bool: ...
-    def close(self, stop: threading.Event) -> None: ...
-    def receive(self, stop: threading.Event) -> tuple[int, Any] | None: ...
-    def join(self, timeout_s: float) -> None: ...
-
-
-class QueueChannel:
-    """A bounded FIFO with instant delivery: the default `Channel`."""
-
-    def __init__(self, capacity: int = 2):
-        if capacity < 1:
-            raise ValueError(f"queue capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
-
-    def open(self, stop: threading.Event) -> None:
-        self._queue = queue.Queue(maxsize=self.capacity)
-
-    def _put(self, item, stop: threading.Event) -> bool:
-        while not stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def send(self, t: int, payload: Any, stop: threading.Event) -> bool:
-        """Blocks only while the queue is full (backpressure); False once the run is stopped."""
-        return self._put((t, payload), stop)
-
-    def close(self, stop: threading.Event) -> None:
-        self._put(_DONE, stop)
-
-    def receive(self, stop: threading.Event) -> tuple[int, Any] | None:
-        """The next (step, payload), or None at the end of the stream or when stopped."""
-        while not stop.is_set():
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-                return None if item is _DONE else item
-            except queue.Empty:
-                pass
-        return None
-
-    def join(self, timeout_s: float) -> None:
-        """Starts no thread: nothing to wait for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +87,7 @@ def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransform
         edge_eval=jax.jit(steps.make_edge_eval(edge_graphdef, bits=bits, num_classes=split.num_classes)),
         cloud_eval=jax.jit(steps.make_cloud_eval(cloud_graphdef)),
         bits=bits, num_classes=split.num_classes)
-    # Copies, never aliases: the steps donate their states, which must not delete the modules' arrays.
-    return (hierarchy, jax.device_put(edge_state, edge_device, may_alias=False),
-            jax.device_put(cloud_state, cloud_device, may_alias=False))
+    return hierarchy, place(edge_state, edge_device), place(cloud_state, cloud_device)
 
 
 @dataclasses.dataclass
@@ -263,11 +167,6 @@ class _FiniteCheck:
             raise DivergenceError(self.side, t, value)
 
 
-def _copy(state: steps.State, device: jax.Device) -> steps.State:
-    """A copy the next (donating) step cannot delete; dispatched asynchronously."""
-    return jax.device_put(state, device, may_alias=False)
-
-
 class _Supervisor:
     """The calling thread's side of a run: snapshots, Ctrl-C, errors and the deadline.
 
@@ -323,7 +222,7 @@ class _Supervisor:
         with self._written:
             while self._unwritten >= _WRITE_BACKLOG and not self.stop.is_set():
                 self._written.wait(_POLL_S)
-        self._offers.put((side, step, _copy(state, device)))
+        self._offers.put((side, step, place(state, device)))
 
     def supervise(self, threads: list[threading.Thread], metrics: Callable[[int], tuple]) -> float:
         """Start `threads`, serve snapshots until they end, then join them; returns the wall time.
@@ -431,11 +330,18 @@ PairStep = Callable[[steps.State, steps.State, Any, Any], tuple[steps.State, ste
 payload_bytes): one step of both sides, dispatched from the run's worker thread."""
 
 
-def _run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_state: steps.State,
-               cloud_state: steps.State, batches: Iterable[tuple[Any, Any]], desc: str, *, start_step: int,
-               snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None, timeout_s: float | None,
-               progress: bool) -> RunResult:
-    """One worker thread runs `pair_step` per batch, blocking on both states; the caller supervises."""
+def run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_state: steps.State,
+              cloud_state: steps.State, batches: Iterable[tuple[Any, Any]], desc: str, *, start_step: int,
+              snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None, timeout_s: float | None,
+              progress: bool) -> RunResult:
+    """The supervised sequential core that `run_sequential` and `baselines.run_baseline` share.
+
+    One worker thread runs `pair_step` per batch of `batches` (steps start_step, start_step + 1, ...),
+    blocking on both returned states, while the calling thread supervises it as the module docstring
+    says (snapshots through `on_snapshot` every `snapshot_every` steps, divergence checks on both sides'
+    "loss", Ctrl-C, `timeout_s`). `devices` (edge, cloud) are where the snapshot copies of the states go;
+    `desc` labels the progress bar. Donates `edge_state` and `cloud_state` to the worker.
+    """
     run = _Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
     edge_metrics, cloud_metrics, cloud_steps = [], [], []
     final: dict[str, Any] = {}
@@ -491,9 +397,9 @@ def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
         cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
         return edge_state, cloud_state, m_edge, m_cloud, payload.nbytes
 
-    return _run_pairs(pair_step, (h.edge_device, h.cloud_device), edge_state, cloud_state, batches, "sequential",
-                      start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
-                      timeout_s=timeout_s, progress=progress)
+    return run_pairs(pair_step, (h.edge_device, h.cloud_device), edge_state, cloud_state, batches, "sequential",
+                     start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
+                     timeout_s=timeout_s, progress=progress)
 
 
 def _result(run: _Supervisor, final: dict, edge_metrics: list, cloud_metrics: list, cloud_steps: list,
@@ -589,103 +495,10 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
 
 
-@dataclasses.dataclass(frozen=True)
-class Baseline:
-    """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning.
-
-    Both run under the same supervision as `run_sequential` (snapshots, divergence checks, Ctrl-C),
-    over an (edge state, cloud state) pair. End-to-end trains on one device and has no edge: the whole
-    model is the cloud state, and the edge state `{"step": 0}` is a placeholder nothing updates.
-    """
-    edge_device: jax.Device
-    cloud_device: jax.Device
-    train_step: Callable | None = None         # end-to-end: (state, images, labels) -> (state, metrics)
-    edge_forward: Callable | None = None       # split learning: (edge_state, images) -> (features, vjp, bn)
-    cloud_step: Callable | None = None         # split learning: (cloud_state, features, labels) -> (.., grad, ..)
-    edge_backward: Callable | None = None      # split learning: (edge_state, vjp, bn, grad) -> edge_state
-    edge_eval: Callable | None = None          # split learning: (edge_state, images) -> features
-    cloud_eval: Callable | None = None         # (cloud_state, features or images) -> logits
-
-
-def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str | jax.Device = AUTO
-                     ) -> tuple[Baseline, steps.State, steps.State]:
-    """The unsplit model trained on one device: what cloud-only training computes. Returns
-    (baseline, the placeholder edge state `{"step": 0}`, the model's state)."""
-    device = resolve_device(device, "cloud")  # cloud-only training runs where the cloud does
-    graphdef, state = steps.init_state(model, tx)
-    baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0),
-                        cloud_eval=jax.jit(steps.make_eval(graphdef)))
-    no_edge = {"step": jax.device_put(jnp.zeros((), jnp.int32), device)}
-    return baseline, no_edge, jax.device_put(state, device, may_alias=False)
-
-
-def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
-                         cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = AUTO,
-                         cloud_device: str | jax.Device = AUTO) -> tuple[Baseline, steps.State, steps.State]:
-    """Vanilla split learning: the cloud's boundary gradient goes back and the edge backpropagates it."""
-    edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
-    edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
-    cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
-    baseline = Baseline(edge_device, cloud_device,
-                        edge_forward=jax.jit(steps.make_split_edge_forward(edge_graphdef)),
-                        cloud_step=jax.jit(steps.make_split_cloud_step(cloud_graphdef, cloud_tx), donate_argnums=0),
-                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx), donate_argnums=0),
-                        edge_eval=jax.jit(steps.make_features_eval(edge_graphdef)),
-                        cloud_eval=jax.jit(steps.make_eval(cloud_graphdef)))
-    return (baseline, jax.device_put(edge_state, edge_device, may_alias=False),
-            jax.device_put(cloud_state, cloud_device, may_alias=False))
-
-
-def _baseline_pair_step(b: Baseline) -> PairStep:
-    if b.train_step is not None:
-        def end_to_end(edge_state, cloud_state, images, labels):
-            cloud_state, metrics = b.train_step(cloud_state, jax.device_put(images, b.cloud_device),
-                                                jax.device_put(labels, b.cloud_device))
-            return edge_state, cloud_state, {}, metrics, 0
-        return end_to_end
-
-    def split_learning(edge_state, cloud_state, images, labels):
-        features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))
-        cloud_state, boundary_grad, metrics = b.cloud_step(cloud_state, jax.device_put(features, b.cloud_device),
-                                                           jax.device_put(labels, b.cloud_device))
-        edge_state = b.edge_backward(edge_state, edge_vjp, batch_stats, jax.device_put(boundary_grad, b.edge_device))
-        return edge_state, cloud_state, {}, metrics, features.nbytes + boundary_grad.nbytes
-    return split_learning
-
-
-def run_baseline(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
-                 batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
-                 on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
-                 progress: bool = False) -> RunResult:
-    """Train a baseline over `batches`, supervised as `run_sequential` is. The metrics are the final
-    exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is the arrays that cross the
-    link per batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the
-    raw images are the cloud's input)."""
-    name = "end-to-end" if b.train_step is not None else "split learning"
-    return _run_pairs(_baseline_pair_step(b), (b.edge_device, b.cloud_device), edge_state, cloud_state, batches,
-                      name, start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
-                      timeout_s=timeout_s, progress=progress)
-
-
-def evaluate_baseline(b: Baseline, edge_state: steps.State, cloud_state: steps.State,
-                      batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
-    """Test accuracy of a baseline's final exit (`batches` as for `evaluate`)."""
-    correct = n = 0
-    for images, labels, mask in batches:
-        if b.edge_eval is not None:
-            images = jax.device_put(b.edge_eval(edge_state, jax.device_put(images, b.edge_device)), b.cloud_device)
-        logits = b.cloud_eval(cloud_state, jax.device_put(images, b.cloud_device))
-        hits, mask = jax.device_get((jnp.argmax(logits, -1) == jax.device_put(labels, b.cloud_device), mask))
-        correct += int((hits & mask.astype(bool)).sum())
-        n += int(mask.sum())
-    if n == 0:
-        raise ValueError("evaluation got no examples")
-    return {"cloud_accuracy": correct / n, "examples": n}
-
-
 def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
              batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
-    """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit.
+    """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit:
+    {"edge_accuracy": float, "cloud_accuracy": float, "examples": int}.
 
     `batches` yields (images, labels, mask); masked-out (padding) examples are not counted. The
     cloud sees the features quantized at the training bit width, as it would in deployment.

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from hier_jax.costmodel import Link, Workload, epoch_time
+from hier_jax.costmodel import Workload, epoch_time
+from hier_jax.link import Link
 from hier_jax.profiler import Profile
 
 

@@ -17,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hier_jax import profiler, runner, steps
+from hier_jax import baselines, profiler, runner, steps
+from hier_jax.channel import Channel, QueueChannel
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
+from hier_jax.devices import place
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
 
@@ -104,23 +106,22 @@ class TrainBatches:
 def fresh_states(setup: Setup) -> tuple[steps.State, steps.State]:
     """Copies of the initial states (the steps donate theirs), so every run starts from the same point."""
     h = setup.hierarchy
-    return (jax.device_put(setup.initial_edge_state, h.edge_device, may_alias=False),
-            jax.device_put(setup.initial_cloud_state, h.cloud_device, may_alias=False))
+    return place(setup.initial_edge_state, h.edge_device), place(setup.initial_cloud_state, h.cloud_device)
 
 
-def build_baseline(setup: Setup, scheme: str) -> tuple[runner.Baseline, steps.State, steps.State]:
+def build_baseline(setup: Setup, scheme: str) -> tuple[baselines.Baseline, steps.State, steps.State]:
     """The compiled steps and initial states of a baseline. The unsplit model starts from the very
     weights the hierarchy's stages start from; end-to-end trains with the cloud's optimizer on the
     cloud device, split learning gives each side its own optimizer and cuts at the setup's split."""
     config, n_steps = setup.config, setup.total_steps
     cloud_tx = make_optimizer(config.optimizer("cloud"), n_steps)
     if scheme == "end_to_end":
-        return runner.build_end_to_end(setup.model, cloud_tx, device=config.cloud_device)
+        return baselines.build_end_to_end(setup.model, cloud_tx, device=config.cloud_device)
     if scheme == "split_learning":
-        return runner.build_split_learning(split(setup.model, setup.split.point, head=None),
-                                           edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
-                                           cloud_tx=cloud_tx, edge_device=config.edge_device,
-                                           cloud_device=config.cloud_device)
+        return baselines.build_split_learning(split(setup.model, setup.split.point, head=None),
+                                              edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+                                              cloud_tx=cloud_tx, edge_device=config.edge_device,
+                                              cloud_device=config.cloud_device)
     raise ConfigError(f"unknown baseline {scheme!r}; valid: {', '.join(BASELINES)}")
 
 
@@ -184,7 +185,7 @@ def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> No
         raise ResumeMismatchError(f"cannot resume from {where}: the config differs in " + "; ".join(differ))
 
 
-def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, progress: bool = True,
+def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = None, progress: bool = True,
           checkpoint_dir: str | Path | None = None, resume: bool = False, timeout_s: float | None = None
           ) -> runner.RunResult:
     """Train in `mode` ("sequential" or "overlapped", or a baseline: "end_to_end", "split_learning")
@@ -261,11 +262,11 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: object = None, pro
                       timeout_s=timeout_s, progress=progress)
         try:
             if mode in BASELINES:
-                result = runner.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
+                result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
             elif mode == "sequential":
                 result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
-                channel = runner.QueueChannel(config.queue_size) if channel is None else channel
+                channel = QueueChannel(config.queue_size) if channel is None else channel
                 result = runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches, channel=channel,
                                                **kwargs)
         except DivergenceError as error:
@@ -306,5 +307,5 @@ def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
     if result.mode in BASELINES:
         baseline, _, _ = build_baseline(setup, result.mode)
         return {"edge_accuracy": None,
-                **runner.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
+                **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
     return runner.evaluate(setup.hierarchy, result.edge_state, result.cloud_state, batches)

@@ -4,7 +4,7 @@ resumed from one (runner level, `start_step`) is bit-identical to an uninterrupt
 import jax
 import numpy as np
 
-from hier_jax import runner
+from hier_jax import devices, runner
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
@@ -20,8 +20,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
             for _ in range(5)]
 
     def copies():
-        return (jax.device_put(edge0, h.edge_device, may_alias=False),
-                jax.device_put(cloud0, h.cloud_device, may_alias=False))
+        return devices.place(edge0, h.edge_device), devices.place(cloud0, h.cloud_device)
 
     straight = runner.run_sequential(h, *copies(), data)
     first = runner.run_sequential(h, *copies(), data[:3])

@@ -6,10 +6,11 @@ import pytest
 
 from hier_jax import costmodel as cm
 from hier_jax import selection
+from hier_jax.link import LINKS, Link, custom_link, get_link
 from hier_jax.profiler import Profile, SplitProfile, Timing
 
 # 1 Mbit/s up, 2 Mbit/s down, 10 ms one way: 1,000 bytes take 8 ms to serialize up.
-LINK = cm.Link("test", 1e6, 2e6, 0.010)
+LINK = Link("test", 1e6, 2e6, 0.010)
 W = cm.Workload(edge_fwd_s=0.1, edge_bwd_s=0.2, head_fwd_s=0.01, head_bwd_s=0.02, cloud_train_s=0.3,
                 full_train_s=0.5, payload_bytes=1000, activation_bytes=8000, gradient_bytes=8000, raw_bytes=3000,
                 batches_per_epoch=10)
@@ -33,7 +34,7 @@ def test_formulas_by_hand():
 
 
 def test_epochs_and_one_time_upload_by_hand():
-    slow = cm.Link("slow", 8e3, 8e3, 0.0)  # 1,000 bytes per second: raw 3,000 B takes 3 s per batch
+    slow = Link("slow", 8e3, 8e3, 0.0)  # 1,000 bytes per second: raw 3,000 B takes 3 s per batch
     # streamed: 3 + 0.5 + (20 - 1) * 3 over 2 epochs
     assert cm.training_time("cloud_only", W, slow, epochs=2) == pytest.approx(60.5)
     # uploaded once: first epoch 3.5 + 9 * 3 = 30.5, second epoch compute only 10 * 0.5
@@ -48,7 +49,7 @@ def test_epochs_and_one_time_upload_by_hand():
 
 @pytest.mark.parametrize("scheme", cm.SCHEMES)
 def test_faster_link_is_never_slower(scheme):
-    times = [cm.training_time(scheme, W, cm.custom_link(mbps, latency_ms=ms))
+    times = [cm.training_time(scheme, W, custom_link(mbps, latency_ms=ms))
              for mbps, ms in [(0.1, 100), (1.1, 30), (5.85, 30), (5.85, 5), (100, 5), (1000, 0)]]
     assert all(a >= b for a, b in zip(times, times[1:]))
 
@@ -56,25 +57,25 @@ def test_faster_link_is_never_slower(scheme):
 def test_scheme_ordering():
     # The paper's per-batch time is at least every pipeline stage and at least the edge's own work, so
     # pipelining can only lose the fill's edge backward; on this workload split learning is slowest.
-    for link in cm.LINKS.values():
+    for link in LINKS.values():
         assert (cm.training_time("hierarchical_pipelined", W, link)
                 <= cm.training_time("hierarchical_paper", W, link) + W.edge_bwd_s + W.head_bwd_s)
         assert cm.training_time("hierarchical_paper", W, link) <= cm.training_time("split_learning", W, link)
 
 
 def test_presets_and_bad_links():
-    assert cm.get_link("3g").uplink_bps == 1.1e6 and cm.get_link("4g").uplink_bps == 5.85e6
-    assert cm.get_link("wifi").uplink_bps == 18.88e6
-    assert all(link.source for link in cm.LINKS.values())
+    assert get_link("3g").uplink_bps == 1.1e6 and get_link("4g").uplink_bps == 5.85e6
+    assert get_link("wifi").uplink_bps == 18.88e6
+    assert all(link.source for link in LINKS.values())
     with pytest.raises(ValueError, match="presets: 3g, 4g, 5g, wifi"):
-        cm.get_link("6g")
+        get_link("6g")
     for bad in (-1.0, 0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive bit rate"):
-            cm.custom_link(bad)
+            custom_link(bad)
     with pytest.raises(ValueError, match="downlink_bps"):
-        cm.Link("x", 1e6, 0.0)
+        Link("x", 1e6, 0.0)
     with pytest.raises(ValueError, match="latency"):
-        cm.custom_link(1.0, latency_ms=-1)
+        custom_link(1.0, latency_ms=-1)
     with pytest.raises(ValueError, match="unknown scheme"):
         cm.training_time("federated", W, LINK)
     with pytest.raises(ValueError, match="edge_fwd_s"):
@@ -94,7 +95,7 @@ def _profile(batch: int = 2) -> Profile:
 
 def test_selection_finds_true_minimum_and_respects_budget():
     p = _profile()
-    link = cm.Link("1 kB/s", 8e3, 8e3, 0.0)
+    link = Link("1 kB/s", 8e3, 8e3, 0.0)
     # per batch: edge 3(k+1) s, link 8 / 4 / 0.5 s, cloud 3(3-k) s -> bottlenecks 9, 6, 9: s1 wins
     sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9)
     assert sel.best.split == "s1"
@@ -112,7 +113,7 @@ def test_selection_finds_true_minimum_and_respects_budget():
 
 def test_selection_accuracy_tolerance():
     p = _profile()
-    link = cm.Link("1 kB/s", 8e3, 8e3, 0.0)
+    link = Link("1 kB/s", 8e3, 8e3, 0.0)
     acc = {"s0": 0.90, "s1": 0.85, "s2": 0.895}
     sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
                                  accuracy=acc, max_accuracy_drop=0.01)
@@ -127,7 +128,7 @@ def test_selection_tolerance_from_a_reference_accuracy():
     """Measured from end-to-end's accuracy (0.905) rather than the table's best, a 0.01 tolerance admits
     s0 (0.90) alone; a reference no point comes within fails with both figures named."""
     p = _profile()
-    link = cm.Link("1 kB/s", 8e3, 8e3, 0.0)
+    link = Link("1 kB/s", 8e3, 8e3, 0.0)
     acc = {"s0": 0.90, "s1": 0.85, "s2": 0.894}
     sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
                                  accuracy=acc, max_accuracy_drop=0.01, reference_accuracy=0.905)

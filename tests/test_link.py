@@ -7,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from hier_jax import costmodel as cm
 from hier_jax import optim, quantization, runner
-from hier_jax.link import SimulatedLink
+from hier_jax.link import SimulatedLink, custom_link, get_link
 from hier_jax.models import build_model, split
 
 
@@ -28,7 +27,7 @@ def _drain(link: SimulatedLink, stop: threading.Event) -> list[int]:
 
 
 def test_single_transfer_wall_time_matches_model():
-    link = cm.custom_link(1.0, latency_ms=20.0)  # 10,000 B: 80 ms on the wire + 20 ms latency
+    link = custom_link(1.0, latency_ms=20.0)  # 10,000 B: 80 ms on the wire + 20 ms latency
     channel, stop = SimulatedLink(link), threading.Event()
     start = time.perf_counter()
     assert channel.send(0, np.zeros(10_000, np.uint8), stop)
@@ -39,7 +38,7 @@ def test_single_transfer_wall_time_matches_model():
 
 
 def test_stream_pipelines_latency_and_serializes_the_wire():
-    link = cm.custom_link(1.0, latency_ms=30.0)  # 5,000 B: 40 ms each on the wire
+    link = custom_link(1.0, latency_ms=30.0)  # 5,000 B: 40 ms each on the wire
     channel, stop = SimulatedLink(link, capacity=4), threading.Event()
     start = time.perf_counter()
     for t in range(3):
@@ -56,7 +55,7 @@ def test_stream_pipelines_latency_and_serializes_the_wire():
 
 
 def test_time_scale_compresses_delays():
-    channel, stop = SimulatedLink(cm.get_link("3g"), time_scale=1e-3), threading.Event()
+    channel, stop = SimulatedLink(get_link("3g"), time_scale=1e-3), threading.Event()
     start = time.perf_counter()
     channel.send(0, np.zeros(137_500, np.uint8), stop)  # 1 s on 3G's 1.1 Mbit/s, 1 ms scaled
     channel.receive(stop)
@@ -64,7 +63,7 @@ def test_time_scale_compresses_delays():
 
 
 def test_outage_buffers_then_drops_oldest_and_keeps_alignment():
-    channel, stop = SimulatedLink(cm.custom_link(1000.0), capacity=4, outages=[(3, 9)]), threading.Event()
+    channel, stop = SimulatedLink(custom_link(1000.0), capacity=4, outages=[(3, 9)]), threading.Event()
     received = []
     consumer = threading.Thread(target=lambda: received.extend(
         (t, np.asarray(p.labels)) for t, p in iter(lambda: channel.receive(stop), None)), daemon=True)
@@ -88,7 +87,7 @@ def test_outage_buffers_then_drops_oldest_and_keeps_alignment():
 
 
 def test_outage_loses_nothing_when_the_buffer_suffices():
-    channel, stop = SimulatedLink(cm.custom_link(1000.0), capacity=5, outages=[(2, 7)]), threading.Event()
+    channel, stop = SimulatedLink(custom_link(1000.0), capacity=5, outages=[(2, 7)]), threading.Event()
     for t in range(2):
         channel.send(t, np.zeros(100, np.uint8), stop)
     _wait_for(lambda: channel.stats().buffered == 0)
@@ -102,7 +101,7 @@ def test_outage_loses_nothing_when_the_buffer_suffices():
 
 
 def test_outage_past_the_end_ends_at_close():
-    channel, stop = SimulatedLink(cm.custom_link(1000.0), capacity=8, outages=[(1, 100)]), threading.Event()
+    channel, stop = SimulatedLink(custom_link(1000.0), capacity=8, outages=[(1, 100)]), threading.Event()
     for t in range(5):
         channel.send(t, np.zeros(10, np.uint8), stop)
     channel.close(stop)
@@ -111,7 +110,7 @@ def test_outage_past_the_end_ends_at_close():
 
 def test_backpressure_while_up_and_stop_releases_everything():
     # 10,000 B at 0.1 Mbit/s = 0.8 s each: with capacity 1 the third send must wait for the wire
-    channel, stop = SimulatedLink(cm.custom_link(0.1), capacity=1), threading.Event()
+    channel, stop = SimulatedLink(custom_link(0.1), capacity=1), threading.Event()
     channel.send(0, np.zeros(10_000, np.uint8), stop)
     _wait_for(lambda: channel.stats().in_flight == 1)
     channel.send(1, np.zeros(10_000, np.uint8), stop)
@@ -123,7 +122,7 @@ def test_backpressure_while_up_and_stop_releases_everything():
 
 
 def test_bad_arguments():
-    link = cm.custom_link(1.0)
+    link = custom_link(1.0)
     with pytest.raises(ValueError, match="capacity"):
         SimulatedLink(link, capacity=0)
     with pytest.raises(ValueError, match="outage"):
@@ -148,7 +147,7 @@ BATCHES = [(np.random.default_rng(t).normal(size=(4, 16, 16, 3)).astype(np.float
 
 def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
     h, fresh = hierarchy
-    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=2, outages=[(3, 8)])
+    link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=2, outages=[(3, 8)])
     result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     stats = link.stats()
     assert len(result.edge_metrics["loss"]) == 10  # the edge trained through the outage
@@ -161,7 +160,7 @@ def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
 def test_runner_without_loss_matches_sequential_reference(hierarchy):
     h, fresh = hierarchy
     reference = runner.run_sequential(h, *fresh(), BATCHES)
-    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=10, outages=[(3, 8)])
+    link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10, outages=[(3, 8)])
     result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     assert link.stats().dropped == 0
     np.testing.assert_array_equal(result.cloud_steps, np.arange(10))
@@ -171,7 +170,7 @@ def test_runner_without_loss_matches_sequential_reference(hierarchy):
 def test_a_link_carries_a_second_run_and_its_thread_ends_with_each_run(hierarchy):
     """Reusing a link used to hang (its first run had closed it); now each run starts it afresh."""
     h, fresh = hierarchy
-    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=10)
+    link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10)
     before = set(threading.enumerate())  # other tests' links may still wait on streams they never closed
     for _ in range(2):
         result = runner.run_overlapped(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
@@ -190,7 +189,7 @@ def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(
     """
     monkeypatch.setattr(runner, "_UNPAIRED_PER_SIDE", 16)
     h, fresh = hierarchy
-    link = SimulatedLink(cm.custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
+    link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
     snapshots = []
     result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2,
                                    on_snapshot=snapshots.append)

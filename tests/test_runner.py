@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from hier_jax import runner
+from hier_jax import devices, runner
+from hier_jax.channel import QueueChannel
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
 
@@ -28,8 +29,7 @@ def hierarchy():
 
 def fresh(hierarchy):
     h, edge_state, cloud_state = hierarchy
-    return (h, jax.device_put(edge_state, h.edge_device, may_alias=False),
-            jax.device_put(cloud_state, h.cloud_device, may_alias=False))
+    return h, devices.place(edge_state, h.edge_device), devices.place(cloud_state, h.cloud_device)
 
 
 def batches(n=STEPS, seed=0):
@@ -45,7 +45,7 @@ def leaves_equal(a, b):
 def test_overlapped_equals_sequential_bit_for_bit(hierarchy):
     data = batches()
     seq = runner.run_sequential(*fresh(hierarchy), data)
-    ovl = runner.run_overlapped(*fresh(hierarchy), data, channel=runner.QueueChannel(1))
+    ovl = runner.run_overlapped(*fresh(hierarchy), data, channel=QueueChannel(1))
     assert leaves_equal(seq.edge_state, ovl.edge_state)
     assert leaves_equal(seq.cloud_state, ovl.cloud_state)
     for key in ("loss", "accuracy"):
@@ -98,7 +98,7 @@ def test_edge_runs_ahead_without_waiting_for_the_cloud(hierarchy):
         return h.cloud_step(state, payload)
 
     probe = dataclasses.replace(h, edge_step=edge_step, cloud_step=cloud_step)
-    result = runner.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=runner.QueueChannel(2))
+    result = runner.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=QueueChannel(2))
     np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
 
 
@@ -135,7 +135,7 @@ def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
     before = set(threading.enumerate())
     with pytest.raises(Boom, match="cloud failed"):
         runner.run_overlapped(dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state,
-                              batches(12), channel=runner.QueueChannel(1))
+                              batches(12), channel=QueueChannel(1))
     assert not runner_threads_started_since(before)
 
 
@@ -164,21 +164,21 @@ def test_evaluate_counts_masked_examples_once(hierarchy):
 @pytest.mark.parametrize("spec", ["cpu:7", "gpu:0", "tpu", "npu:0", "cpu:x", ":1", "", "cpu:-1"])
 def test_unknown_devices_are_clear_errors(spec):
     with pytest.raises(ValueError, match=f"device '{spec}' does not exist; available devices: cpu:0, cpu:1"):
-        runner.resolve_device(spec)
+        devices.resolve_device(spec)
 
 
 def test_resolve_device():
-    assert runner.resolve_device("cpu:1") == jax.devices()[1]
-    assert runner.resolve_device("cpu") == jax.devices()[0]
-    assert runner.resolve_device(jax.devices()[1]) == jax.devices()[1]
+    assert devices.resolve_device("cpu:1") == jax.devices()[1]
+    assert devices.resolve_device("cpu") == jax.devices()[0]
+    assert devices.resolve_device(jax.devices()[1]) == jax.devices()[1]
     with pytest.raises(ValueError, match="unknown role 'fog'"):
-        runner.resolve_device("auto", "fog")
+        devices.resolve_device("auto", "fog")
 
 
 def test_auto_on_a_cpu_host_puts_edge_and_cloud_on_two_host_devices():
     assert jax.default_backend() == "cpu" or pytest.skip("this host has an accelerator")
-    assert runner.resolve_device("auto", "edge") == jax.devices("cpu")[0]
-    assert runner.resolve_device("auto", "cloud") == jax.devices("cpu")[1]
+    assert devices.resolve_device("auto", "edge") == jax.devices("cpu")[0]
+    assert devices.resolve_device("auto", "cloud") == jax.devices("cpu")[1]
 
 
 class FakeDevice:
@@ -190,14 +190,14 @@ class FakeDevice:
 def test_auto_on_an_accelerator_host_takes_the_first_and_the_last(monkeypatch, count, edge, cloud):
     gpus = [FakeDevice("gpu", i) for i in range(count)]
     monkeypatch.setattr(jax, "devices", lambda *backend: gpus)
-    assert runner.auto_devices() == (gpus[edge], gpus[cloud])
+    assert devices.auto_devices() == (gpus[edge], gpus[cloud])
 
 
 @pytest.mark.parametrize("count, cloud", [(1, 0), (2, 1), (4, 1)])
 def test_auto_on_a_cpu_host_with_n_host_devices(monkeypatch, count, cloud):
     cpus = [FakeDevice("cpu", i) for i in range(count)]
     monkeypatch.setattr(jax, "devices", lambda *backend: cpus)
-    assert runner.auto_devices() == (cpus[0], cpus[cloud])
+    assert devices.auto_devices() == (cpus[0], cpus[cloud])
 
 
 @pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])

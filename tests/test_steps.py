@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hier_jax import quantization, runner, steps
+from hier_jax import baselines, quantization, steps
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
 
@@ -110,10 +110,10 @@ def test_vanilla_split_learning_equals_end_to_end_training():
     model, parts = tiny_split("layer2_0", head=None, seed=3)
     twin = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4, seed=3)
     data = [batch(s) for s in range(3)]
-    sl, edge_state, cloud_state = runner.build_split_learning(parts, edge_tx=opt, cloud_tx=opt)
-    result = runner.run_baseline(sl, edge_state, cloud_state, data)
-    e2e, no_edge, state = runner.build_end_to_end(twin, opt)
-    whole = runner.run_baseline(e2e, no_edge, state, data)
+    sl, edge_state, cloud_state = baselines.build_split_learning(parts, edge_tx=opt, cloud_tx=opt)
+    result = baselines.run_baseline(sl, edge_state, cloud_state, data)
+    e2e, no_edge, state = baselines.build_end_to_end(twin, opt)
+    whole = baselines.run_baseline(e2e, no_edge, state, data)
     state, metrics = whole.cloud_state, whole.cloud_metrics
     assert int(whole.edge_state["step"]) == 0 and whole.payload_bytes == 0 and whole.end_step == 3
     np.testing.assert_allclose(result.cloud_metrics["loss"], metrics["loss"], rtol=1e-5)
