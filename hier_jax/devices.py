@@ -25,6 +25,18 @@ def device_name(device: jax.Device) -> str:
     return f"{device.platform}:{device.id}"
 
 
+def all_devices() -> list[jax.Device]:
+    """The devices of every platform this process has, the default one first (jax.devices() lists only
+    the default platform's: on a GPU host the CPU devices are there too, as cpu:N)."""
+    found = list(jax.devices())
+    for platform in ("gpu", "tpu", "cpu"):
+        try:
+            found += [d for d in jax.devices(platform) if d not in found]
+        except RuntimeError:
+            pass
+    return found
+
+
 def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
     """'auto' (see `auto_devices`; `role` is "edge" or "cloud"), 'cpu:1', 'gpu:0', 'tpu' (index 0) or a
     jax.Device; ValueError naming the available devices."""
@@ -34,7 +46,7 @@ def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
         raise ValueError(f"unknown role {role!r}; valid: {', '.join(ROLES)}")
     if spec == AUTO:
         return auto_devices()[ROLES.index(role)]
-    available = ", ".join(device_name(d) for d in jax.devices()) + f", {AUTO}"
+    available = ", ".join(device_name(d) for d in all_devices()) + f", {AUTO}"
     platform, _, index = str(spec).partition(":")
     try:
         if not platform or (index and not index.isdigit()):

@@ -4,12 +4,16 @@
 #   2. experiments.bench_torch for ResNet-18 and VGG-16 on CIFAR-10 shapes at batch 128: JAX jit
 #      against PyTorch eager (NCHW and channels_last), then against torch.compile, all in fp32
 #      without TF32 (two runs per model so that a slow torch.compile cannot cost the eager figures);
-#   3. portability: the model, step and quantization tests with JAX on the GPU (fp32 matmuls).
-# Results go to $OUT: bench_<model>_<eager|compile>.json, logs.
-# Usage: OUT=dir bash scripts/gpu_check.sh [timed steps]
+#   3. portability: the whole test suite with JAX on the GPU (`tasks.py test --system --backend gpu`:
+#      the CPU beside it, precision 'highest', deterministic GPU reductions), with its JUnit XML and
+#      a one-page summary (passed, failed, skipped with reasons, the golden trajectory's deviation).
+# Results go to $OUT: bench_<model>_<eager|compile>.json, tests/junit.xml, tests/summary.md, logs.
+# Usage: OUT=dir bash scripts/gpu_check.sh [all|bench|tests] [timed steps]
 set -uo pipefail
 OUT=${OUT:-out/gpu}
-STEPS=${1:-20}
+WHAT=${1:-all}
+STEPS=${2:-20}
+TEST_TIMEOUT=${TEST_TIMEOUT:-420}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TF_CPP_MIN_LOG_LEVEL=3
 # A flax older than the one pyproject.toml pins is replaced by a carried wheel (.whl/, if any).
@@ -30,13 +34,17 @@ bench() {  # model, torch modes, tag, time limit (s)
   echo "exit $?"; grep -E "^(resnet18|vgg16) " "$OUT/bench_$1_$3.log" | cut -c1-150
   mv "$OUT/tmp/bench_torch.json" "$OUT/bench_$1_$3.json" 2>/dev/null
 }
-bench resnet18 eager,eager_cl eager 100
-bench vgg16 eager,eager_cl eager 100
-bench resnet18 compile compile 140
-bench vgg16 compile compile 140
-rmdir "$OUT/tmp" 2>/dev/null
+if [ "$WHAT" != tests ]; then
+  bench resnet18 eager,eager_cl eager 100
+  bench vgg16 eager,eager_cl eager 100
+  bench resnet18 compile compile 140
+  bench vgg16 compile compile 140
+  rmdir "$OUT/tmp" 2>/dev/null
+fi
 
-echo "== portability tests on the GPU"
-JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest timeout 80 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_models.py tests/test_steps.py tests/test_quantization.py > "$OUT/tests.log" 2>&1
-echo "exit $?"; tail -4 "$OUT/tests.log"
+if [ "$WHAT" != bench ]; then
+  echo "== the test suite on the GPU (limit ${TEST_TIMEOUT} s)"
+  timeout "$TEST_TIMEOUT" python3 tasks.py test --system --backend gpu --out "$OUT/tests" -p no:cacheprovider \
+    > "$OUT/tests.log" 2>&1
+  echo "exit $?"; cat "$OUT/tests/summary.md" 2>/dev/null || tail -20 "$OUT/tests.log"
+fi

@@ -1,5 +1,10 @@
 """Test configuration: the process set-up the experiments make in `main` (hier_jax.process.setup: two
-host CPU devices, XLA:CPU convolutions on Eigen), made before any test starts JAX."""
+host CPU devices, XLA:CPU convolutions on Eigen), made before any test starts JAX; the precision
+policy of tests/backend.py; and device-pair fixtures that fit whatever backend the suite runs on.
+
+JAX_PLATFORMS defaults to cpu; `python3 tasks.py test --backend gpu|tpu` sets it to the accelerator
+with the CPU beside it.
+"""
 
 import os
 
@@ -9,3 +14,36 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from hier_jax import process  # noqa: E402 - after the environment above
 
 process.setup()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import backend  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", backend.PRECISION)
+
+DEVICE_PAIRS = ("two_host_devices", "two_accelerators", "accelerator_and_host")
+
+
+def device_pair_for(kind: str) -> tuple[jax.Device, jax.Device]:
+    """(edge, cloud) devices of a kind of pair, or pytest.skip saying what is missing."""
+    host = jax.devices("cpu") if "cpu" in os.environ["JAX_PLATFORMS"].split(",") else []
+    accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+    if kind == "two_host_devices":
+        if len(host) < 2:
+            pytest.skip(f"needs two host CPU devices; this process has {len(host)}")
+        return host[0], host[1]
+    if kind == "two_accelerators":
+        if len(accelerators) < 2:
+            pytest.skip(f"needs two accelerators; this host has {len(accelerators)}")
+        return accelerators[0], accelerators[-1]
+    if not accelerators or not host:
+        pytest.skip(f"needs an accelerator and the host CPU; this process has {len(accelerators)} "
+                    f"accelerator(s) and {len(host)} host device(s)")
+    return host[0], accelerators[0]  # the edge on the weak side
+
+
+@pytest.fixture(params=DEVICE_PAIRS)
+def device_pair(request) -> tuple[jax.Device, jax.Device]:
+    """Each kind of (edge, cloud) device pair this host offers; the others skip with the reason."""
+    return device_pair_for(request.param)

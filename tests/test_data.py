@@ -159,8 +159,8 @@ def test_train_is_deterministic_per_seed_and_epoch() -> None:
 
 def test_batches_on_a_device_and_sharded_over_devices() -> None:
     ds = make_dataset("pad_crop_flip")
-    devices = jax.devices()
-    assert len(devices) == 2  # conftest forces two CPU devices
+    devices = jax.devices("cpu")
+    assert len(devices) == 2  # conftest forces two CPU devices, beside any accelerator
     images, labels = next(iter(train_batches(ds, 16, seed=0, device=devices[1])))
     assert images.devices() == {devices[1]} and labels.devices() == {devices[1]}
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

@@ -61,11 +61,28 @@ def test_overlapped_equals_sequential_bit_for_bit(hierarchy):
     assert ovl.payload_bytes == seq.payload_bytes == 4 * 16 * 16 * 4 // 2 + 4 + 4 + 4
 
 
+def test_overlapped_equals_sequential_on_every_device_pair(device_pair):
+    """Two host devices, two accelerators, or the CPU edge beside an accelerator cloud: the schedules
+    agree bit for bit wherever the sides run, and each state stays on its side's device."""
+    edge_device, cloud_device = device_pair
+    model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
+    parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
+    tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
+    built = runner.build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device,
+                                   cloud_device=cloud_device)
+    data = batches(3)
+    seq = runner.run_sequential(*fresh(built), data)
+    ovl = runner.run_overlapped(*fresh(built), data, channel=QueueChannel(1))
+    assert leaves_equal(seq.edge_state, ovl.edge_state) and leaves_equal(seq.cloud_state, ovl.cloud_state)
+    assert {d for leaf in jax.tree.leaves(ovl.edge_state) for d in leaf.devices()} == {edge_device}
+    assert {d for leaf in jax.tree.leaves(ovl.cloud_state) for d in leaf.devices()} == {cloud_device}
+
+
 def test_states_stay_on_their_devices(hierarchy):
     result = runner.run_overlapped(*fresh(hierarchy), batches(2))
     edge_devices = {d for leaf in jax.tree.leaves(result.edge_state) for d in leaf.devices()}
     cloud_devices = {d for leaf in jax.tree.leaves(result.cloud_state) for d in leaf.devices()}
-    assert edge_devices == {jax.devices()[0]} and cloud_devices == {jax.devices()[1]}
+    assert edge_devices == {jax.devices("cpu")[0]} and cloud_devices == {jax.devices("cpu")[1]}
 
 
 def test_cloud_consumes_step_t_payload_with_step_t_labels(hierarchy):
@@ -161,24 +178,28 @@ def test_evaluate_counts_masked_examples_once(hierarchy):
     assert acc["edge_accuracy"] == pytest.approx(hits / 3)
 
 
-@pytest.mark.parametrize("spec", ["cpu:7", "gpu:0", "tpu", "npu:0", "cpu:x", ":1", "", "cpu:-1"])
+@pytest.mark.parametrize("spec", ["cpu:7", "gpu:64", "tpu:64", "npu:0", "cpu:x", ":1", "", "cpu:-1"])
 def test_unknown_devices_are_clear_errors(spec):
-    with pytest.raises(ValueError, match=f"device '{spec}' does not exist; available devices: cpu:0, cpu:1"):
+    """On any host: the message lists every device of every platform (the CPU's too beside a GPU)."""
+    with pytest.raises(ValueError, match=f"device '{spec}' does not exist; available devices: .*cpu:0, cpu:1"):
         devices.resolve_device(spec)
 
 
 def test_resolve_device():
-    assert devices.resolve_device("cpu:1") == jax.devices()[1]
-    assert devices.resolve_device("cpu") == jax.devices()[0]
-    assert devices.resolve_device(jax.devices()[1]) == jax.devices()[1]
+    assert devices.resolve_device("cpu:1") == jax.devices("cpu")[1]
+    assert devices.resolve_device("cpu") == jax.devices("cpu")[0]
+    assert devices.resolve_device(jax.devices("cpu")[1]) == jax.devices("cpu")[1]
     with pytest.raises(ValueError, match="unknown role 'fog'"):
         devices.resolve_device("auto", "fog")
 
 
-def test_auto_on_a_cpu_host_puts_edge_and_cloud_on_two_host_devices():
-    assert jax.default_backend() == "cpu" or pytest.skip("this host has an accelerator")
-    assert devices.resolve_device("auto", "edge") == jax.devices("cpu")[0]
-    assert devices.resolve_device("auto", "cloud") == jax.devices("cpu")[1]
+def test_auto_follows_this_host():
+    """On a CPU host the two host devices; on an accelerator host the first and last accelerator."""
+    chosen = devices.resolve_device("auto", "edge"), devices.resolve_device("auto", "cloud")
+    if jax.default_backend() == "cpu":
+        assert chosen == (jax.devices("cpu")[0], jax.devices("cpu")[1])
+    else:
+        assert chosen == (jax.devices()[0], jax.devices()[-1]) and chosen[0].platform != "cpu"
 
 
 class FakeDevice:

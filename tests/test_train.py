@@ -50,7 +50,7 @@ def test_both_losses_fall(digits):
     ({"split": "layer9_9"}, "--split 'layer9_9' is invalid; valid: a stage of resnet18: stem, layer1_0"),
     ({"bits": 9}, "--bits 9 is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8, 16, 32"),
     ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
-    ({"edge_device": "gpu:0"}, "device 'gpu:0' does not exist"),
+    ({"edge_device": "gpu:64"}, "device 'gpu:64' does not exist"),
     ({"edge_device": ":1"}, "device ':1' does not exist"),
     ({"queue_size": 0}, "--queue-size 0 is invalid; valid: an integer >= 1"),
     ({"learning_rate": -1.0}, "--learning-rate -1.0 is invalid; valid: a finite number > 0"),

@@ -46,7 +46,7 @@ def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
     (["--split", "pool9"], "--split 'pool9' is invalid; valid: a stage of"),
     (["--bits", "9"], "--bits 9 is invalid"),
     (["--learning-rate", "nan"], "--learning-rate nan is invalid"),
-    (["--edge-device", "gpu:0"], "device 'gpu:0' does not exist"),
+    (["--edge-device", "gpu:64"], "device 'gpu:64' does not exist"),
     (["--cloud-device", ":1"], "device ':1' does not exist"),
     (["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet, folder:PATH"),
     (["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
