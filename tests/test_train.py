@@ -7,7 +7,7 @@ import re
 import pytest
 
 from experiments import quickstart
-from hier_jax import train
+from hier_jax import devices, train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
 from hier_jax.errors import ConfigError
@@ -25,6 +25,8 @@ def test_quickstart_trains_on_digits_and_writes_summary(tmp_path):
                 "wall_s_sequential", "wall_s_overlapped"):
         assert written[key] == summary[key]
     assert written["overlapped_bit_identical_to_sequential"] is True
+    edge, cloud = (devices.device_name(devices.resolve_device("auto", role)) for role in devices.ROLES)
+    assert written["placement"] == {"edge": edge, "cloud": cloud}
     # 10 classes: chance is 0.1. Both exits must clearly beat it after 2 epochs (44 steps).
     assert summary["edge_accuracy"] > 0.5 and summary["cloud_accuracy"] > 0.5
     assert summary["test_examples"] == 360
