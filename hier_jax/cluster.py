@@ -1,0 +1,523 @@
+"""Edges and one cloud as separate processes on Ray: N edges train against one cloud.
+
+Each edge and the cloud is a Ray actor, a process with its own JAX runtime, which runs the library's
+own pure steps: every worker calls `train.build` on its config and its data (no second copy of the
+training logic), so the jitted edge and cloud steps, the packed payload and the optimizers are the
+in-process runner's. The driver (the process that calls `run`) moves nothing but references: an
+edge step returns its payload into Ray's object store, and the cloud step that consumes it is
+handed the reference, so the payload goes from the edge's process to the cloud's without passing
+through the driver.
+
+Flows (`ClusterConfig.flow`):
+- "pipelined": an edge may run up to `config.queue_size` payloads ahead of the cloud (backpressure:
+  never more payloads in flight than that, whatever the speeds), so the edge computes
+  step t+1 (its backward pass included) while the cloud trains on step t: the overlap of the paper;
+- "sequential": an edge starts step t+1 only after the cloud has finished step t (the baseline a
+  pipelined run is measured against, in the same processes).
+Orders in which the cloud takes the edges' payloads (`order`):
+- "round_robin": edge 0 step 0, edge 1 step 0, ..., edge 0 step 1, ...: fixed, so a run is
+  reproducible (the cloud's tasks are submitted in that order, and Ray runs one caller's tasks on
+  an actor in submission order);
+- "async": in the order the edges finish their steps (fast edges are not held back by slow ones).
+
+Data: the training split is sharded over the edges (`shard_indices`: IID, or non-IID with label
+proportions drawn from Dirichlet(alpha)); every edge starts from the same initialisation (the same
+seed) with its own optimizer, and `edge_sync` K > 0 averages the edge models every K steps. Each
+edge may have a simulated link (`links`: presets of `link.LINKS`): the payload is serialised on the
+edge's uplink one at a time and arrives `latency_s` later; the cloud does not start a step before
+its payload has arrived. Delays use the host's wall clock, so links are simulated on one host only.
+
+Faults: every wait has a timeout. An edge process that dies (or is killed: `kill_edges` injects
+that, for tests and demonstrations) is dropped: the cloud and the other edges go on, and the result
+names the lost edge and its last delivered step. When the cloud dies the run stops with a
+`ClusterError`. Not here yet: checkpoints of the workers, and restarting a lost edge.
+
+On one host every worker is pinned to its own CPU cores before JAX starts (the edges one core each,
+round-robin over the host's cores, the cloud on the last core or on a GPU where Ray has one), so two
+sides do not compete for the same cores. `address` joins an existing Ray cluster instead (README).
+Ray's token authentication stays on (RAY_AUTH_MODE=token unless the environment says otherwise),
+and a local cluster binds to the loopback interface only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from hier_jax.config import ExperimentConfig
+from hier_jax.data import ImageDataset
+from hier_jax.errors import UserError
+
+FLOWS = ("pipelined", "sequential")
+ORDERS = ("async", "round_robin")
+
+
+class ClusterError(RuntimeError):
+    """The run cannot go on (the cloud died, a wait timed out, Ray is missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    edges: int = 1
+    flow: str = "pipelined"              # pipelined | sequential
+    order: str = "round_robin"           # round_robin (reproducible) | async (arrival order)
+    dirichlet: float = 0.0               # > 0: non-IID shards, label proportions ~ Dirichlet(alpha); 0: IID
+    edge_sync: int = 0                   # > 0: average the edge models every this many steps
+    links: tuple[str, ...] = ()          # one link preset per edge (or one for all); () = instant
+    time_scale: float = 1.0              # multiplies the links' delays
+    pin: bool = True                     # pin each local worker to its own cores
+    cloud_gpu: bool = True               # put the cloud on a GPU when Ray has one
+    kill_edges: tuple[tuple[int, int], ...] = ()  # fault injection: (edge, step) the edge process exits at
+    kill_cloud: int = -1                 # fault injection: the cloud process exits at its step this (-1: never)
+    timeout_s: float = 600.0             # the longest any single wait may take
+    address: str = ""                    # "" = start a local Ray cluster; else join this one
+
+    def link_of(self, edge: int) -> str:
+        if not self.links:
+            return ""
+        return self.links[0] if len(self.links) == 1 else self.links[edge]
+
+
+def validate_cluster(cluster: ClusterConfig) -> None:
+    """UserError naming the field, before anything starts."""
+    from hier_jax.link import LINKS
+
+    def check(ok: bool, field: str, value: Any, valid: str) -> None:
+        if not ok:
+            raise UserError(f"--{field.replace('_', '-')} {value!r} is invalid; valid: {valid}")
+
+    check(cluster.edges >= 1, "edges", cluster.edges, "an integer >= 1")
+    check(cluster.flow in FLOWS, "flow", cluster.flow, ", ".join(FLOWS))
+    check(cluster.order in ORDERS, "order", cluster.order, ", ".join(ORDERS))
+    check(cluster.dirichlet >= 0 and np.isfinite(cluster.dirichlet), "dirichlet", cluster.dirichlet,
+          "a number > 0 (non-IID), or 0 (IID)")
+    check(cluster.edge_sync >= 0, "edge_sync", cluster.edge_sync, "an integer >= 0")
+    check(len(cluster.links) in (0, 1, cluster.edges), "links", ",".join(cluster.links),
+          f"one preset, or one per edge ({cluster.edges})")
+    for name in cluster.links:
+        check(name in LINKS, "links", name, ", ".join(LINKS))
+    check(cluster.time_scale > 0, "time_scale", cluster.time_scale, "a number > 0")
+    check(cluster.kill_cloud >= -1, "kill_cloud", cluster.kill_cloud, "a cloud step >= 0, or -1 (never)")
+    check(cluster.timeout_s > 0, "timeout_s", cluster.timeout_s, "a number of seconds > 0")
+    for edge, step in cluster.kill_edges:
+        check(0 <= edge < cluster.edges and step >= 0, "kill_edges", f"{edge}:{step}",
+              f"EDGE:STEP with EDGE in 0..{cluster.edges - 1}")
+
+
+def shard_indices(labels: np.ndarray, edges: int, *, dirichlet: float = 0.0, seed: int = 0) -> list[np.ndarray]:
+    """Training-example indices of each edge, disjoint and covering every example.
+
+    IID (dirichlet 0): a seeded permutation cut into `edges` near-equal parts. Non-IID: for each class,
+    its examples are split over the edges in proportions drawn from Dirichlet(alpha) (small alpha: each
+    edge sees few classes), the usual federated-learning partition. Each index list is sorted.
+    """
+    rng = np.random.default_rng(seed)
+    if dirichlet <= 0:
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), edges)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(edges)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet(np.full(edges, dirichlet))) * len(members)).astype(int)[:-1]
+        for edge, part in enumerate(np.split(members, cuts)):
+            parts[edge].append(part)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def shard(dataset: ImageDataset, indices: np.ndarray, edge: int) -> ImageDataset:
+    """The data set an edge trains on: its training examples, the whole test split, the same
+    normalisation (the full set's mean and std, so every edge sees inputs on one scale)."""
+    return dataclasses.replace(dataset, name=f"{dataset.name}[edge {edge}]",
+                               train_images=dataset.train_images[indices],
+                               train_labels=dataset.train_labels[indices])
+
+
+@dataclasses.dataclass
+class EdgeReport:
+    edge: int
+    examples: int                        # training examples in its shard
+    sent: int = 0                        # payloads it produced
+    delivered: int = 0                   # payloads the cloud trained on
+    dropped: int = 0                     # produced but never trained on (the edge was lost meanwhile)
+    lost: bool = False
+    last_delivered_step: int = -1
+    max_in_flight: int = 0               # most steps submitted and not yet trained on by the cloud
+    edge_accuracy: float | None = None
+    cloud_accuracy: float | None = None  # the cloud exit on this edge's features
+    step_s: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ClusterResult:
+    flow: str
+    order: str
+    steps_per_edge: int
+    edges: list[EdgeReport]
+    cloud_order: list[tuple[int, int]]   # (edge, step) in the order the cloud trained on them
+    cloud_losses: list[float]
+    cloud_step_s: list[float]
+    wall_s: float
+    placement: dict[str, str]
+
+    @property
+    def cloud_steps_per_s(self) -> float:
+        return len(self.cloud_order) / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mean_cloud_accuracy(self) -> float | None:
+        values = [e.cloud_accuracy for e in self.edges if e.cloud_accuracy is not None]
+        return float(np.mean(values)) if values else None
+
+    def summary(self) -> dict:
+        return {"flow": self.flow, "order": self.order, "steps_per_edge": self.steps_per_edge,
+                "wall_s": self.wall_s, "cloud_steps": len(self.cloud_order),
+                "cloud_steps_per_s": self.cloud_steps_per_s, "mean_cloud_accuracy": self.mean_cloud_accuracy,
+                "placement": self.placement,
+                "edges": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("losses", "step_s")}
+                          | {"median_step_s": float(np.median(e.step_s)) if e.step_s else None}
+                          for e in self.edges],
+                "median_cloud_step_s": float(np.median(self.cloud_step_s)) if self.cloud_step_s else None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers. Each runs in its own process; `_start_jax` must run before the process touches JAX.
+# ------------------------------------------------------------------------------------------------
+
+def _start_jax(cores: Sequence[int] | None, platform: str) -> None:
+    """Pin this process to `cores` and give JAX one device of `platform`; before JAX starts."""
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+    os.environ["JAX_PLATFORMS"] = platform
+    from hier_jax import process
+    process.setup(host_devices=1)
+
+
+class _Side:
+    """What an edge and the cloud worker share: a train.Setup built in this process."""
+
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, cores: Sequence[int] | None,
+                 platform: str):
+        _start_jax(cores, platform)
+        import jax
+
+        from hier_jax import train
+        device = f"{jax.default_backend()}:0"
+        self.config = dataclasses.replace(config, edge_device=device, cloud_device=device, out="")
+        self.setup = train.build(self.config, dataset)
+        self.device = jax.devices()[0]
+
+    def placement(self) -> str:
+        cores = sorted(os.sched_getaffinity(0))
+        return f"pid {os.getpid()}, {self.device.platform}:{self.device.id}, cores {cores}"
+
+
+class EdgeWorker(_Side):
+    def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
+                 cores: Sequence[int] | None, link: str, time_scale: float, kill_at: int | None):
+        super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, "cpu")
+        import jax
+
+        from hier_jax import train
+        from hier_jax.link import get_link
+        self.edge, self.kill_at = edge, kill_at
+        self.state = train.fresh_states(self.setup)[0]
+        self.batches = iter(train.TrainBatches(self.setup))
+        # Compile now, on a throwaway copy and the first batch, so that no timed step compiles.
+        images, labels = next(iter(train.TrainBatches(self.setup)))
+        jax.block_until_ready(self.setup.hierarchy.edge_step(train.fresh_states(self.setup)[0], images, labels))
+        self.link = get_link(link) if link else None
+        self.time_scale, self.link_free = time_scale, 0.0
+
+    def step(self, t: int) -> tuple[Any, dict]:
+        """Train edge step t; (the packed payload as numpy, metrics). Steps come in order."""
+        import jax
+        if t == self.kill_at:
+            os._exit(1)  # fault injection: the process dies as a crashed edge would
+        start = time.perf_counter()
+        images, labels = next(self.batches)
+        self.state, payload, metrics = self.setup.hierarchy.edge_step(self.state, images, labels)
+        payload, metrics = jax.device_get((payload, metrics))
+        step_s = time.perf_counter() - start
+        ready_at = 0.0
+        if self.link is not None:
+            nbytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(payload))
+            self.link_free = max(time.time(), self.link_free) + self.link.serialize_s(nbytes) * self.time_scale
+            ready_at = self.link_free + self.link.latency_s * self.time_scale
+        return (payload, ready_at), {"loss": float(metrics["loss"]), "step_s": step_s}
+
+    def params(self) -> Any:
+        import jax
+        return jax.device_get({"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
+
+    def set_params(self, averaged: Any) -> None:
+        import jax
+        self.state = {**self.state, **jax.device_put(averaged, self.device)}
+
+    def evaluate(self) -> tuple[dict, list]:
+        """(edge-exit accuracy, [(payload, labels, mask)] of the test split for the cloud exit)."""
+        import jax
+        import jax.numpy as jnp
+
+        from hier_jax.data import eval_batches
+        h, correct, n, bundle = self.setup.hierarchy, 0, 0, []
+        for images, labels, mask in eval_batches(self.setup.dataset, self.config.batch_size, device=self.device):
+            logits, payload = h.edge_eval(self.state, images)
+            hits, labels, mask = jax.device_get((jnp.argmax(logits, -1) == labels, labels, mask))
+            correct += int((hits & mask).sum())
+            n += int(mask.sum())
+            bundle.append((jax.device_get(payload), labels, mask))
+        return {"edge_accuracy": correct / n, "examples": n}, bundle
+
+
+class CloudWorker(_Side):
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, steps: int,
+                 cores: Sequence[int] | None, platform: str, kill_at: int):
+        super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, platform)
+        self.kill_at, self.steps_done = kill_at, 0
+        import jax
+        import jax.numpy as jnp
+
+        from hier_jax import train
+        self.state = train.fresh_states(self.setup)[1]
+        # Compile now on a zero payload of the edge's shape, so that no timed step compiles.
+        images, labels = next(iter(train.TrainBatches(self.setup)))
+        shape = jax.eval_shape(self.setup.hierarchy.edge_step, train.fresh_states(self.setup)[0], images, labels)[1]
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=self.device), shape)
+        jax.block_until_ready(self.setup.hierarchy.cloud_step(train.fresh_states(self.setup)[1], zeros))
+
+    def step(self, edge: int, t: int, delivery: tuple[Any, float]) -> dict:
+        """Train on edge `edge`'s step-t payload, once it has arrived; metrics."""
+        import jax
+        payload, ready_at = delivery
+        index = self.steps_done
+        if index == self.kill_at:
+            os._exit(1)  # fault injection
+        self.steps_done += 1
+        if (wait := ready_at - time.time()) > 0:
+            time.sleep(wait)
+        start = time.perf_counter()
+        self.state, metrics = self.setup.hierarchy.cloud_step(self.state, jax.device_put(payload, self.device))
+        loss = float(metrics["loss"])  # waits for the step
+        return {"index": index, "edge": edge, "step": t, "loss": loss, "step_s": time.perf_counter() - start}
+
+    def evaluate(self, bundle: list) -> float:
+        import jax
+        import jax.numpy as jnp
+        correct = n = 0
+        for payload, labels, mask in bundle:
+            logits = self.setup.hierarchy.cloud_eval(self.state, jax.device_put(payload, self.device))
+            hits = np.asarray(jax.device_get(jnp.argmax(logits, -1))) == labels
+            correct += int((hits & mask).sum())
+            n += int(mask.sum())
+        return correct / n
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver.
+# ------------------------------------------------------------------------------------------------
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the cluster runner needs Ray: pip install -e .[ray]") from None
+    return ray
+
+
+def start_ray(cluster: ClusterConfig, num_cpus: int):
+    """Join `cluster.address`, or start a local cluster on the loopback interface with token
+    authentication; the ray module. Must come before anything else imports Ray in this process (Ray
+    reads its authentication mode when it is imported)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported: it reads the mode then
+    token_file = os.path.expanduser("~/.ray/auth_token")
+    if (not cluster.address and os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN")
+            and not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.path.exists(token_file)):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this run's own secret, inherited by its workers
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    with warnings.catch_warnings():  # Ray forks only to exec its own binaries, which JAX's threads cannot upset
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        if cluster.address:
+            ray.init(address=cluster.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", configure_logging=False)
+    return ray
+
+
+def _core_plan(cluster: ClusterConfig, cloud_on_gpu: bool) -> tuple[list[list[int] | None], list[int] | None]:
+    """(cores of each edge, cores of the cloud) on this host: one core each, the cloud on the last."""
+    if cluster.address or not cluster.pin:
+        return [None] * cluster.edges, None
+    cores = sorted(os.sched_getaffinity(0))
+    if cloud_on_gpu or len(cores) == 1:
+        return [[cores[i % len(cores)]] for i in range(cluster.edges)], None if cloud_on_gpu else cores
+    edge_cores = cores[:-1]
+    return [[edge_cores[i % len(edge_cores)]] for i in range(cluster.edges)], [cores[-1]]
+
+
+def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig, *,
+        progress: bool = False) -> ClusterResult:
+    """Train `cluster.edges` edges and one cloud in their own processes; see the module docstring."""
+    validate_cluster(cluster)
+    from hier_jax import train
+    shards = [shard(dataset, idx, e) for e, idx in
+              enumerate(shard_indices(dataset.train_labels, cluster.edges, dirichlet=cluster.dirichlet,
+                                      seed=config.seed))]
+    for e, part in enumerate(shards):
+        if part.num_train < config.batch_size:
+            raise UserError(f"edge {e}'s shard has {part.num_train} examples, fewer than one batch of "
+                            f"{config.batch_size}; use fewer --edges, a smaller --batch-size or a larger --dirichlet")
+    steps = min(train.total_steps(config, part) for part in shards)
+    ray = start_ray(cluster, num_cpus=max(len(os.sched_getaffinity(0)), cluster.edges + 1))
+    cloud_on_gpu = cluster.cloud_gpu and ray.cluster_resources().get("GPU", 0) >= 1
+    edge_cores, cloud_cores = _core_plan(cluster, cloud_on_gpu)
+    kill = dict(cluster.kill_edges)
+    remote_edge = ray.remote(num_cpus=0, max_restarts=0)(EdgeWorker)
+    remote_cloud = ray.remote(num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0)(CloudWorker)
+    edges = [remote_edge.remote(e, config, ray.put(shards[e]), steps, edge_cores[e], cluster.link_of(e),
+                                cluster.time_scale, kill.get(e)) for e in range(cluster.edges)]
+    cloud = remote_cloud.remote(config, ray.put(dataset), steps * cluster.edges, cloud_cores,
+                                "cuda" if cloud_on_gpu else "cpu", cluster.kill_cloud)
+    try:
+        placement = {"cloud": _get(ray, cloud.placement.remote(), cluster, "the cloud to start")}
+        for e, worker in enumerate(edges):
+            placement[f"edge {e}"] = _get(ray, worker.placement.remote(), cluster, f"edge {e} to start")
+        return _drive(ray, edges, cloud, cluster, config.queue_size, shards, steps, placement, progress)
+    finally:
+        for worker in [*edges, cloud]:
+            ray.kill(worker)
+
+
+def _get(ray, ref, cluster: ClusterConfig, what: str):
+    try:
+        return ray.get(ref, timeout=cluster.timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"timed out after {cluster.timeout_s:g} s waiting for {what}") from None
+    except ray.exceptions.RayActorError as error:
+        raise ClusterError(f"a worker died while waiting for {what}: {str(error).splitlines()[0]}") from None
+
+
+def _drive(ray, edges, cloud, cluster: ClusterConfig, queue_size: int, shards, steps: int, placement: dict,
+           progress: bool) -> ClusterResult:
+    n = len(edges)
+    reports = [EdgeReport(e, shards[e].num_train) for e in range(n)]
+    submitted = [0] * n                  # edge steps submitted
+    consumed = [0] * n                   # cloud steps finished (or failed) per edge
+    pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
+    deliveries: dict[tuple[int, int], Any] = {}    # async: payloads ready, not yet given to the cloud
+    taken: list[dict] = []               # the cloud's step metrics, as they complete
+    rr_next = collections.deque((e, t) for t in range(steps) for e in range(n))
+    synced_through = 0
+    ahead = queue_size + 1 if cluster.flow == "pipelined" else 1  # edge steps ahead of the cloud
+    start = time.perf_counter()
+
+    def alive(e: int) -> bool:
+        return not reports[e].lost
+
+    def lose(e: int, at: int) -> None:
+        """Edge e died; its steps from `at` on will never come (those before may still have finished)."""
+        reports[e].lost = True
+        for ref, (kind, edge, t) in list(pending.items()):
+            if kind == "edge" and edge == e and t >= at:
+                pending.pop(ref)
+
+    def submit_cloud(e: int, t: int, delivery) -> None:
+        pending[cloud.step.remote(e, t, delivery)] = ("cloud", e, t)
+
+    while True:
+        barrier = min(synced_through + cluster.edge_sync, steps) if cluster.edge_sync else steps
+        for e in range(n):
+            while (alive(e) and submitted[e] < min(steps, barrier) and submitted[e] < consumed[e] + ahead):
+                t = submitted[e]
+                delivery, metrics = edges[e].step.options(num_returns=2).remote(t)
+                pending[metrics] = ("edge", e, t)
+                deliveries[(e, t)] = delivery
+                submitted[e] += 1
+                reports[e].max_in_flight = max(reports[e].max_in_flight, submitted[e] - consumed[e])
+        if cluster.order == "round_robin":  # hand the cloud its payloads in the fixed order, as far as submitted
+            while rr_next and (not alive(rr_next[0][0]) or rr_next[0] in deliveries):
+                e, t = rr_next.popleft()
+                if alive(e):
+                    submit_cloud(e, t, deliveries.pop((e, t)))
+        if (cluster.edge_sync and synced_through < barrier and barrier % cluster.edge_sync == 0
+                and all(reports[e].sent >= barrier or not alive(e) for e in range(n))):
+            _average_edges(ray, [edges[e] for e in range(n) if alive(e)], cluster)  # at every K steps, the last too
+            synced_through = barrier
+            continue
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=cluster.timeout_s)
+        if not ready:
+            raise ClusterError(f"no worker finished a step within {cluster.timeout_s:g} s "
+                               f"({len(pending)} steps outstanding)")
+        kind, e, t = pending.pop(ready[0])
+        if kind == "edge":
+            try:
+                metrics = ray.get(ready[0], timeout=cluster.timeout_s)
+            except ray.exceptions.RayActorError:
+                lose(e, t)
+                continue
+            reports[e].sent += 1
+            reports[e].losses.append(metrics["loss"])
+            reports[e].step_s.append(metrics["step_s"])
+            if cluster.order == "async":
+                submit_cloud(e, t, deliveries.pop((e, t)))
+            continue
+        try:
+            metrics = ray.get(ready[0], timeout=cluster.timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            if not _alive(ray, cloud, cluster):
+                raise ClusterError(f"the cloud worker died at its step {len(taken)} (edge {e}, step {t}): "
+                                   f"{str(error).splitlines()[0]}") from None
+            if isinstance(error, ray.exceptions.RayTaskError) and "ActorDiedError" not in type(error).__name__ \
+                    and not isinstance(error, ray.exceptions.RayActorError):
+                raise  # the cloud step itself raised: a bug, not a lost edge
+            metrics = None
+        consumed[e] += 1
+        if metrics is None:  # the payload's edge died before handing it over
+            lose(e, t)
+            continue
+        reports[e].delivered += 1
+        reports[e].last_delivered_step = t
+        taken.append(metrics)
+        if progress and len(taken) % 10 == 0:
+            print(f"cloud step {len(taken)} of {steps * n}: loss {metrics['loss']:.3f}", flush=True)
+    wall_s = time.perf_counter() - start
+    for e in range(n):
+        if alive(e):
+            accuracy_ref, bundle = edges[e].evaluate.options(num_returns=2).remote()
+            reports[e].edge_accuracy = _get(ray, accuracy_ref, cluster, f"edge {e}'s evaluation")["edge_accuracy"]
+            reports[e].cloud_accuracy = _get(ray, cloud.evaluate.remote(bundle), cluster,
+                                             f"the cloud's evaluation on edge {e}'s features")
+        reports[e].dropped = reports[e].sent - reports[e].delivered
+    taken.sort(key=lambda m: m["index"])  # the order the cloud trained in (completions may be seen out of it)
+    return ClusterResult(cluster.flow, cluster.order, steps, reports, [(m["edge"], m["step"]) for m in taken],
+                         [m["loss"] for m in taken], [m["step_s"] for m in taken], wall_s, placement)
+
+
+def _average_edges(ray, edges, cluster: ClusterConfig) -> None:
+    """Replace every edge's parameters and BatchNorm statistics by their mean over the edges."""
+    import jax
+    trees = _get(ray, [e.params.remote() for e in edges], cluster, "the edges' parameters")
+    mean = jax.tree.map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
+    shared = ray.put(mean)
+    _get(ray, [e.set_params.remote(shared) for e in edges], cluster, "the edges to take the averaged model")
+
+
+def _alive(ray, worker, cluster: ClusterConfig) -> bool:
+    """Does the worker still answer? (a cloud task can fail because its payload's edge died)"""
+    try:
+        ray.get(worker.placement.remote(), timeout=min(cluster.timeout_s, 60))
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False

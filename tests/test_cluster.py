@@ -1,0 +1,120 @@
+"""The Ray cluster runner: shards, checks, and real worker processes on a local cluster (loopback)."""
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+
+from hier_jax import cluster, train
+from hier_jax.config import ExperimentConfig
+from hier_jax.data import load_dataset
+from hier_jax.errors import UserError
+
+CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4, batch_size=32,
+                          max_steps=6, head_channels=8, queue_size=1)
+
+
+def test_iid_shards_are_disjoint_near_equal_and_cover_everything():
+    labels = np.repeat(np.arange(10, dtype=np.int32), 31)
+    parts = cluster.shard_indices(labels, 3, seed=1)
+    assert sorted(len(p) for p in parts) == [103, 103, 104]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=2)))
+
+
+def test_dirichlet_shards_skew_the_labels_and_still_cover_everything():
+    labels = np.repeat(np.arange(10, dtype=np.int32), 100)
+    iid = cluster.shard_indices(labels, 4, seed=0)
+    skewed = cluster.shard_indices(labels, 4, dirichlet=0.1, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(skewed)), np.arange(len(labels)))
+
+    def top_class_share(parts):  # the share of each edge's examples that its most common class has
+        return np.mean([np.bincount(labels[p], minlength=10).max() / max(len(p), 1) for p in parts if len(p)])
+    assert top_class_share(iid) < 0.15 and top_class_share(skewed) > 0.3  # IID: about 1/10
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"edges": 0}, "--edges 0 is invalid"),
+    ({"flow": "eager"}, "--flow 'eager' is invalid; valid: pipelined, sequential"),
+    ({"order": "random"}, "--order 'random' is invalid; valid: async, round_robin"),
+    ({"links": ("3g", "wifi", "3g")}, "--links '3g,wifi,3g' is invalid; valid: one preset, or one per edge (2)"),
+    ({"links": ("carrier-pigeon",)}, "--links 'carrier-pigeon' is invalid"),
+    ({"dirichlet": -1.0}, "--dirichlet -1.0 is invalid"),
+    ({"kill_edges": ((2, 0),)}, "--kill-edges '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
+    ({"timeout_s": 0}, "--timeout-s 0 is invalid"),
+])
+def test_bad_cluster_settings_fail_before_anything_starts(change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cluster.validate_cluster(dataclasses.replace(cluster.ClusterConfig(edges=2), **change))
+
+
+def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts():
+    with pytest.raises(UserError, match="edge .'s shard has .* fewer than one batch of 512"):
+        cluster.run(dataclasses.replace(CONFIG, batch_size=512), load_dataset("digits"),
+                    cluster.ClusterConfig(edges=3))
+
+
+# --- real workers ------------------------------------------------------------------------------------
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the cluster runner needs the ray extra")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local cluster for this module (Ray is imported by start_ray, after its authentication is set)."""
+    ray = cluster.start_ray(cluster.ClusterConfig(), num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@needs_ray
+def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_trains(local_ray, digits):
+    """The workers run the library's own steps: one edge, round robin, the same config and data give
+    the in-process sequential run's cloud losses and both exits' accuracies, bit for bit."""
+    result = cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=1))
+    setup = train.build(CONFIG, digits)
+    local = train.train(setup, "sequential", progress=False)
+    accuracy = train.evaluate(setup, local)
+    assert result.cloud_order == [(0, t) for t in range(CONFIG.max_steps)]
+    assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
+    assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
+    assert (result.edges[0].edge_accuracy, result.edges[0].cloud_accuracy) == (
+        accuracy["edge_accuracy"], accuracy["cloud_accuracy"])
+    report = result.edges[0]
+    assert (report.sent, report.delivered, report.dropped, report.lost) == (6, 6, 0, False)
+    assert report.max_in_flight <= CONFIG.queue_size + 1  # backpressure: the edge is never further ahead
+    assert "cores" in result.placement["edge 0"] and "cores" in result.placement["cloud"]
+
+
+@needs_ray
+def test_round_robin_with_two_edges_is_reproducible_and_edge_sync_averages_them(local_ray, digits):
+    settings = cluster.ClusterConfig(edges=2, edge_sync=3)
+    first = cluster.run(CONFIG, digits, settings)
+    again = cluster.run(CONFIG, digits, settings)
+    assert first.cloud_order == [(e, t) for t in range(6) for e in range(2)]
+    assert first.cloud_losses == again.cloud_losses
+    # Averaged at steps 3 and 6 (the last): both edges end with one model, so the same exits.
+    assert first.edges[0].edge_accuracy == first.edges[1].edge_accuracy
+    assert first.edges[0].cloud_accuracy == first.edges[1].cloud_accuracy
+    assert first.edges[0].losses != first.edges[1].losses  # trained apart in between, on their own shards
+
+
+@needs_ray
+def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digits):
+    settings = cluster.ClusterConfig(edges=2, order="async", flow="sequential", kill_edges=((1, 3),), timeout_s=120)
+    result = cluster.run(CONFIG, digits, settings)
+    survivor, lost = result.edges
+    assert survivor.max_in_flight == 1  # sequential: never a step ahead of the cloud
+    assert not survivor.lost and survivor.delivered == 6 and survivor.cloud_accuracy is not None
+    assert lost.lost and lost.edge_accuracy is None and lost.last_delivered_step < 3
+    assert lost.sent == lost.delivered + lost.dropped
+    assert sorted(t for e, t in result.cloud_order if e == 0) == list(range(6))
+    with pytest.raises(cluster.ClusterError, match="the cloud worker died at its step 2"):
+        cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=1, kill_cloud=2, timeout_s=120))
