@@ -14,7 +14,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from hier_jax import cli, outputs, process, runner, train
 from hier_jax.channel import QueueChannel

@@ -47,6 +47,9 @@ def add_cluster_flags(parser: cli.Parser) -> None:
                         help="fault injection: the cloud's process exits at its step STEP")
     parser.add_argument("--timeout", type=float, default=c.timeout_s, help="the longest any wait may take (s)")
     parser.add_argument("--address", default=c.address, help="join this Ray cluster instead of starting one")
+    parser.add_argument("--edge-resource", default=c.edge_resource,
+                        help="a custom Ray resource every edge needs (ray start --resources '{\"edge\": 4}')")
+    parser.add_argument("--cloud-resource", default=c.cloud_resource, help="the same for the cloud")
 
 
 def cluster_from_args(args) -> cluster.ClusterConfig:
@@ -59,7 +62,8 @@ def cluster_from_args(args) -> cluster.ClusterConfig:
     return cluster.ClusterConfig(
         edges=args.edges, flow=args.flow, order=args.order, dirichlet=args.dirichlet,
         edge_sync=args.edge_sync, links=tuple(x for x in args.links.split(",") if x), time_scale=args.time_scale,
-        pin=args.pin, kill_edges=tuple(kills), kill_cloud=args.kill_cloud, timeout_s=args.timeout, address=args.address)
+        pin=args.pin, kill_edges=tuple(kills), kill_cloud=args.kill_cloud, timeout_s=args.timeout, address=args.address,
+        edge_resource=args.edge_resource, cloud_resource=args.cloud_resource)
 
 
 def write_outputs(out, summary: dict, result: cluster.ClusterResult) -> None:

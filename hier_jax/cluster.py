@@ -79,6 +79,8 @@ class ClusterConfig:
     kill_cloud: int = -1                 # fault injection: the cloud process exits at its step this (-1: never)
     timeout_s: float = 600.0             # the longest any single wait may take
     address: str = ""                    # "" = start a local Ray cluster; else join this one
+    edge_resource: str = ""              # a custom Ray resource each edge needs (one unit): its node kind
+    cloud_resource: str = ""             # the same for the cloud
 
     def link_of(self, edge: int) -> str:
         if not self.links:
@@ -382,8 +384,9 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     cloud_on_gpu = cluster.cloud_gpu and ray.cluster_resources().get("GPU", 0) >= 1
     edge_cores, cloud_cores = _core_plan(cluster, cloud_on_gpu)
     kill = dict(cluster.kill_edges)
-    remote_edge = ray.remote(num_cpus=0, max_restarts=0)(EdgeWorker)
-    remote_cloud = ray.remote(num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0)(CloudWorker)
+    remote_edge = ray.remote(num_cpus=0, max_restarts=0, resources=_resource(cluster.edge_resource))(EdgeWorker)
+    remote_cloud = ray.remote(num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0,
+                              resources=_resource(cluster.cloud_resource))(CloudWorker)
     edges = [remote_edge.remote(e, config, ray.put(shards[e]), steps, edge_cores[e], cluster.link_of(e),
                                 cluster.time_scale, kill.get(e)) for e in range(cluster.edges)]
     cloud = remote_cloud.remote(config, ray.put(dataset), steps * cluster.edges, cloud_cores,
@@ -396,6 +399,10 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     finally:
         for worker in [*edges, cloud]:
             ray.kill(worker)
+
+
+def _resource(name: str) -> dict[str, float] | None:
+    return {name: 1} if name else None
 
 
 def _get(ray, ref, cluster: ClusterConfig, what: str):

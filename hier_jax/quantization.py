@@ -26,7 +26,6 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 VALID_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)

@@ -57,7 +57,8 @@ def workload(edge: Profile, cloud: Profile, point: str, bits: int, *, batch: int
                          f"recompute them with profiler.with_payload_batch(profile, {batch})")
     if num_examples < batch:
         raise ValueError(f"need at least one batch: num_examples {num_examples} < batch {batch}")
-    s, c = edge.split(point), cloud.split(point)
+    s = edge.split(point)
+    cloud.split(point)  # the cloud's profile must know the point too (ValueError naming it)
     if bits not in s.payload_bytes:
         raise ValueError(f"the profile has payload bytes for bits {sorted(s.payload_bytes)}, not {bits}")
     k = s.index

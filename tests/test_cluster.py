@@ -118,3 +118,30 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
     assert sorted(t for e, t in result.cloud_order if e == 0) == list(range(6))
     with pytest.raises(cluster.ClusterError, match="the cloud worker died at its step 2"):
         cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=1, kill_cloud=2, timeout_s=120))
+
+
+@pytest.mark.parametrize("module_name, argv, expected", [
+    ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
+    ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
+    ("cluster", ["--links", "3g,wifi,3g", "--edges", "2"], "one preset, or one per edge (2)"),
+    ("cluster", ["--kill-edge", "x"], "--kill-edge 'x' is invalid; valid: EDGE:STEP"),
+    ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
+    ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
+    ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
+    ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
+])
+def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(monkeypatch, capsys, module_name,
+                                                                             argv, expected):
+    import importlib
+
+    module = importlib.import_module(f"experiments.{module_name}")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded data or started workers before checking the arguments")
+    monkeypatch.setattr(module, "load_dataset", refuse)
+    monkeypatch.setattr(cluster, "run", refuse)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"experiments.{module_name}: error: ") and expected in lines[0], lines[0]

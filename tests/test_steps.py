@@ -1,7 +1,6 @@
 """The pure steps: gradient isolation at the boundary, and the baselines' math."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

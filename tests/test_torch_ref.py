@@ -5,7 +5,6 @@ forward outputs 1e-4, gradients and updated parameters 1e-3 of their scale (trai
 divides by batch statistics of tiny batches, which amplifies fp32 rounding differences).
 """
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
