@@ -8,8 +8,9 @@ with each side in its own JAX runtime, pinned to its own cores, the cloud on a G
     python -m experiments.cluster ... --address HEAD:6379  # join a running Ray cluster (README)
 
 Writes DIR/summary.json (config, placement, per-edge accuracies and payload counts, cloud steps per
-second, wall time) and DIR/cloud_steps.csv (the cloud's steps in the order it took them: edge, edge
-step, loss, step time). Needs the `ray` extra: pip install -e .[ray].
+second, wall time), DIR/cloud_steps.csv (the cloud's steps in the order it took them: edge, edge
+step, loss, step time) and DIR/checkpoints/STEP (every worker's state every --checkpoint-every steps;
+--resume continues from the latest). Needs the `ray` extra: pip install -e .[ray].
 """
 
 from __future__ import annotations
@@ -84,17 +85,27 @@ def main(argv: list[str]) -> dict:
     add_config_flags(parser, DEFAULTS)
     add_cluster_flags(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint (same settings)")
     args = parser.parse_args(argv)
     config = config_from_args(args)
     validate(config)
     topology = cluster_from_args(args)
     cluster.validate_cluster(topology)
-    out = outputs.prepare_run_dir(config.out, overwrite=args.overwrite, outputs=OUTPUTS) if config.out else None
+    if args.resume and not config.out:
+        raise UserError("--resume needs the --out of the run to continue")
+    out = (outputs.prepare_run_dir(config.out, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS)
+           if config.out else None)
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     print(f"{config.model} (width {config.width}) on {dataset.name}, split after {config.split}, {config.bits} bits: "
           f"{topology.edges} edge(s) and a cloud as Ray workers, {topology.flow}, {topology.order} order",
           flush=True)
-    result = cluster.run(config, dataset, topology, progress=True)
+    try:
+        result = cluster.run(config, dataset, topology, progress=True,
+                             checkpoint_dir=out / "checkpoints" if out else None, resume=args.resume)
+    except cluster.ClusterError as error:
+        hint = f"; continue with: python -m experiments.cluster ... --out {out} --resume" if out else ""
+        raise cluster.ClusterError(f"{error}{hint}") from None
     summary = {"config": dataclasses.asdict(config), "cluster": dataclasses.asdict(topology), **result.summary()}
     for name, where in result.placement.items():
         print(f"  {name}: {where}")

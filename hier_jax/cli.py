@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-from hier_jax.errors import CheckpointError, DivergenceError, RunAborted, RunInterrupted, UserError
+from hier_jax.errors import CheckpointError, DivergenceError, RunAborted, RunInterrupted, UserError, WorkerError
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -88,7 +88,7 @@ def entry_point(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | Non
                     raise
                 print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
                 raise SystemExit(EXIT_USER_ERROR) from None
-            except (DivergenceError, CheckpointError) as error:
+            except (DivergenceError, CheckpointError, WorkerError) as error:
                 if debug:
                     raise
                 print(f"{prog}: error: {one_line(error)}", file=sys.stderr)

@@ -30,7 +30,8 @@ its payload has arrived. Delays use the host's wall clock, so links are simulate
 Faults: every wait has a timeout. An edge process that dies (or is killed: `kill_edges` injects
 that, for tests and demonstrations) is dropped: the cloud and the other edges go on, and the result
 names the lost edge and its last delivered step. When the cloud dies the run stops with a
-`ClusterError`. Not here yet: checkpoints of the workers, and restarting a lost edge.
+`ClusterError`; with checkpoints (`run(checkpoint_dir=...)`) the last one holds every worker's state
+and a rerun with `resume=True` continues from it. Not here yet: restarting a lost edge by itself.
 
 On one host every worker is pinned to its own CPU cores before JAX starts (the edges one core each,
 round-robin over the host's cores, the cloud on the last core or on a GPU where Ray has one), so two
@@ -54,14 +55,14 @@ import numpy as np
 
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import ImageDataset
-from hier_jax.errors import UserError
+from hier_jax.errors import UserError, WorkerError
 
 FLOWS = ("pipelined", "sequential")
 ORDERS = ("async", "round_robin")
 
 
-class ClusterError(RuntimeError):
-    """The run cannot go on (the cloud died, a wait timed out, Ray is missing)."""
+class ClusterError(WorkerError):
+    """The run cannot go on: the cloud died, or a wait timed out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +260,18 @@ class EdgeWorker(_Side):
         import jax
         return jax.device_get({"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
 
+    def state_now(self) -> Any:
+        import jax
+        return jax.device_get(self.state)
+
+    def load(self, state: Any, start: int) -> None:
+        """Continue from a checkpoint: this state, and the batches from step `start` on."""
+        import jax
+
+        from hier_jax import train
+        self.state = jax.device_put(state, self.device)
+        self.batches = iter(train.TrainBatches(self.setup, start))
+
     def set_params(self, averaged: Any) -> None:
         import jax
         self.state = {**self.state, **jax.device_put(averaged, self.device)}
@@ -309,6 +322,14 @@ class CloudWorker(_Side):
         self.state, metrics = self.setup.hierarchy.cloud_step(self.state, jax.device_put(payload, self.device))
         loss = float(metrics["loss"])  # waits for the step
         return {"index": index, "edge": edge, "step": t, "loss": loss, "step_s": time.perf_counter() - start}
+
+    def state_now(self) -> Any:
+        import jax
+        return jax.device_get(self.state)
+
+    def load(self, state: Any, steps_done: int) -> None:
+        import jax
+        self.state, self.steps_done = jax.device_put(state, self.device), steps_done
 
     def evaluate(self, bundle: list) -> float:
         import jax
@@ -368,8 +389,15 @@ def _core_plan(cluster: ClusterConfig, cloud_on_gpu: bool) -> tuple[list[list[in
 
 
 def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig, *,
-        progress: bool = False) -> ClusterResult:
-    """Train `cluster.edges` edges and one cloud in their own processes; see the module docstring."""
+        progress: bool = False, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False
+        ) -> ClusterResult:
+    """Train `cluster.edges` edges and one cloud in their own processes; see the module docstring.
+
+    With `checkpoint_dir`, every worker's state is saved together every `config.checkpoint_every`
+    steps per edge, at a step every edge has reached and the cloud has trained on (one orbax
+    checkpoint: the edges' states, the cloud's, and the run's history); `resume` continues from the
+    latest one, in round-robin order bit for bit as if never stopped.
+    """
     validate_cluster(cluster)
     from hier_jax import train
     shards = [shard(dataset, idx, e) for e, idx in
@@ -391,14 +419,50 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
                                 cluster.time_scale, kill.get(e)) for e in range(cluster.edges)]
     cloud = remote_cloud.remote(config, ray.put(dataset), steps * cluster.edges, cloud_cores,
                                 "cuda" if cloud_on_gpu else "cpu", cluster.kill_cloud)
+    store = None
     try:
         placement = {"cloud": _get(ray, cloud.placement.remote(), cluster, "the cloud to start")}
         for e, worker in enumerate(edges):
             placement[f"edge {e}"] = _get(ray, worker.placement.remote(), cluster, f"edge {e} to start")
-        return _drive(ray, edges, cloud, cluster, config.queue_size, shards, steps, placement, progress)
+        if checkpoint_dir is not None:
+            from hier_jax.checkpoint import RunCheckpoints
+            store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
+        history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None
+        return _drive(ray, edges, cloud, cluster, config, shards, steps, placement, progress, store, history)
     finally:
+        if store is not None:
+            store.close()
         for worker in [*edges, cloud]:
             ray.kill(worker)
+
+
+TRAJECTORY_FIELDS = ("edges", "order", "dirichlet", "edge_sync")  # what a resumed run must share
+
+
+def _resume(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig) -> dict | None:
+    """Load the latest checkpoint into the workers; its history, or None when there is none."""
+    import jax
+
+    from hier_jax import train
+    from hier_jax.errors import ResumeMismatchError
+    if store.latest_step() is None:
+        return None
+    meta = store.read_meta()
+    train.check_resumable(config, meta["config"], store.path(meta["step"]))
+    for field in TRAJECTORY_FIELDS:
+        if meta["cluster"][field] != getattr(cluster, field):
+            raise ResumeMismatchError(f"checkpoint {store.path(meta['step'])} was made with --{field.replace('_', '-')} "
+                                      f"{meta['cluster'][field]!r}, not {getattr(cluster, field)!r}")
+    saved = [int(e) for e in meta["saved_edges"]]
+    host = jax.devices("cpu")[0]
+    edge_templates = jax.device_put({str(e): _get(ray, edges[e].state_now.remote(), cluster, f"edge {e}'s state")
+                                     for e in saved}, host)
+    cloud_template = jax.device_put(_get(ray, cloud.state_now.remote(), cluster, "the cloud's state"), host)
+    edge_states, cloud_state, _ = store.restore(edge_templates, cloud_template, meta["step"])
+    loads = [edges[e].load.remote(jax.device_get(edge_states[str(e)]), meta["step"]) for e in saved]
+    loads.append(cloud.load.remote(jax.device_get(cloud_state), len(meta["taken"])))
+    _get(ray, loads, cluster, "the workers to load the checkpoint")
+    return meta
 
 
 def _resource(name: str) -> dict[str, float] | None:
@@ -414,18 +478,22 @@ def _get(ray, ref, cluster: ClusterConfig, what: str):
         raise ClusterError(f"a worker died while waiting for {what}: {str(error).splitlines()[0]}") from None
 
 
-def _drive(ray, edges, cloud, cluster: ClusterConfig, queue_size: int, shards, steps: int, placement: dict,
-           progress: bool) -> ClusterResult:
+def _drive(ray, edges, cloud, cluster: ClusterConfig, config: ExperimentConfig, shards, steps: int,
+           placement: dict, progress: bool, store, history: dict | None) -> ClusterResult:
     n = len(edges)
-    reports = [EdgeReport(e, shards[e].num_train) for e in range(n)]
-    submitted = [0] * n                  # edge steps submitted
-    consumed = [0] * n                   # cloud steps finished (or failed) per edge
+    first = history["step"] if history else 0  # the step every edge starts from
+    reports = ([EdgeReport(**r) for r in history["reports"]] if history else
+               [EdgeReport(e, shards[e].num_train) for e in range(n)])
+    submitted = [first] * n              # edge steps submitted
+    consumed = [first] * n               # cloud steps finished (or failed) per edge
     pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
     deliveries: dict[tuple[int, int], Any] = {}    # async: payloads ready, not yet given to the cloud
-    taken: list[dict] = []               # the cloud's step metrics, as they complete
-    rr_next = collections.deque((e, t) for t in range(steps) for e in range(n))
-    synced_through = 0
-    ahead = queue_size + 1 if cluster.flow == "pipelined" else 1  # edge steps ahead of the cloud
+    taken: list[dict] = list(history["taken"]) if history else []  # the cloud's step metrics
+    rr_next = collections.deque((e, t) for t in range(first, steps) for e in range(n))
+    synced_through = first - first % cluster.edge_sync if cluster.edge_sync else 0
+    every = config.checkpoint_every if store is not None else 0
+    saved_through = first
+    ahead = config.queue_size + 1 if cluster.flow == "pipelined" else 1  # edge steps ahead of the cloud
     start = time.perf_counter()
 
     def alive(e: int) -> bool:
@@ -442,7 +510,8 @@ def _drive(ray, edges, cloud, cluster: ClusterConfig, queue_size: int, shards, s
         pending[cloud.step.remote(e, t, delivery)] = ("cloud", e, t)
 
     while True:
-        barrier = min(synced_through + cluster.edge_sync, steps) if cluster.edge_sync else steps
+        next_save = (saved_through // every + 1) * every if every else steps
+        barrier = min(synced_through + cluster.edge_sync if cluster.edge_sync else steps, next_save, steps)
         for e in range(n):
             while (alive(e) and submitted[e] < min(steps, barrier) and submitted[e] < consumed[e] + ahead):
                 t = submitted[e]
@@ -460,6 +529,11 @@ def _drive(ray, edges, cloud, cluster: ClusterConfig, queue_size: int, shards, s
                 and all(reports[e].sent >= barrier or not alive(e) for e in range(n))):
             _average_edges(ray, [edges[e] for e in range(n) if alive(e)], cluster)  # at every K steps, the last too
             synced_through = barrier
+            continue
+        if (every and next_save < steps and barrier == next_save
+                and all(consumed[e] >= next_save or not alive(e) for e in range(n))):
+            _save(ray, store, edges, cloud, config, cluster, next_save, reports, taken)
+            saved_through = next_save
             continue
         if not pending:
             break
@@ -510,6 +584,18 @@ def _drive(ray, edges, cloud, cluster: ClusterConfig, queue_size: int, shards, s
     taken.sort(key=lambda m: m["index"])  # the order the cloud trained in (completions may be seen out of it)
     return ClusterResult(cluster.flow, cluster.order, steps, reports, [(m["edge"], m["step"]) for m in taken],
                          [m["loss"] for m in taken], [m["step_s"] for m in taken], wall_s, placement)
+
+
+def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig, step: int,
+          reports: list[EdgeReport], taken: list[dict]) -> None:
+    """One checkpoint of every live worker's state at `step`, with the run's history."""
+    live = [r.edge for r in reports if not r.lost]
+    edge_states = _get(ray, [edges[e].state_now.remote() for e in live], cluster, "the edges' states")
+    cloud_state = _get(ray, cloud.state_now.remote(), cluster, "the cloud's state")
+    meta = {"format": 1, "step": step, "config": dataclasses.asdict(config), "cluster": dataclasses.asdict(cluster),
+            "saved_edges": live, "reports": [dataclasses.asdict(r) for r in reports],
+            "taken": sorted(taken, key=lambda m: m["index"])}
+    store.save(step, {str(e): s for e, s in zip(live, edge_states, strict=True)}, cloud_state, meta)
 
 
 def _average_edges(ray, edges, cluster: ClusterConfig) -> None:

@@ -28,6 +28,10 @@ class ResumeMismatchError(UserError, ValueError):
     """Resuming with a configuration that differs from the one the checkpoint was made with."""
 
 
+class WorkerError(RuntimeError):
+    """A worker process of a distributed run died or stopped answering (hier_jax.cluster); exit 1."""
+
+
 class DivergenceError(FloatingPointError):
     """A non-finite training loss: names the side ("edge" or "cloud") and the step it first appeared at."""
 

@@ -9,7 +9,7 @@ import pytest
 from hier_jax import cluster, train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
-from hier_jax.errors import UserError
+from hier_jax.errors import ResumeMismatchError, UserError
 
 CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4, batch_size=32,
                           max_steps=6, head_channels=8, queue_size=1)
@@ -94,12 +94,22 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
 
 
 @needs_ray
-def test_round_robin_with_two_edges_is_reproducible_and_edge_sync_averages_them(local_ray, digits):
+def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(local_ray, digits, tmp_path):
+    """Two edges, models averaged every 3 steps, checkpoints every 3: a run whose cloud dies at its
+    step 8 (after the checkpoint at edge step 3, cloud step 6), resumed from that checkpoint, ends
+    exactly as the run that was never stopped."""
+    config = dataclasses.replace(CONFIG, checkpoint_every=3)
     settings = cluster.ClusterConfig(edges=2, edge_sync=3)
-    first = cluster.run(CONFIG, digits, settings)
-    again = cluster.run(CONFIG, digits, settings)
-    assert first.cloud_order == [(e, t) for t in range(6) for e in range(2)]
+    first = cluster.run(config, digits, settings)
+    with pytest.raises(cluster.ClusterError, match="the cloud worker died at its step 8"):
+        cluster.run(config, digits, dataclasses.replace(settings, kill_cloud=8), checkpoint_dir=tmp_path)
+    again = cluster.run(config, digits, settings, checkpoint_dir=tmp_path, resume=True)
+    assert first.cloud_order == again.cloud_order == [(e, t) for t in range(6) for e in range(2)]
     assert first.cloud_losses == again.cloud_losses
+    assert [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in first.edges] == \
+        [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in again.edges]
+    with pytest.raises(ResumeMismatchError, match="--edge-sync 3, not 2"):
+        cluster.run(config, digits, dataclasses.replace(settings, edge_sync=2), checkpoint_dir=tmp_path, resume=True)
     # Averaged at steps 3 and 6 (the last): both edges end with one model, so the same exits.
     assert first.edges[0].edge_accuracy == first.edges[1].edge_accuracy
     assert first.edges[0].cloud_accuracy == first.edges[1].cloud_accuracy
@@ -127,6 +137,7 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
     ("cluster", ["--kill-edge", "x"], "--kill-edge 'x' is invalid; valid: EDGE:STEP"),
     ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
     ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
+    ("cluster", ["--resume"], "--resume needs the --out of the run to continue"),
     ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
     ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
 ])
