@@ -9,7 +9,8 @@ with each side in its own JAX runtime, pinned to its own cores, the cloud on a G
 
 Writes DIR/summary.json (config, placement, per-edge accuracies and payload counts, cloud steps per
 second, wall time), DIR/cloud_steps.csv (the cloud's steps in the order it took them: edge, edge
-step, loss, step time) and DIR/checkpoints/STEP (every worker's state every --checkpoint-every steps;
+step, loss, step time), DIR/edge_steps.csv (each edge's losses and step times), DIR/curves.png and
+DIR/checkpoints/STEP (every worker's state every --checkpoint-every steps;
 --resume continues from the latest). Needs the `ray` extra: pip install -e .[ray].
 """
 
@@ -27,7 +28,7 @@ from hier_jax.errors import UserError
 
 DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=8,
                             batch_size=32, epochs=1)
-OUTPUTS = ("summary.json", "cloud_steps.csv")
+OUTPUTS = ("summary.json", "cloud_steps.csv", "edge_steps.csv", "curves.png")
 
 
 def add_cluster_flags(parser: cli.Parser) -> None:
@@ -67,15 +68,43 @@ def cluster_from_args(args) -> cluster.ClusterConfig:
         edge_resource=args.edge_resource, cloud_resource=args.cloud_resource)
 
 
-def write_outputs(out, summary: dict, result: cluster.ClusterResult) -> None:
-    outputs.write_json(out / "summary.json", summary)
+def _csv(rows: list[list]) -> str:
     table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["cloud_step", "edge", "edge_step", "loss", "step_s"])
-    for i, ((edge, step), loss, step_s) in enumerate(zip(result.cloud_order, result.cloud_losses,
-                                                          result.cloud_step_s, strict=True)):
-        writer.writerow([i, edge, step, loss, step_s])
-    outputs.write_atomic(out / "cloud_steps.csv", table.getvalue())
+    csv.writer(table, lineterminator="\n").writerows(rows)
+    return table.getvalue()
+
+
+def write_outputs(out, summary: dict, result: cluster.ClusterResult) -> None:
+    """summary.json, cloud_steps.csv, edge_steps.csv and curves.png, each written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outputs.write_json(out / "summary.json", summary)
+    outputs.write_atomic(out / "cloud_steps.csv", _csv(
+        [["cloud_step", "edge", "edge_step", "loss", "step_s"]]
+        + [[i, edge, step, loss, step_s] for i, ((edge, step), loss, step_s)
+           in enumerate(zip(result.cloud_order, result.cloud_losses, result.cloud_step_s, strict=True))]))
+    outputs.write_atomic(out / "edge_steps.csv", _csv(
+        [["edge", "step", "loss", "step_s"]]
+        + [[e.edge, t, loss, step_s] for e in result.edges
+           for t, (loss, step_s) in enumerate(zip(e.losses, e.step_s, strict=True))]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for e in result.edges:
+        label = f"edge {e.edge}" + (" (lost)" if e.lost else f", test acc {e.edge_accuracy:.3f}")
+        left.plot(e.losses, lw=1, label=label)
+        steps = [t for edge, t in result.cloud_order if edge == e.edge]
+        losses = [loss for (edge, _), loss in zip(result.cloud_order, result.cloud_losses) if edge == e.edge]
+        right.plot(steps, losses, lw=1, label=f"on edge {e.edge}'s payloads"
+                   + ("" if e.cloud_accuracy is None else f", test acc {e.cloud_accuracy:.3f}"))
+    left.set(title="early exits (each edge)", xlabel="edge step", ylabel="training loss", yscale="log")
+    right.set(title="cloud exit", xlabel="edge step")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{len(result.edges)} edge(s), {result.flow}, {result.order}", fontsize=9)
+    fig.tight_layout()
+    outputs.save_figure(fig, out / "curves.png", dpi=120)
+    plt.close(fig)
 
 
 @cli.entry_point
@@ -120,7 +149,7 @@ def main(argv: list[str]) -> dict:
         if args.overwrite:
             outputs.remove_run(out, OUTPUTS)
         write_outputs(out, summary, result)
-        print(f"wrote {out / 'summary.json'} and {out / 'cloud_steps.csv'}")
+        print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}")
     return summary
 
 

@@ -156,3 +156,14 @@ def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(mo
     lines = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"experiments.{module_name}: error: ") and expected in lines[0], lines[0]
+
+
+@needs_ray
+def test_the_experiment_writes_its_tables_and_figure(local_ray, tmp_path):
+    from experiments import cluster as experiment
+    summary = experiment.main(["--edges", "1", "--max-steps", "3", "--width", "4", "--head-channels", "8",
+                               "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoints", *experiment.OUTPUTS])
+    assert summary["cloud_steps"] == 3 and summary["edges"][0]["delivered"] == 3
+    assert len((tmp_path / "edge_steps.csv").read_text().splitlines()) == 1 + 3
+    assert len((tmp_path / "cloud_steps.csv").read_text().splitlines()) == 1 + 3
