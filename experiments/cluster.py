@@ -24,7 +24,7 @@ import io
 from hier_jax import cli, cluster, outputs, process
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
-from hier_jax.errors import UserError
+from hier_jax.errors import RunInterrupted, UserError
 
 DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=8,
                             batch_size=32, epochs=1)
@@ -107,6 +107,10 @@ def write_outputs(out, summary: dict, result: cluster.ClusterResult) -> None:
     plt.close(fig)
 
 
+def resume_hint(out) -> str:
+    return f"; continue with: python -m experiments.cluster ... --out {out} --resume" if out else ""
+
+
 @cli.entry_point
 def main(argv: list[str]) -> dict:
     process.setup()
@@ -133,8 +137,10 @@ def main(argv: list[str]) -> dict:
         result = cluster.run(config, dataset, topology, progress=True,
                              checkpoint_dir=out / "checkpoints" if out else None, resume=args.resume)
     except cluster.ClusterError as error:
-        hint = f"; continue with: python -m experiments.cluster ... --out {out} --resume" if out else ""
-        raise cluster.ClusterError(f"{error}{hint}") from None
+        raise cluster.ClusterError(f"{error}{resume_hint(out)}") from None
+    except RunInterrupted as stopped:
+        raise RunInterrupted(stopped.step, stopped.checkpoint,
+                             resume_hint(out) if stopped.checkpoint else "") from None
     summary = {"config": dataclasses.asdict(config), "cluster": dataclasses.asdict(topology), **result.summary()}
     for name, where in result.placement.items():
         print(f"  {name}: {where}")

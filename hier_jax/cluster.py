@@ -43,9 +43,12 @@ and a local cluster binds to the loopback interface only.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import os
 import secrets
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -55,7 +58,7 @@ import numpy as np
 
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import ImageDataset
-from hier_jax.errors import UserError, WorkerError
+from hier_jax.errors import RunInterrupted, UserError, WorkerError
 
 FLOWS = ("pipelined", "sequential")
 ORDERS = ("async", "round_robin")
@@ -367,6 +370,10 @@ def start_ray(cluster: ClusterConfig, num_cpus: int):
     ray = _ray()
     if ray.is_initialized():
         return ray
+    # ray.init installs its own SIGTERM handler (a stack dump, then death); keep the caller's, which
+    # turns SIGTERM into KeyboardInterrupt like Ctrl-C (cli.sigterm_as_interrupt).
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     with warnings.catch_warnings():  # Ray forks only to exec its own binaries, which JAX's threads cannot upset
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         if cluster.address:
@@ -374,6 +381,8 @@ def start_ray(cluster: ClusterConfig, num_cpus: int):
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1", configure_logging=False)
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
     return ray
 
 
@@ -428,7 +437,11 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
             from hier_jax.checkpoint import RunCheckpoints
             store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
         history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None
-        return _drive(ray, edges, cloud, cluster, config, shards, steps, placement, progress, store, history)
+        try:
+            return _drive(ray, edges, cloud, cluster, config, shards, steps, placement, progress, store, history)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers go (finally); the last checkpoint stays
+            saved = store.latest_step() if store is not None else None
+            raise RunInterrupted(saved or 0, None if saved is None else store.path(saved)) from None
     finally:
         if store is not None:
             store.close()
@@ -595,7 +608,16 @@ def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterCo
     meta = {"format": 1, "step": step, "config": dataclasses.asdict(config), "cluster": dataclasses.asdict(cluster),
             "saved_edges": live, "reports": [dataclasses.asdict(r) for r in reports],
             "taken": sorted(taken, key=lambda m: m["index"])}
-    store.save(step, {str(e): s for e, s in zip(live, edge_states, strict=True)}, cloud_state, meta)
+    # Written from a thread of its own, so that Ctrl-C or SIGTERM in the middle lets the checkpoint
+    # complete (an interrupted orbax write is left behind as a temporary directory) before the run stops.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(store.save, step, {str(e): s for e, s in zip(live, edge_states, strict=True)},
+                              cloud_state, meta)
+        try:
+            writing.result()
+        except KeyboardInterrupt:
+            writing.result()
+            raise
 
 
 def _average_edges(ray, edges, cluster: ClusterConfig) -> None:
