@@ -54,6 +54,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hier_jax.config import ExperimentConfig
@@ -198,10 +200,11 @@ class ClusterResult:
 # ------------------------------------------------------------------------------------------------
 
 def _start_jax(cores: Sequence[int] | None, platform: str) -> None:
-    """Pin this process to `cores` and give JAX one device of `platform`; before JAX starts."""
+    """Pin this process to `cores` and give JAX one device of `platform`; before JAX starts a backend.
+    (Importing jax starts none, but it reads JAX_PLATFORMS then, so the platform goes to its config.)"""
     if cores:
         os.sched_setaffinity(0, set(cores))
-    os.environ["JAX_PLATFORMS"] = platform
+    jax.config.update("jax_platforms", platform)
     from hier_jax import process
     process.setup(host_devices=1)
 
@@ -212,8 +215,6 @@ class _Side:
     def __init__(self, config: ExperimentConfig, dataset: ImageDataset, cores: Sequence[int] | None,
                  platform: str):
         _start_jax(cores, platform)
-        import jax
-
         from hier_jax import train
         device = f"{jax.default_backend()}:0"
         self.config = dataclasses.replace(config, edge_device=device, cloud_device=device, out="")
@@ -229,8 +230,6 @@ class EdgeWorker(_Side):
     def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
                  cores: Sequence[int] | None, link: str, time_scale: float, kill_at: int | None):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, "cpu")
-        import jax
-
         from hier_jax import train
         from hier_jax.link import get_link
         self.edge, self.kill_at = edge, kill_at
@@ -244,7 +243,6 @@ class EdgeWorker(_Side):
 
     def step(self, t: int) -> tuple[Any, dict]:
         """Train edge step t; (the packed payload as numpy, metrics). Steps come in order."""
-        import jax
         if t == self.kill_at:
             os._exit(1)  # fault injection: the process dies as a crashed edge would
         start = time.perf_counter()
@@ -260,29 +258,22 @@ class EdgeWorker(_Side):
         return (payload, ready_at), {"loss": float(metrics["loss"]), "step_s": step_s}
 
     def params(self) -> Any:
-        import jax
         return jax.device_get({"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
 
     def state_now(self) -> Any:
-        import jax
         return jax.device_get(self.state)
 
     def load(self, state: Any, start: int) -> None:
         """Continue from a checkpoint: this state, and the batches from step `start` on."""
-        import jax
-
         from hier_jax import train
         self.state = jax.device_put(state, self.device)
         self.batches = iter(train.TrainBatches(self.setup, start))
 
     def set_params(self, averaged: Any) -> None:
-        import jax
         self.state = {**self.state, **jax.device_put(averaged, self.device)}
 
     def evaluate(self) -> tuple[dict, list]:
         """(edge-exit accuracy, [(payload, labels, mask)] of the test split for the cloud exit)."""
-        import jax
-        import jax.numpy as jnp
 
         from hier_jax.data import eval_batches
         h, correct, n, bundle = self.setup.hierarchy, 0, 0, []
@@ -300,8 +291,6 @@ class CloudWorker(_Side):
                  cores: Sequence[int] | None, platform: str, kill_at: int):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, platform)
         self.kill_at, self.steps_done = kill_at, 0
-        import jax
-        import jax.numpy as jnp
 
         from hier_jax import train
         self.state = train.fresh_states(self.setup)[1]
@@ -313,7 +302,6 @@ class CloudWorker(_Side):
 
     def step(self, edge: int, t: int, delivery: tuple[Any, float]) -> dict:
         """Train on edge `edge`'s step-t payload, once it has arrived; metrics."""
-        import jax
         payload, ready_at = delivery
         index = self.steps_done
         if index == self.kill_at:
@@ -327,16 +315,12 @@ class CloudWorker(_Side):
         return {"index": index, "edge": edge, "step": t, "loss": loss, "step_s": time.perf_counter() - start}
 
     def state_now(self) -> Any:
-        import jax
         return jax.device_get(self.state)
 
     def load(self, state: Any, steps_done: int) -> None:
-        import jax
         self.state, self.steps_done = jax.device_put(state, self.device), steps_done
 
     def evaluate(self, bundle: list) -> float:
-        import jax
-        import jax.numpy as jnp
         correct = n = 0
         for payload, labels, mask in bundle:
             logits = self.setup.hierarchy.cloud_eval(self.state, jax.device_put(payload, self.device))
@@ -454,8 +438,6 @@ TRAJECTORY_FIELDS = ("edges", "order", "dirichlet", "edge_sync")  # what a resum
 
 def _resume(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig) -> dict | None:
     """Load the latest checkpoint into the workers; its history, or None when there is none."""
-    import jax
-
     from hier_jax import train
     from hier_jax.errors import ResumeMismatchError
     if store.latest_step() is None:
@@ -622,7 +604,6 @@ def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterCo
 
 def _average_edges(ray, edges, cluster: ClusterConfig) -> None:
     """Replace every edge's parameters and BatchNorm statistics by their mean over the edges."""
-    import jax
     trees = _get(ray, [e.params.remote() for e in edges], cluster, "the edges' parameters")
     mean = jax.tree.map(lambda *leaves: np.mean(np.stack(leaves), axis=0).astype(leaves[0].dtype), *trees)
     shared = ray.put(mean)
