@@ -5,6 +5,7 @@ with each side in its own JAX runtime, pinned to its own cores, the cloud on a G
     python -m experiments.cluster ... --edges 4 --dirichlet 0.3 --edge-sync 50 --order async
     python -m experiments.cluster ... --links 3g,wifi --time-scale 0.01       # a simulated link per edge
     python -m experiments.cluster ... --kill-edge 1:20     # edge 1's process dies at its step 20
+    python -m experiments.cluster ... --kill-edge 1:20 --max-restarts 1   # ... and comes back
     python -m experiments.cluster ... --address HEAD:6379  # join a running Ray cluster (README)
 
 Writes DIR/summary.json (config, placement, per-edge accuracies and payload counts, cloud steps per
@@ -47,6 +48,8 @@ def add_cluster_flags(parser: cli.Parser) -> None:
                         help="fault injection: that edge's process exits at that step (repeatable)")
     parser.add_argument("--kill-cloud", type=int, default=c.kill_cloud, metavar="STEP",
                         help="fault injection: the cloud's process exits at its step STEP")
+    parser.add_argument("--max-restarts", type=int, default=c.max_restarts, metavar="R",
+                        help="bring a lost edge back up to R times, from the last checkpoint")
     parser.add_argument("--timeout", type=float, default=c.timeout_s, help="the longest any wait may take (s)")
     parser.add_argument("--address", default=c.address, help="join this Ray cluster instead of starting one")
     parser.add_argument("--edge-resource", default=c.edge_resource,
@@ -64,7 +67,8 @@ def cluster_from_args(args) -> cluster.ClusterConfig:
     return cluster.ClusterConfig(
         edges=args.edges, flow=args.flow, order=args.order, dirichlet=args.dirichlet,
         edge_sync=args.edge_sync, links=tuple(x for x in args.links.split(",") if x), time_scale=args.time_scale,
-        pin=args.pin, kill_edges=tuple(kills), kill_cloud=args.kill_cloud, timeout_s=args.timeout, address=args.address,
+        pin=args.pin, kill_edges=tuple(kills), kill_cloud=args.kill_cloud, max_restarts=args.max_restarts,
+        timeout_s=args.timeout, address=args.address,
         edge_resource=args.edge_resource, cloud_resource=args.cloud_resource)
 
 
@@ -147,9 +151,12 @@ def main(argv: list[str]) -> dict:
     for e in result.edges:
         state = (f"LOST after delivering step {e.last_delivered_step}" if e.lost else
                  f"edge exit {e.edge_accuracy:.3f}, cloud exit on its features {e.cloud_accuracy:.3f}")
-        print(f"edge {e.edge}: {e.examples} examples, sent {e.sent}, delivered {e.delivered}, dropped {e.dropped}; "
-              f"{state}")
-    print(f"cloud: {len(result.cloud_order)} steps in {result.wall_s:.2f} s ({result.cloud_steps_per_s:.1f}/s)"
+        restarted = f", restarted {e.restarts}x ({e.replayed} steps replayed)" if e.restarts else ""
+        print(f"edge {e.edge}: {e.examples} examples, sent {e.sent}, delivered {e.delivered}, dropped {e.dropped}"
+              f"{restarted}; {state}")
+    this_run = len(result.cloud_order) - result.resumed_cloud_steps
+    print(f"cloud: {this_run} steps in {result.wall_s:.2f} s ({result.cloud_steps_per_s:.1f}/s)"
+          + (f", {len(result.cloud_order)} in all since step 0" if result.resumed_cloud_steps else "")
           + (f", mean cloud accuracy {result.mean_cloud_accuracy:.3f}" if result.mean_cloud_accuracy is not None else ""))
     if out is not None:
         if args.overwrite:

@@ -28,10 +28,12 @@ edge's uplink one at a time and arrives `latency_s` later; the cloud does not st
 its payload has arrived. Delays use the host's wall clock, so links are simulated on one host only.
 
 Faults: every wait has a timeout. An edge process that dies (or is killed: `kill_edges` injects
-that, for tests and demonstrations) is dropped: the cloud and the other edges go on, and the result
-names the lost edge and its last delivered step. When the cloud dies the run stops with a
-`ClusterError`; with checkpoints (`run(checkpoint_dir=...)`) the last one holds every worker's state
-and a rerun with `resume=True` continues from it. Not here yet: restarting a lost edge by itself.
+that, for tests and demonstrations) comes back up to `max_restarts` times, in a new process from the
+last checkpoint's state (the initial state without one), replaying the steps the cloud already has
+without sending them again (`_Driver`); past that it is dropped: the cloud and the other edges go
+on, and the result names the lost edge and its last delivered step. When the cloud dies the run
+stops with a `ClusterError`; with checkpoints (`run(checkpoint_dir=...)`) the last one holds every
+worker's state and a rerun with `resume=True` continues from it.
 
 On one host every worker is pinned to its own CPU cores before JAX starts (the edges one core each,
 round-robin over the host's cores, the cloud on the last core or on a GPU where Ray has one), so two
@@ -45,6 +47,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import os
 import secrets
 import signal
@@ -83,6 +86,7 @@ class ClusterConfig:
     cloud_gpu: bool = True               # put the cloud on a GPU when Ray has one
     kill_edges: tuple[tuple[int, int], ...] = ()  # fault injection: (edge, step) the edge process exits at
     kill_cloud: int = -1                 # fault injection: the cloud process exits at its step this (-1: never)
+    max_restarts: int = 0                # times a lost edge is brought back from the last checkpoint
     timeout_s: float = 600.0             # the longest any single wait may take
     address: str = ""                    # "" = start a local Ray cluster; else join this one
     edge_resource: str = ""              # a custom Ray resource each edge needs (one unit): its node kind
@@ -114,6 +118,7 @@ def validate_cluster(cluster: ClusterConfig) -> None:
         check(name in LINKS, "links", name, ", ".join(LINKS))
     check(cluster.time_scale > 0, "time_scale", cluster.time_scale, "a number > 0")
     check(cluster.kill_cloud >= -1, "kill_cloud", cluster.kill_cloud, "a cloud step >= 0, or -1 (never)")
+    check(cluster.max_restarts >= 0, "max_restarts", cluster.max_restarts, "an integer >= 0")
     check(cluster.timeout_s > 0, "timeout_s", cluster.timeout_s, "a number of seconds > 0")
     for edge, step in cluster.kill_edges:
         check(0 <= edge < cluster.edges and step >= 0, "kill_edges", f"{edge}:{step}",
@@ -156,6 +161,8 @@ class EdgeReport:
     dropped: int = 0                     # produced but never trained on (the edge was lost meanwhile)
     lost: bool = False
     last_delivered_step: int = -1
+    restarts: int = 0                    # times its process died and was brought back
+    replayed: int = 0                    # steps recomputed after restarts, their payloads not sent again
     max_in_flight: int = 0               # most steps submitted and not yet trained on by the cloud
     edge_accuracy: float | None = None
     cloud_accuracy: float | None = None  # the cloud exit on this edge's features
@@ -172,12 +179,15 @@ class ClusterResult:
     cloud_order: list[tuple[int, int]]   # (edge, step) in the order the cloud trained on them
     cloud_losses: list[float]
     cloud_step_s: list[float]
-    wall_s: float
+    wall_s: float                        # of this run (since its resume, if resumed)
     placement: dict[str, str]
+    resumed_cloud_steps: int = 0         # cloud steps taken before the checkpoint this run resumed from
 
     @property
     def cloud_steps_per_s(self) -> float:
-        return len(self.cloud_order) / self.wall_s if self.wall_s > 0 else 0.0
+        """Cloud steps this run took, per second of this run (a resumed run's earlier steps excluded)."""
+        steps = len(self.cloud_order) - self.resumed_cloud_steps
+        return steps / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def mean_cloud_accuracy(self) -> float | None:
@@ -187,6 +197,7 @@ class ClusterResult:
     def summary(self) -> dict:
         return {"flow": self.flow, "order": self.order, "steps_per_edge": self.steps_per_edge,
                 "wall_s": self.wall_s, "cloud_steps": len(self.cloud_order),
+                "resumed_cloud_steps": self.resumed_cloud_steps,
                 "cloud_steps_per_s": self.cloud_steps_per_s, "mean_cloud_accuracy": self.mean_cloud_accuracy,
                 "placement": self.placement,
                 "edges": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("losses", "step_s")}
@@ -235,6 +246,7 @@ class EdgeWorker(_Side):
         self.edge, self.kill_at = edge, kill_at
         self.state = train.fresh_states(self.setup)[0]
         self.batches = iter(train.TrainBatches(self.setup))
+        self.next_step = 0
         # Compile now, on a throwaway copy and the first batch, so that no timed step compiles.
         images, labels = next(iter(train.TrainBatches(self.setup)))
         jax.block_until_ready(self.setup.hierarchy.edge_step(train.fresh_states(self.setup)[0], images, labels))
@@ -245,10 +257,10 @@ class EdgeWorker(_Side):
         """Train edge step t; (the packed payload as numpy, metrics). Steps come in order."""
         if t == self.kill_at:
             os._exit(1)  # fault injection: the process dies as a crashed edge would
+        if t != self.next_step:
+            raise RuntimeError(f"edge {self.edge} was asked for step {t}; its next step is {self.next_step}")
         start = time.perf_counter()
-        images, labels = next(self.batches)
-        self.state, payload, metrics = self.setup.hierarchy.edge_step(self.state, images, labels)
-        payload, metrics = jax.device_get((payload, metrics))
+        payload, metrics = jax.device_get(self._train())
         step_s = time.perf_counter() - start
         ready_at = 0.0
         if self.link is not None:
@@ -256,6 +268,21 @@ class EdgeWorker(_Side):
             self.link_free = max(time.time(), self.link_free) + self.link.serialize_s(nbytes) * self.time_scale
             ready_at = self.link_free + self.link.latency_s * self.time_scale
         return (payload, ready_at), {"loss": float(metrics["loss"]), "step_s": step_s}
+
+    def _train(self) -> tuple[Any, dict]:
+        images, labels = next(self.batches)
+        self.state, payload, metrics = self.setup.hierarchy.edge_step(self.state, images, labels)
+        self.next_step += 1
+        return payload, metrics
+
+    def resume(self, state: Any | None, start: int, until: int) -> None:
+        """Come back after a crash: from `state` at step `start` (None: the initial state, step 0),
+        train steps up to `until` again without sending anything (the cloud has their payloads)."""
+        if state is not None:
+            self.load(state, start)
+        while self.next_step < until:
+            self._train()
+        jax.block_until_ready(self.state)
 
     def params(self) -> Any:
         return jax.device_get({"params": self.state["params"], "batch_stats": self.state["batch_stats"]})
@@ -268,6 +295,7 @@ class EdgeWorker(_Side):
         from hier_jax import train
         self.state = jax.device_put(state, self.device)
         self.batches = iter(train.TrainBatches(self.setup, start))
+        self.next_step = start
 
     def set_params(self, averaged: Any) -> None:
         self.state = {**self.state, **jax.device_put(averaged, self.device)}
@@ -405,11 +433,18 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     cloud_on_gpu = cluster.cloud_gpu and ray.cluster_resources().get("GPU", 0) >= 1
     edge_cores, cloud_cores = _core_plan(cluster, cloud_on_gpu)
     kill = dict(cluster.kill_edges)
+    # Ray restarts nothing by itself: the driver brings a lost edge back (_Driver.restart), from the
+    # state of the last checkpoint, which a process Ray restarted on its own would not have.
     remote_edge = ray.remote(num_cpus=0, max_restarts=0, resources=_resource(cluster.edge_resource))(EdgeWorker)
     remote_cloud = ray.remote(num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0,
                               resources=_resource(cluster.cloud_resource))(CloudWorker)
-    edges = [remote_edge.remote(e, config, ray.put(shards[e]), steps, edge_cores[e], cluster.link_of(e),
-                                cluster.time_scale, kill.get(e)) for e in range(cluster.edges)]
+    shard_refs = [ray.put(part) for part in shards]
+
+    def spawn_edge(e: int, first_life: bool):
+        return remote_edge.remote(e, config, shard_refs[e], steps, edge_cores[e], cluster.link_of(e),
+                                  cluster.time_scale, kill.get(e) if first_life else None)
+
+    edges = [spawn_edge(e, True) for e in range(cluster.edges)]
     cloud = remote_cloud.remote(config, ray.put(dataset), steps * cluster.edges, cloud_cores,
                                 "cuda" if cloud_on_gpu else "cpu", cluster.kill_cloud)
     store = None
@@ -421,15 +456,16 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
             from hier_jax.checkpoint import RunCheckpoints
             store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
         history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None
+        driver = _Driver(ray, edges, cloud, spawn_edge, cluster, config, shards, steps, store, history)
         try:
-            return _drive(ray, edges, cloud, cluster, config, shards, steps, placement, progress, store, history)
+            return driver.drive(placement, progress)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers go (finally); the last checkpoint stays
             saved = store.latest_step() if store is not None else None
             raise RunInterrupted(saved or 0, None if saved is None else store.path(saved)) from None
     finally:
         if store is not None:
             store.close()
-        for worker in [*edges, cloud]:
+        for worker in [*edges, cloud]:  # `edges` holds each edge's latest process (the driver replaces restarted ones)
             ray.kill(worker)
 
 
@@ -437,7 +473,8 @@ TRAJECTORY_FIELDS = ("edges", "order", "dirichlet", "edge_sync")  # what a resum
 
 
 def _resume(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig) -> dict | None:
-    """Load the latest checkpoint into the workers; its history, or None when there is none."""
+    """Load the latest checkpoint into the workers; its metadata (the run's history) and the edges'
+    states ("edge_states", kept to restart an edge from), or None when there is none."""
     from hier_jax import train
     from hier_jax.errors import ResumeMismatchError
     if store.latest_step() is None:
@@ -457,7 +494,7 @@ def _resume(ray, store, edges, cloud, config: ExperimentConfig, cluster: Cluster
     loads = [edges[e].load.remote(jax.device_get(edge_states[str(e)]), meta["step"]) for e in saved]
     loads.append(cloud.load.remote(jax.device_get(cloud_state), len(meta["taken"])))
     _get(ray, loads, cluster, "the workers to load the checkpoint")
-    return meta
+    return meta | {"edge_states": {int(e): jax.device_get(s) for e, s in edge_states.items()}}
 
 
 def _resource(name: str) -> dict[str, float] | None:
@@ -473,117 +510,243 @@ def _get(ray, ref, cluster: ClusterConfig, what: str):
         raise ClusterError(f"a worker died while waiting for {what}: {str(error).splitlines()[0]}") from None
 
 
-def _drive(ray, edges, cloud, cluster: ClusterConfig, config: ExperimentConfig, shards, steps: int,
-           placement: dict, progress: bool, store, history: dict | None) -> ClusterResult:
-    n = len(edges)
-    first = history["step"] if history else 0  # the step every edge starts from
-    reports = ([EdgeReport(**r) for r in history["reports"]] if history else
-               [EdgeReport(e, shards[e].num_train) for e in range(n)])
-    submitted = [first] * n              # edge steps submitted
-    consumed = [first] * n               # cloud steps finished (or failed) per edge
-    pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
-    deliveries: dict[tuple[int, int], Any] = {}    # async: payloads ready, not yet given to the cloud
-    taken: list[dict] = list(history["taken"]) if history else []  # the cloud's step metrics
-    rr_next = collections.deque((e, t) for t in range(first, steps) for e in range(n))
-    synced_through = first - first % cluster.edge_sync if cluster.edge_sync else 0
-    every = config.checkpoint_every if store is not None else 0
-    saved_through = first
-    ahead = config.queue_size + 1 if cluster.flow == "pipelined" else 1  # edge steps ahead of the cloud
-    start = time.perf_counter()
+class _Driver:
+    """The driver's loop over one run: which steps each edge has been asked for, which the cloud has
+    trained on, what waits on what; it decides what each worker does next, and nothing else does.
 
-    def alive(e: int) -> bool:
-        return not reports[e].lost
+    Lost edges: an edge whose process dies is restarted while it has restarts left
+    (`ClusterConfig.max_restarts`), else dropped. A restart waits until nothing of the dead process
+    is outstanding, then starts a new process from the state of the last checkpoint (the initial
+    state when there is none), which replays the steps from there to the first step the cloud has
+    not trained on, without sending their payloads (the cloud has them), and goes on from that
+    step. Replayed steps give the edge the state it had, bit for bit on the same hardware, unless
+    an edge_sync average fell between the checkpoint and the loss (a replay does not average).
+    """
 
-    def lose(e: int, at: int) -> None:
-        """Edge e died; its steps from `at` on will never come (those before may still have finished)."""
-        reports[e].lost = True
-        for ref, (kind, edge, t) in list(pending.items()):
-            if kind == "edge" and edge == e and t >= at:
-                pending.pop(ref)
+    def __init__(self, ray, edges: list, cloud, spawn_edge, cluster: ClusterConfig, config: ExperimentConfig,
+                 shards: list[ImageDataset], steps: int, store, history: dict | None):
+        self.ray, self.edges, self.cloud, self.spawn_edge = ray, edges, cloud, spawn_edge
+        self.cluster, self.config, self.steps, self.store = cluster, config, steps, store
+        n = self.n = len(edges)
+        first = history["step"] if history else 0  # the step every edge starts from
+        self.reports = ([EdgeReport(**r) for r in history["reports"]] if history else
+                        [EdgeReport(e, shards[e].num_train) for e in range(n)])
+        self.taken: list[dict] = list(history["taken"]) if history else []  # the cloud's step metrics
+        self.resumed_cloud_steps = len(self.taken)
+        self.delivered: list[set[int]] = [set() for _ in range(n)]  # edge steps the cloud trained on
+        for m in self.taken:
+            self.delivered[m["edge"]].add(m["step"])
+        # The state every live edge had at the last checkpoint: what a restarted edge starts from.
+        self.checkpointed: tuple[int, dict[int, Any]] = (first, history["edge_states"]) if history else (0, {})
+        self.submitted = [first] * n     # edge steps submitted
+        self.consumed = [first] * n      # edge steps the cloud has trained on, or skipped as already trained on
+        self.pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
+        self.payloads: dict[tuple[int, int], Any] = {}  # payload refs of edge steps not yet given to the cloud
+        self.arrived: set[tuple[int, int]] = set()      # round robin: those whose edge step has finished
+        self.rr_next = collections.deque((e, t) for t in range(first, steps) for e in range(n))
+        self.restarting: set[int] = set()  # edges whose process died and that will come back
+        self.restarted_placement: dict[int, Any] = {}
+        self.synced_through = first - first % cluster.edge_sync if cluster.edge_sync else 0
+        self.every = config.checkpoint_every if store is not None else 0
+        self.saved_through = first
+        self.ahead = config.queue_size + 1 if cluster.flow == "pipelined" else 1  # edge steps ahead of the cloud
 
-    def submit_cloud(e: int, t: int, delivery) -> None:
-        pending[cloud.step.remote(e, t, delivery)] = ("cloud", e, t)
+    def alive(self, e: int) -> bool:
+        return not self.reports[e].lost and e not in self.restarting
 
-    while True:
-        next_save = (saved_through // every + 1) * every if every else steps
-        barrier = min(synced_through + cluster.edge_sync if cluster.edge_sync else steps, next_save, steps)
-        for e in range(n):
-            while (alive(e) and submitted[e] < min(steps, barrier) and submitted[e] < consumed[e] + ahead):
-                t = submitted[e]
-                delivery, metrics = edges[e].step.options(num_returns=2).remote(t)
-                pending[metrics] = ("edge", e, t)
-                deliveries[(e, t)] = delivery
-                submitted[e] += 1
-                reports[e].max_in_flight = max(reports[e].max_in_flight, submitted[e] - consumed[e])
-        if cluster.order == "round_robin":  # hand the cloud its payloads in the fixed order, as far as submitted
-            while rr_next and (not alive(rr_next[0][0]) or rr_next[0] in deliveries):
-                e, t = rr_next.popleft()
-                if alive(e):
-                    submit_cloud(e, t, deliveries.pop((e, t)))
-        if (cluster.edge_sync and synced_through < barrier and barrier % cluster.edge_sync == 0
-                and all(reports[e].sent >= barrier or not alive(e) for e in range(n))):
-            _average_edges(ray, [edges[e] for e in range(n) if alive(e)], cluster)  # at every K steps, the last too
-            synced_through = barrier
-            continue
-        if (every and next_save < steps and barrier == next_save
-                and all(consumed[e] >= next_save or not alive(e) for e in range(n))):
-            _save(ray, store, edges, cloud, config, cluster, next_save, reports, taken)
-            saved_through = next_save
-            continue
-        if not pending:
-            break
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=cluster.timeout_s)
-        if not ready:
-            raise ClusterError(f"no worker finished a step within {cluster.timeout_s:g} s "
-                               f"({len(pending)} steps outstanding)")
-        kind, e, t = pending.pop(ready[0])
-        if kind == "edge":
-            try:
-                metrics = ray.get(ready[0], timeout=cluster.timeout_s)
-            except ray.exceptions.RayActorError:
-                lose(e, t)
+    def get(self, ref, what: str):
+        return _get(self.ray, ref, self.cluster, what)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def drive(self, placement: dict, progress: bool) -> ClusterResult:
+        start = time.perf_counter()
+        while True:
+            for e in sorted(self.restarting):
+                if not any(edge == e for _, edge, _ in self.pending.values()):
+                    self.restart(e)
+            next_save = (self.saved_through // self.every + 1) * self.every if self.every else self.steps
+            barrier = min(self.synced_through + self.cluster.edge_sync if self.cluster.edge_sync else self.steps,
+                          next_save, self.steps)
+            self.submit_edge_steps(barrier)
+            if self.cluster.order == "round_robin":
+                self.feed_round_robin()
+            if self.sync_due(barrier):
+                _average_edges(self.ray, [self.edges[e] for e in range(self.n) if self.alive(e)], self.cluster)
+                self.synced_through = barrier
                 continue
-            reports[e].sent += 1
-            reports[e].losses.append(metrics["loss"])
-            reports[e].step_s.append(metrics["step_s"])
-            if cluster.order == "async":
-                submit_cloud(e, t, deliveries.pop((e, t)))
-            continue
+            if self.save_due(next_save, barrier):
+                self.checkpointed = (next_save, _save(self.ray, self.store, self.edges, self.cloud, self.config,
+                                                      self.cluster, next_save, self.reports, self.taken))
+                self.saved_through = next_save
+                continue
+            if not self.pending:
+                break
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=self.cluster.timeout_s)
+            if not ready:
+                raise ClusterError(f"no worker finished a step within {self.cluster.timeout_s:g} s "
+                                   f"({len(self.pending)} steps outstanding)")
+            kind, e, t = self.pending.pop(ready[0])
+            {"edge": self.on_edge_step, "cloud": self.on_cloud_step, "restart": self.on_restart}[kind](ready[0], e, t)
+            if kind == "cloud" and progress and len(self.taken) % 10 == 0:
+                print(f"cloud step {len(self.taken)} of {self.steps * self.n}: loss {self.taken[-1]['loss']:.3f}",
+                      flush=True)
+        return self.finish(placement, time.perf_counter() - start)
+
+    def submit_edge_steps(self, barrier: int) -> None:
+        """Ask each live edge for its next steps, up to the barrier and `ahead` steps past the cloud."""
+        for e in range(self.n):
+            while (self.alive(e) and self.submitted[e] < min(self.steps, barrier)
+                   and self.submitted[e] < self.consumed[e] + self.ahead):
+                t = self.submitted[e]
+                payload, metrics = self.edges[e].step.options(num_returns=2).remote(t)
+                self.pending[metrics] = ("edge", e, t)
+                self.payloads[(e, t)] = payload
+                self.submitted[e] += 1
+                report = self.reports[e]
+                report.max_in_flight = max(report.max_in_flight, self.submitted[e] - self.consumed[e])
+
+    def feed_round_robin(self) -> None:
+        """Hand the cloud its payloads in the fixed order, as far as they have arrived; a lost edge's
+        turns are skipped, a restarting edge's are waited for. (Only finished edge steps go to the
+        cloud, so no cloud step ever waits on a payload that a dying edge will never produce, and
+        an edge's restart leaves the order as it would have been.)"""
+        while self.rr_next:
+            turn = self.rr_next[0]
+            if self.reports[turn[0]].lost:
+                self.rr_next.popleft()
+            elif turn in self.arrived:
+                self.rr_next.popleft()
+                self.arrived.remove(turn)
+                self.submit_cloud(*turn)
+            else:
+                return
+
+    def submit_cloud(self, e: int, t: int) -> None:
+        self.pending[self.cloud.step.remote(e, t, self.payloads.pop((e, t)))] = ("cloud", e, t)
+
+    def sync_due(self, barrier: int) -> bool:
+        """Every live edge has reached a multiple of edge_sync (the last step too), not yet averaged."""
+        return bool(self.cluster.edge_sync and self.synced_through < barrier and barrier % self.cluster.edge_sync == 0
+                    and not self.restarting
+                    and all(r.lost or r.sent >= barrier for r in self.reports))
+
+    def save_due(self, next_save: int, barrier: int) -> bool:
+        """Every live edge has reached the checkpoint step and the cloud has trained on all of it."""
+        return bool(self.every and next_save < self.steps and barrier == next_save and not self.restarting
+                    and all(r.lost or self.consumed[r.edge] >= next_save for r in self.reports))
+
+    # --- what came back -------------------------------------------------------------------------
+
+    def on_edge_step(self, ref, e: int, t: int) -> None:
         try:
-            metrics = ray.get(ready[0], timeout=cluster.timeout_s)
+            metrics = self.ray.get(ref, timeout=self.cluster.timeout_s)
+        except self.ray.exceptions.RayActorError:
+            self.fail(e, t)
+            return
+        report = self.reports[e]
+        if t in self.delivered[e]:  # recomputed after a restart; the cloud already trained on it
+            self.payloads.pop((e, t))
+            self.consumed[e] += 1
+            report.replayed += 1
+            return
+        report.sent += 1
+        report.losses.append(metrics["loss"])
+        report.step_s.append(metrics["step_s"])
+        if self.cluster.order == "async":
+            self.submit_cloud(e, t)
+        else:
+            self.arrived.add((e, t))
+
+    def on_cloud_step(self, ref, e: int, t: int) -> None:
+        ray = self.ray
+        try:
+            metrics = ray.get(ref, timeout=self.cluster.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-            if not _alive(ray, cloud, cluster):
-                raise ClusterError(f"the cloud worker died at its step {len(taken)} (edge {e}, step {t}): "
+            if not _alive(ray, self.cloud, self.cluster):
+                raise ClusterError(f"the cloud worker died at its step {len(self.taken)} (edge {e}, step {t}): "
                                    f"{str(error).splitlines()[0]}") from None
             if isinstance(error, ray.exceptions.RayTaskError) and "ActorDiedError" not in type(error).__name__ \
                     and not isinstance(error, ray.exceptions.RayActorError):
                 raise  # the cloud step itself raised: a bug, not a lost edge
-            metrics = None
-        consumed[e] += 1
-        if metrics is None:  # the payload's edge died before handing it over
-            lose(e, t)
-            continue
-        reports[e].delivered += 1
-        reports[e].last_delivered_step = t
-        taken.append(metrics)
-        if progress and len(taken) % 10 == 0:
-            print(f"cloud step {len(taken)} of {steps * n}: loss {metrics['loss']:.3f}", flush=True)
-    wall_s = time.perf_counter() - start
-    for e in range(n):
-        if alive(e):
-            accuracy_ref, bundle = edges[e].evaluate.options(num_returns=2).remote()
-            reports[e].edge_accuracy = _get(ray, accuracy_ref, cluster, f"edge {e}'s evaluation")["edge_accuracy"]
-            reports[e].cloud_accuracy = _get(ray, cloud.evaluate.remote(bundle), cluster,
-                                             f"the cloud's evaluation on edge {e}'s features")
-        reports[e].dropped = reports[e].sent - reports[e].delivered
-    taken.sort(key=lambda m: m["index"])  # the order the cloud trained in (completions may be seen out of it)
-    return ClusterResult(cluster.flow, cluster.order, steps, reports, [(m["edge"], m["step"]) for m in taken],
-                         [m["loss"] for m in taken], [m["step_s"] for m in taken], wall_s, placement)
+            self.fail(e, t)  # the payload's edge died before handing it over
+            return
+        self.consumed[e] += 1
+        self.delivered[e].add(t)
+        report = self.reports[e]
+        report.delivered += 1
+        report.last_delivered_step = max(report.last_delivered_step, t)
+        self.taken.append(metrics)
+
+    def on_restart(self, ref, e: int, t: int) -> None:
+        try:
+            self.ray.get(ref, timeout=self.cluster.timeout_s)
+        except self.ray.exceptions.RayActorError:
+            self.fail(e, t)
+
+    # --- lost edges -----------------------------------------------------------------------------
+
+    def fail(self, e: int, at: int) -> None:
+        """Edge e's process died; its steps from `at` on will never come (those before may still
+        have finished). It comes back if it has restarts left, else it is lost for good."""
+        for ref, (kind, edge, t) in list(self.pending.items()):
+            if kind == "edge" and edge == e and t >= at:
+                self.pending.pop(ref)
+        if self.reports[e].lost or e in self.restarting:
+            return
+        if self.reports[e].restarts < self.cluster.max_restarts:
+            self.restarting.add(e)
+        else:
+            self.reports[e].lost = True
+
+    def restart(self, e: int) -> None:
+        """A new process for edge e, from the last checkpoint, replaying up to the cloud's position."""
+        self.restarting.discard(e)
+        resume_at = next(t for t in itertools.count() if t not in self.delivered[e])
+        saved_step, saved_states = self.checkpointed
+        if e not in saved_states or saved_step > resume_at:
+            saved_step, state = 0, None  # no checkpoint holds this edge: from the initial state
+        else:
+            state = saved_states[e]
+        worker = self.edges[e] = self.spawn_edge(e, False)
+        self.pending[worker.resume.remote(state, saved_step, resume_at)] = ("restart", e, resume_at)
+        self.restarted_placement[e] = worker.placement.remote()
+        report = self.reports[e]
+        report.restarts += 1
+        report.replayed += resume_at - saved_step
+        del report.losses[resume_at:], report.step_s[resume_at:]
+        report.sent = len(report.losses)
+        self.submitted[e] = self.consumed[e] = resume_at
+        for key in [key for key in self.payloads if key[0] == e]:
+            del self.payloads[key]
+        self.arrived -= {key for key in self.arrived if key[0] == e}
+        if self.cluster.order == "round_robin":
+            turns = set(self.rr_next) | {(e, t) for t in range(resume_at, self.steps) if t not in self.delivered[e]}
+            self.rr_next = collections.deque(sorted(turns, key=lambda turn: (turn[1], turn[0])))
+
+    # --- the end --------------------------------------------------------------------------------
+
+    def finish(self, placement: dict, wall_s: float) -> ClusterResult:
+        for e, ref in self.restarted_placement.items():
+            if self.alive(e):
+                placement[f"edge {e}"] = self.get(ref, f"restarted edge {e} to start")
+        for e, report in enumerate(self.reports):
+            if self.alive(e):
+                accuracy_ref, bundle = self.edges[e].evaluate.options(num_returns=2).remote()
+                report.edge_accuracy = self.get(accuracy_ref, f"edge {e}'s evaluation")["edge_accuracy"]
+                report.cloud_accuracy = self.get(self.cloud.evaluate.remote(bundle),
+                                                 f"the cloud's evaluation on edge {e}'s features")
+            report.dropped = report.sent - report.delivered
+        taken = sorted(self.taken, key=lambda m: m["index"])  # the order the cloud trained in
+        return ClusterResult(self.cluster.flow, self.cluster.order, self.steps, self.reports,
+                             [(m["edge"], m["step"]) for m in taken], [m["loss"] for m in taken],
+                             [m["step_s"] for m in taken], wall_s, placement, self.resumed_cloud_steps)
 
 
 def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig, step: int,
-          reports: list[EdgeReport], taken: list[dict]) -> None:
-    """One checkpoint of every live worker's state at `step`, with the run's history."""
+          reports: list[EdgeReport], taken: list[dict]) -> dict[int, Any]:
+    """One checkpoint of every live worker's state at `step`, with the run's history; the edges'
+    states saved, by edge."""
     live = [r.edge for r in reports if not r.lost]
     edge_states = _get(ray, [edges[e].state_now.remote() for e in live], cluster, "the edges' states")
     cloud_state = _get(ray, cloud.state_now.remote(), cluster, "the cloud's state")
@@ -600,6 +763,7 @@ def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterCo
         except KeyboardInterrupt:
             writing.result()
             raise
+    return dict(zip(live, edge_states, strict=True))
 
 
 def _average_edges(ray, edges, cluster: ClusterConfig) -> None:

@@ -44,6 +44,7 @@ def test_dirichlet_shards_skew_the_labels_and_still_cover_everything():
     ({"dirichlet": -1.0}, "--dirichlet -1.0 is invalid"),
     ({"kill_edges": ((2, 0),)}, "--kill-edges '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
     ({"timeout_s": 0}, "--timeout-s 0 is invalid"),
+    ({"max_restarts": -1}, "--max-restarts -1 is invalid; valid: an integer >= 0"),
 ])
 def test_bad_cluster_settings_fail_before_anything_starts(change, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -105,6 +106,9 @@ def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(
         cluster.run(config, digits, dataclasses.replace(settings, kill_cloud=8), checkpoint_dir=tmp_path)
     again = cluster.run(config, digits, settings, checkpoint_dir=tmp_path, resume=True)
     assert first.cloud_order == again.cloud_order == [(e, t) for t in range(6) for e in range(2)]
+    # Throughput counts this run's steps over this run's time, not the steps taken before the resume.
+    assert (first.resumed_cloud_steps, again.resumed_cloud_steps) == (0, 6)
+    assert again.cloud_steps_per_s == pytest.approx(6 / again.wall_s)
     assert first.cloud_losses == again.cloud_losses
     assert [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in first.edges] == \
         [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in again.edges]
@@ -130,6 +134,39 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
         cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=1, kill_cloud=2, timeout_s=120))
 
 
+@needs_ray
+def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_never_died(local_ray, digits,
+                                                                                           tmp_path):
+    """Edge 1 dies at its step 3 and comes back from the checkpoint at step 2, recomputing the steps
+    the cloud already has without sending them again; in round-robin order every loss and accuracy
+    then equals the run without the fault."""
+    config = dataclasses.replace(CONFIG, checkpoint_every=2)
+    settings = cluster.ClusterConfig(edges=2)
+    clean = cluster.run(config, digits, settings)
+    faulty = cluster.run(config, digits, dataclasses.replace(settings, kill_edges=((1, 3),), max_restarts=1),
+                         checkpoint_dir=tmp_path)
+    assert faulty.cloud_order == clean.cloud_order
+    assert faulty.cloud_losses == clean.cloud_losses
+    assert [e.losses for e in faulty.edges] == [e.losses for e in clean.edges]
+    assert [(e.edge_accuracy, e.cloud_accuracy) for e in faulty.edges] == \
+        [(e.edge_accuracy, e.cloud_accuracy) for e in clean.edges]
+    back = faulty.edges[1]
+    assert (back.restarts, back.lost, back.sent, back.delivered, back.dropped) == (1, False, 6, 6, 0)
+    assert faulty.edges[0].restarts == 0
+    assert faulty.placement["edge 1"] != clean.placement["edge 1"]  # a new process (pid)
+
+
+@needs_ray
+def test_without_a_checkpoint_a_restarted_edge_replays_from_its_initial_state(local_ray, digits):
+    settings = cluster.ClusterConfig(edges=1, order="async", kill_edges=((0, 2),), max_restarts=1)
+    result = cluster.run(CONFIG, digits, settings)
+    local = train.train(train.build(CONFIG, digits), "sequential", progress=False)
+    assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
+    assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
+    assert (result.edges[0].restarts, result.edges[0].lost, result.edges[0].delivered) == (1, False, 6)
+    assert result.edges[0].replayed >= 2  # steps 0 and 1 at least, recomputed from the initial state
+
+
 @pytest.mark.parametrize("module_name, argv, expected", [
     ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
     ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
@@ -138,6 +175,7 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
     ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
     ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
     ("cluster", ["--resume"], "--resume needs the --out of the run to continue"),
+    ("cluster", ["--max-restarts", "-1"], "--max-restarts -1 is invalid"),
     ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
     ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
 ])
