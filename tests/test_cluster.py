@@ -2,6 +2,9 @@
 
 import dataclasses
 import importlib.util
+import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -62,12 +65,48 @@ def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts():
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the cluster runner needs the ray extra")
 
 
+def processes_with_token(token: str) -> set[int]:
+    """Every other process of this user whose environment holds this Ray cluster's token: the head's
+    processes and every worker inherit it from the driver (start_ray makes a fresh one per run)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                environ = open(f"/proc/{entry}/environ", "rb").read()
+            except OSError:  # gone meanwhile, or another user's
+                continue
+            if f"RAY_AUTH_TOKEN={token}".encode() in environ.split(b"\0"):
+                found.add(int(entry))
+    return found
+
+
+def wait_until_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
+    """The pids still alive after `timeout_s` (zombies count as gone)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = set()
+        for pid in pids:
+            try:
+                if open(f"/proc/{pid}/stat").read().split(") ")[-1][0] != "Z":
+                    alive.add(pid)
+            except OSError:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local cluster for this module (Ray is imported by start_ray, after its authentication is set)."""
+    """A local cluster for this module (Ray is imported by start_ray, after its authentication is set);
+    once shut down, not one of its processes may be left."""
     ray = cluster.start_ray(cluster.ClusterConfig(), num_cpus=4)
+    token = os.environ["RAY_AUTH_TOKEN"]
+    assert processes_with_token(token)  # the finder sees the cluster's processes (else the check below is void)
     yield
     ray.shutdown()
+    left = wait_until_gone(processes_with_token(token))
+    assert not left, f"Ray processes left behind after shutdown: {sorted(left)}"
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +206,30 @@ def test_without_a_checkpoint_a_restarted_edge_replays_from_its_initial_state(lo
     assert result.edges[0].replayed >= 2  # steps 0 and 1 at least, recomputed from the initial state
 
 
+@needs_ray
+def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_it(local_ray, digits, tmp_path,
+                                                                                   monkeypatch):
+    """Ctrl-C arriving just after the checkpoint at step 2 (KeyboardInterrupt in the driver, as the
+    SIGINT handler raises it): one RunInterrupted naming that checkpoint, no worker left running, and
+    --resume then ends exactly as the in-process run that was never stopped."""
+    config = dataclasses.replace(CONFIG, checkpoint_every=2)
+    save = cluster._save
+
+    def save_then_interrupt(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cluster, "_save", save_then_interrupt)
+    before = processes_with_token(os.environ["RAY_AUTH_TOKEN"])
+    with pytest.raises(cluster.RunInterrupted, match=f"interrupted after step 2; saved {tmp_path / '2'}"):
+        cluster.run(config, digits, cluster.ClusterConfig(edges=1), checkpoint_dir=tmp_path)
+    assert not wait_until_gone(processes_with_token(os.environ["RAY_AUTH_TOKEN"]) - before)
+    monkeypatch.setattr(cluster, "_save", save)
+    resumed = cluster.run(config, digits, cluster.ClusterConfig(edges=1), checkpoint_dir=tmp_path, resume=True)
+    local = train.train(train.build(config, digits), "sequential", progress=False)
+    assert resumed.resumed_cloud_steps == 2
+    assert resumed.cloud_losses == local.cloud_metrics["loss"].tolist()
+
+
 @pytest.mark.parametrize("module_name, argv, expected", [
     ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
     ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
@@ -205,3 +268,6 @@ def test_the_experiment_writes_its_tables_and_figure(local_ray, tmp_path):
     assert summary["cloud_steps"] == 3 and summary["edges"][0]["delivered"] == 3
     assert len((tmp_path / "edge_steps.csv").read_text().splitlines()) == 1 + 3
     assert len((tmp_path / "cloud_steps.csv").read_text().splitlines()) == 1 + 3
+    # The run's worker processes end with it, while the cluster goes on.
+    workers = {int(re.search(r"pid (\d+)", where).group(1)) for where in summary["placement"].values()}
+    assert len(workers) == 2 and not wait_until_gone(workers)
