@@ -2,7 +2,7 @@
 
     python -m experiments.bench_torch --model resnet18|resnet18_tv|vgg16 --dataset cifar10|tiny_imagenet
         [--split POINT] [--batch 128] [--steps N] [--warmup W] [--bits B] [--width 64]
-        [--torch-modes eager,eager_cl,compile] [--jax-variants jit] --out DIR
+        [--torch-modes eager,eager_cl,compile] [--jax-variants jit] [--precision fp32|tf32|bf16] --out DIR
 
 Steps (the paper's hierarchical scheme and its baseline):
   edge        edge forward + early-exit loss + backward + SGD update, payload encoded (hier_jax.steps
@@ -25,9 +25,19 @@ the first call's time, compilation included, is reported as its compile time). E
 change in background load hits all of them alike); every step is waited for (block_until_ready /
 cuda.synchronize). Median, min and max seconds per step.
 
-Precision policy: float32 parameters, activations and gradients on both sides. On CPU there is no
-reduced-precision matmul mode to turn off. On GPU, jax_default_matmul_precision="highest" and
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False (no TF32).
+Precision policy (--precision, like with like on both frameworks; float32 parameters and optimizer
+state always):
+  fp32 (default)  float32 activations and gradients: JAX steps traced at matmul precision "highest",
+                  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False.
+  tf32            float32 storage, TF32 matmuls and convolutions: JAX "tensorfloat32", torch
+                  allow_tf32 = True (matmul and cuDNN). Only GPUs have TF32: on CPU both frameworks
+                  compute float32, the same as fp32.
+  bf16            JAX models built with precision "bf16" (bfloat16 activations, matmuls and
+                  convolutions, float32 accumulation and loss); PyTorch runs the forward pass and loss
+                  under torch.autocast(device, torch.bfloat16) (torch_ref's steps, autocast=), TF32 off.
+The JAX side takes the policy through hier_jax.precision (build_model and the steps' builders); the
+process-wide jax_default_matmul_precision is left alone. Every row records it ("precision", and
+"precision_detail" in words).
 
 Host allocator (CPU): glibc malloc returns every block over 32 MiB to the OS on free, so each step
 page-faults its large buffers in again (XLA's temporaries and PyTorch's tensors alike), which at
@@ -35,7 +45,7 @@ batch 128 costs a large share of the step on a small CPU. Unless --no-malloc-tun
 calls mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1) first, for both frameworks in this process.
 
 Writes DIR/bench_torch.json: a list of rows {model, dataset, split, batch, width, bits, step,
-framework, mode, median_s, min_s, max_s, steps, compile_s, device, ...}.
+framework, mode, precision, precision_detail, median_s, min_s, max_s, steps, compile_s, device, ...}.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ DEFAULT_SPLIT = {"vgg16": "pool3", "resnet18": "layer2_1", "resnet18_tv": "layer
 STEPS = ("edge", "cloud", "pair", "end_to_end")
 TORCH_MODES = ("eager", "eager_cl", "compile")
 JAX_VARIANTS = ("jit", "plain", "ynn", "eigen_xla")
+PRECISIONS = ("fp32", "tf32", "bf16")  # hier_jax.precision's policies, less "auto": a benchmark names one
 
 
 def tune_malloc() -> bool:
@@ -92,6 +103,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                         help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)")
     parser.add_argument("--jax-variants", default="jit", help=f"subset of {','.join(JAX_VARIANTS)}")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="precision policy of both frameworks (see above; default: %(default)s)")
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write OUT/bench_torch.json")
@@ -155,12 +168,13 @@ def jax_setting(variant: str) -> tuple[str, dict | None]:
 
 
 def model_and_split(args, shapes, conv_impl: str | None = None):
-    """The hier-jax model and its split that every variant starts from (same seed: same weights)."""
+    """The hier-jax model and its split that every variant starts from (same seed: same weights),
+    computing in the --precision policy (the weights are float32 in every policy)."""
     from hier_jax.models import ExitHeadConfig, build_model, split
 
     input_shape, num_classes = shapes
     model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
-                        seed=args.seed, conv_impl=conv_impl)
+                        seed=args.seed, conv_impl=conv_impl, precision=args.precision)
     return model, split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
 
 
@@ -191,11 +205,12 @@ def jax_variant(args, variant: str, shapes) -> Variant:
         exe = jax.jit(fn, donate_argnums=0).lower(*example).compile(compiler_options=options)
         compile_s[name] = time.perf_counter() - start
         return exe
-    edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes)
+    policy = model.precision  # traced under the policy's matmul precision, as hier_jax.runner does
+    edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes, precision=policy)
     edge = compiled("edge", edge_fn, state["edge"], x, y)
     payload = jax.eval_shape(edge_fn, state["edge"], x, y)[1]
-    cloud = compiled("cloud", steps.make_cloud_step(c_graphdef, tx), state["cloud"], payload)
-    full = compiled("end_to_end", steps.make_train_step(f_graphdef, tx), state["full"], x, y)
+    cloud = compiled("cloud", steps.make_cloud_step(c_graphdef, tx, precision=policy), state["cloud"], payload)
+    full = compiled("end_to_end", steps.make_train_step(f_graphdef, tx, precision=policy), state["full"], x, y)
     compile_s["pair"] = compile_s["edge"] + compile_s["cloud"]
     # One edge step's real payload for the cloud-only timings.
     state["edge"], payload, _ = jax.block_until_ready(edge(state["edge"], x, y))
@@ -243,11 +258,12 @@ def torch_variant(args, mode: str, shapes) -> Variant:
     e_opt, e_sched = tr.make_optimizer(t_parts.edge, config, 10_000, tensor_lr=compile)
     c_opt, c_sched = tr.make_optimizer(t_parts.cloud, config, 10_000, tensor_lr=compile)
     f_opt, f_sched = tr.make_optimizer(t_model, config, 10_000, tensor_lr=compile)
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
     edge = tr.EdgeStep(t_parts.edge, e_opt, e_sched, bits=args.bits, num_classes=num_classes,
-                       feature_shape=t_parts.feature_shape, compile=compile)
+                       feature_shape=t_parts.feature_shape, compile=compile, autocast=autocast)
     cloud = tr.CloudStep(t_parts.cloud, c_opt, c_sched, compile=compile,
-                         channels_last=memory_format == torch.channels_last)
-    full = tr.TrainStep(t_model, f_opt, f_sched, compile=compile)
+                         channels_last=memory_format == torch.channels_last, autocast=autocast)
+    full = tr.TrainStep(t_model, f_opt, f_sched, compile=compile, autocast=autocast)
     gen = torch.Generator().manual_seed(args.seed)
     h, w, c = input_shape
     x = torch.randn(args.batch, c, h, w, generator=gen).to(device=device, memory_format=memory_format)
@@ -299,21 +315,29 @@ def _use_cuda() -> bool:
     return jax.default_backend() == "gpu" and torch.cuda.is_available()
 
 
-def set_precision() -> str:
-    """fp32 everywhere; on GPU, no TF32 on either side."""
+def set_precision(policy: str = "fp32") -> str:
+    """PyTorch's TF32 switches for `policy` (one of PRECISIONS: TF32 on for "tf32" only); returns the
+    policy of both frameworks in words. JAX needs no global setting: the models are built in the
+    policy and the steps traced under it (hier_jax.precision)."""
     import jax
-    policy = "float32 (CPU: no reduced-precision matmul mode exists)"
-    if jax.default_backend() == "gpu":
-        jax.config.update("jax_default_matmul_precision", "highest")
-        policy = "float32; jax_default_matmul_precision=highest"
-        try:
-            import torch
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            policy += "; torch allow_tf32=False (matmul and cuDNN)"
-        except ImportError:
-            pass
-    return policy
+
+    from hier_jax.precision import resolve
+    backend = jax.default_backend()
+    words = {"fp32": "float32; jax matmul precision 'highest'",
+             "tf32": "float32 storage, TF32 matmuls and convolutions; jax matmul precision 'tensorfloat32'",
+             "bf16": "bfloat16 activations, matmuls and convolutions, float32 parameters, accumulation and loss; "
+                     "jax models built in bf16, torch.autocast(bfloat16) around forward and loss"}[resolve(policy).name]
+    if backend != "gpu":
+        words += {"fp32": f" ({backend}: no reduced-precision matmul mode exists)",
+                  "tf32": f" ({backend}: neither framework has TF32, so this is fp32)", "bf16": ""}[policy]
+    try:
+        import torch
+    except ImportError:
+        return words
+    tf32 = policy == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return words + f"; torch allow_tf32={tf32} (matmul and cuDNN)"
 
 
 def measure(variants: list[Variant], step: str, warmup: int, rounds: int) -> dict[tuple[str, str], list[float]]:
@@ -339,7 +363,8 @@ def main(argv: list[str]) -> list[dict]:
 
     args.split = args.split or DEFAULT_SPLIT[args.model]
     shapes = DATASETS[args.dataset]
-    precision = set_precision()
+    precision = set_precision(args.precision)
+    print(f"precision {args.precision}: {precision}", flush=True)
     variants: list[Variant] = []
     for variant in args.jax_variants:
         start = time.perf_counter()
@@ -353,7 +378,8 @@ def main(argv: list[str]) -> list[dict]:
         print(f"torch {mode}: ready in {time.perf_counter() - start:.1f} s", flush=True)
 
     common = {"model": args.model, "dataset": args.dataset, "split": args.split, "batch": args.batch,
-              "width": args.width, "bits": args.bits, "precision": precision, "malloc_tuned": malloc_tuned,
+              "width": args.width, "bits": args.bits, "precision": args.precision, "precision_detail": precision,
+              "malloc_tuned": malloc_tuned,
               "host": f"{platform.machine()} x{os.cpu_count()}", "python": sys.version.split()[0]}
     rows = []
     for step in args.steps_to_time:

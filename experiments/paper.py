@@ -248,6 +248,7 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
     row = {
         "model": cell.model, "dataset": dataset_key(cell.dataset), "cut": cell.cut, "bits": cell.bits,
         "scheme": cell.scheme, "profile": profile.name, "seed": cell.seed, "steps": setup.total_steps,
+        "precision": setup.precision,
         "status": "done", "edge_accuracy": accuracy["edge_accuracy"], "cloud_accuracy": accuracy["cloud_accuracy"],
         # End-to-end is what cloud-only training computes: the raw images cross the link.
         "payload_bytes_per_image": raw if mode == "end_to_end" else result.payload_bytes / config.batch_size,
@@ -646,8 +647,10 @@ def check_grid_dir(out: Path, profile: GridProfile) -> None:
             raise UserError(f"--out {out} holds a grid of the {recorded!r} profile; a {profile.name!r} grid needs "
                             f"another --out (results of two profiles are never mixed)")
         current = dataclasses.asdict(profile.config)
-        changed = [f"{k} ({grid.get('config', {}).get(k)!r} there, {v!r} now)" for k, v in current.items()
-                   if k not in RUN_ONLY_FIELDS and json.loads(json.dumps(v)) != grid.get("config", {}).get(k)]
+        # A field added since the grid was started had its default value then (as train.check_resumable).
+        there = {**json.loads(json.dumps(dataclasses.asdict(ExperimentConfig()))), **grid.get("config", {})}
+        changed = [f"{k} ({there.get(k)!r} there, {v!r} now)" for k, v in current.items()
+                   if k not in RUN_ONLY_FIELDS and json.loads(json.dumps(v)) != there.get(k)]
         if changed:
             raise UserError(f"--out {out} holds a {profile.name} grid made with other settings: "
                             + "; ".join(changed) + "; use another --out")

@@ -20,6 +20,7 @@ from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
 from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
 from hier_jax.models import param_count
+from hier_jax.precision import resolve
 from hier_jax.profiler import edge_footprint
 from hier_jax.quantization import raw_image_nbytes
 
@@ -48,7 +49,8 @@ def main(argv: list[str]) -> dict:
         outputs.remove_run(out, ("summary.json",))
     narrowed = "" if config.width == 64 else f" (narrowed: width {config.width} of 64, to finish in minutes on 2 CPU cores)"
     print(f"{config.model}{narrowed} on {dataset.name} {dataset.image_shape}, split after {setup.split.point}, "
-          f"{config.bits}-bit payload, batch {config.batch_size}, {setup.total_steps} steps, "
+          f"{config.bits}-bit payload, batch {config.batch_size}, {setup.total_steps} steps, precision "
+          f"{resolve(setup.precision).describe()}, "
           f"edge on {device_name(setup.hierarchy.edge_device)}, cloud on {device_name(setup.hierarchy.cloud_device)}")
     print("compiling ...", flush=True)
     train.warm_up(setup)
@@ -66,6 +68,7 @@ def main(argv: list[str]) -> dict:
         raise AssertionError(f"payload bytes: modeled {footprint.payload_bytes}, sent {overlapped.payload_bytes}")
     summary = {
         "config": dataclasses.asdict(config),
+        "precision": setup.precision,
         "placement": {"edge": device_name(setup.hierarchy.edge_device),
                       "cloud": device_name(setup.hierarchy.cloud_device)},
         "edge_accuracy": accuracy["edge_accuracy"],

@@ -5,11 +5,12 @@
     python -m experiments.train ... --link 3g --time-scale 0.001 --outage 100:150   # over a simulated link
     python -m experiments.train --resume DIR      # continue a stopped run where its last checkpoint left it
 
-Writes DIR/summary.json (config, accuracies, bytes, wall time), DIR/metrics.csv (per-step losses and
-accuracies of both sides), DIR/curves.png, and DIR/checkpoints/STEP (both states, every
---checkpoint-every steps and at the end; the latest --keep-checkpoints kept). An --out that already
-holds a run is refused unless --resume (continue it) or --overwrite (replace it) is given. Ctrl-C or
-SIGTERM stops both sides after the steps in flight, saves them, prints how to resume and exits 130.
+Writes DIR/summary.json (config, the resolved --precision policy, accuracies, bytes, wall time),
+DIR/metrics.csv (per-step losses and accuracies of both sides), DIR/curves.png, and
+DIR/checkpoints/STEP (both states, every --checkpoint-every steps and at the end; the latest
+--keep-checkpoints kept). An --out that already holds a run is refused unless --resume (continue it)
+or --overwrite (replace it) is given. Ctrl-C or SIGTERM stops both sides after the steps in flight,
+saves them, prints how to resume and exits 130.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
 from hier_jax.errors import RunInterrupted, UserError
 from hier_jax.link import LINKS, SimulatedLink, get_link
+from hier_jax.precision import resolve
 from hier_jax.quantization import raw_image_nbytes
 
 DEFAULTS = ExperimentConfig(model="resnet18", dataset="cifar10", split="layer2_1", bits=4, epochs=1)
@@ -123,7 +125,8 @@ def main(argv: list[str]) -> dict:
         outputs.remove_run(out)
     print(f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: "
           f"{dataset.num_train} train / {dataset.num_test} test, split after {setup.split.point}, "
-          f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}; edge on "
+          f"{config.bits} bits, {setup.total_steps} steps of {config.batch_size}, {args.mode}; precision "
+          f"{resolve(setup.precision).describe()}; edge on "
           f"{device_name(setup.hierarchy.edge_device)}, cloud on {device_name(setup.hierarchy.cloud_device)}"
           + (f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}" if out else
              "; no --out: nothing is saved"))
@@ -141,6 +144,7 @@ def main(argv: list[str]) -> dict:
     summary = {
         "config": dataclasses.asdict(config), "mode": args.mode, "dataset": dataset.name,
         "split": setup.split.point, "steps": setup.total_steps, "resumed_from_step": result.start_step,
+        "precision": setup.precision,
         "placement": {"edge": device_name(setup.hierarchy.edge_device),
                       "cloud": device_name(setup.hierarchy.cloud_device)},
         "wall_s": result.wall_s,

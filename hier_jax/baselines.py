@@ -41,8 +41,10 @@ def build_end_to_end(model: Any, tx: optax.GradientTransformation, device: str |
     (baseline, the placeholder edge state `{"step": 0}`, the model's state)."""
     device = resolve_device(device, "cloud")  # cloud-only training runs where the cloud does
     graphdef, state = steps.init_state(model, tx)
-    baseline = Baseline(device, device, train_step=jax.jit(steps.make_train_step(graphdef, tx), donate_argnums=0),
-                        cloud_eval=jax.jit(steps.make_eval(graphdef)))
+    policy = model.precision  # the steps trace under the policy the model was built with
+    baseline = Baseline(device, device,
+                        train_step=jax.jit(steps.make_train_step(graphdef, tx, precision=policy), donate_argnums=0),
+                        cloud_eval=jax.jit(steps.make_eval(graphdef, precision=policy)))
     no_edge = {"step": jax.device_put(jnp.zeros((), jnp.int32), device)}
     return baseline, no_edge, place(state, device)
 
@@ -54,12 +56,15 @@ def build_split_learning(split: Split, *, edge_tx: optax.GradientTransformation,
     edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
     edge_graphdef, edge_state = steps.init_state(split.edge, edge_tx)
     cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
+    edge_policy, cloud_policy = split.edge.precision, split.cloud.precision
     baseline = Baseline(edge_device, cloud_device,
-                        edge_forward=jax.jit(steps.make_split_edge_forward(edge_graphdef)),
-                        cloud_step=jax.jit(steps.make_split_cloud_step(cloud_graphdef, cloud_tx), donate_argnums=0),
-                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx), donate_argnums=0),
-                        edge_eval=jax.jit(steps.make_features_eval(edge_graphdef)),
-                        cloud_eval=jax.jit(steps.make_eval(cloud_graphdef)))
+                        edge_forward=jax.jit(steps.make_split_edge_forward(edge_graphdef, precision=edge_policy)),
+                        cloud_step=jax.jit(steps.make_split_cloud_step(cloud_graphdef, cloud_tx,
+                                                                       precision=cloud_policy), donate_argnums=0),
+                        edge_backward=jax.jit(steps.make_split_edge_backward(edge_tx, precision=edge_policy),
+                                              donate_argnums=0),
+                        edge_eval=jax.jit(steps.make_features_eval(edge_graphdef, precision=edge_policy)),
+                        cloud_eval=jax.jit(steps.make_eval(cloud_graphdef, precision=cloud_policy)))
     return baseline, place(edge_state, edge_device), place(cloud_state, cloud_device)
 
 

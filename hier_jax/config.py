@@ -30,6 +30,7 @@ class ExperimentConfig:
     split: str = "layer1_1"          # separation point: the last edge stage
     bits: int = 4                    # 1..8 quantized, 16 bfloat16, 32 float32
     width: int = 64                  # first-stage channels; 64 is the paper's size
+    precision: str = "auto"          # auto | fp32 | tf32 | bf16, both sides (hier_jax.precision; auto: bf16 on TPU)
     batch_size: int = 128
     epochs: int = 1
     max_steps: int = 0               # > 0: stop after this many steps in all
@@ -123,6 +124,7 @@ def check_dataset_spec(spec: str) -> None:
 def validate(config: ExperimentConfig) -> None:
     """Check every field that needs no data; ConfigError naming the flag, the value and the valid choices."""
     from hier_jax.models import MODELS, stage_names
+    from hier_jax.precision import POLICIES
     from hier_jax.quantization import VALID_BITS
     from hier_jax.devices import resolve_device
 
@@ -130,6 +132,7 @@ def validate(config: ExperimentConfig) -> None:
     points = stage_names(config.model)
     _check(config.split in points, "split", config.split, f"a stage of {config.model}: {', '.join(points)}")
     _check(config.bits in VALID_BITS, "bits", config.bits, ", ".join(map(str, VALID_BITS)))
+    _check(config.precision in POLICIES, "precision", config.precision, ", ".join(POLICIES))
     check_dataset_spec(config.dataset)
     for field in ("width", "batch_size", "epochs", "head_channels", "head_grid", "queue_size", "keep_checkpoints"):
         value = getattr(config, field)

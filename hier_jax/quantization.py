@@ -133,9 +133,12 @@ class Payload:
 
 
 def encode(features: jax.Array, labels: jax.Array, bits: int, num_classes: int) -> Payload:
-    """Cut the gradient, then quantize+pack (bits<=8), cast to bfloat16 (16) or keep float32 (32)."""
+    """Cut the gradient, then quantize+pack (bits<=8), cast to bfloat16 (16) or keep float32 (32).
+
+    Features of any float dtype are taken as float32 first (exact from bfloat16), so the payload's
+    dtypes, bytes and error bound do not depend on the precision policy the edge computes in."""
     bits = check_bits(bits)
-    features = jax.lax.stop_gradient(jnp.asarray(features))
+    features = jax.lax.stop_gradient(jnp.asarray(features, jnp.float32))
     labels = jnp.asarray(labels).astype(label_dtype(num_classes))
     shape = tuple(int(d) for d in features.shape)
     if bits <= 8:

@@ -10,6 +10,13 @@ module structure (an nnx.GraphDef) is static and closed over. Steps:
 - end-to-end (`train_step`): the unsplit model, as cloud-only training trains it.
 - vanilla split learning: `split_edge_forward` -> `split_cloud_step` (returns the boundary gradient)
   -> `split_edge_backward`, the edge's VJP kept between them as a pytree of residuals.
+
+Precision (hier_jax.precision): the module computes in the dtype it was built with; every builder
+takes `precision` (a policy name, normally the model's `.precision`; None leaves the process's
+matmul precision alone) and traces its step under that policy's matmul precision. The loss is
+float32 whatever the logits' dtype, and what crosses the link does not depend on the policy: the
+payload is encoded from float32 features, and split learning sends float32 features and receives a
+float32 gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hier_jax import precision as _precision
 from hier_jax import quantization
 
 State = dict[str, Any]
@@ -49,7 +57,8 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State, *ar
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    """Mean cross-entropy in float32 (bfloat16 logits are cast first)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -75,7 +84,8 @@ def _supervised_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
     return _updated(state, tx, grads, batch_stats), aux, {"loss": loss, "accuracy": accuracy(logits, labels)}
 
 
-def make_edge_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, bits: int, num_classes: int
+def make_edge_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, bits: int, num_classes: int,
+                   precision: str | None = None
                    ) -> Callable[[State, jax.Array, jax.Array], tuple[State, quantization.Payload, Metrics]]:
     """(edge_state, images_BHWC, labels_B) -> (edge_state, payload, metrics), early-exit loss only.
 
@@ -88,10 +98,10 @@ def make_edge_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, 
         edge_state, features, metrics = _supervised_step(graphdef, tx, edge_state, images, labels)
         return edge_state, quantization.encode(features, labels, bits, num_classes), metrics
 
-    return edge_step
+    return _precision.traced_under(edge_step, precision)
 
 
-def make_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+def make_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, precision: str | None = None
                     ) -> Callable[[State, quantization.Payload], tuple[State, Metrics]]:
     """(cloud_state, payload) -> (cloud_state, metrics); the labels travel inside the payload."""
     def cloud_step(cloud_state, payload):
@@ -99,31 +109,34 @@ def make_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         cloud_state, _, metrics = _supervised_step(graphdef, tx, cloud_state, features, labels)
         return cloud_state, metrics
 
-    return cloud_step
+    return _precision.traced_under(cloud_step, precision)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, precision: str | None = None
                     ) -> Callable[[State, jax.Array, jax.Array], tuple[State, Metrics]]:
     """(state, images_BHWC, labels_B) -> (state, metrics) for the unsplit model (cloud-only training)."""
     def train_step(state, images, labels):
         state, _, metrics = _supervised_step(graphdef, tx, state, images, labels)
         return state, metrics
 
-    return train_step
+    return _precision.traced_under(train_step, precision)
 
 
-def make_split_edge_forward(graphdef: nnx.GraphDef) -> Callable:
-    """(edge_state, images) -> (features, edge_vjp, batch_stats) for vanilla split learning."""
+def make_split_edge_forward(graphdef: nnx.GraphDef, *, precision: str | None = None) -> Callable:
+    """(edge_state, images) -> (float32 features, edge_vjp, batch_stats) for vanilla split learning."""
     def split_edge_forward(edge_state, images):
         def forward(params):
-            return apply(graphdef, params, edge_state["batch_stats"], images, train=True, method="features")
+            features, batch_stats = apply(graphdef, params, edge_state["batch_stats"], images, train=True,
+                                          method="features")
+            return features.astype(jnp.float32), batch_stats
         features, edge_vjp, batch_stats = jax.vjp(forward, edge_state["params"], has_aux=True)
         return features, edge_vjp, batch_stats
 
-    return split_edge_forward
+    return _precision.traced_under(split_edge_forward, precision)
 
 
-def make_split_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def make_split_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
+                          precision: str | None = None) -> Callable:
     """(cloud_state, features, labels) -> (cloud_state, boundary_grad, metrics) for vanilla split learning."""
     def split_cloud_step(cloud_state, features, labels):
         def loss_fn(params, features, batch_stats):
@@ -135,19 +148,20 @@ def make_split_cloud_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         metrics = {"loss": loss, "accuracy": accuracy(logits, labels)}
         return _updated(cloud_state, tx, grads, batch_stats), boundary_grad, metrics
 
-    return split_cloud_step
+    return _precision.traced_under(split_cloud_step, precision)
 
 
-def make_split_edge_backward(tx: optax.GradientTransformation) -> Callable:
+def make_split_edge_backward(tx: optax.GradientTransformation, *, precision: str | None = None) -> Callable:
     """(edge_state, edge_vjp, batch_stats, boundary_grad) -> edge_state: backpropagate the cloud's gradient."""
     def split_edge_backward(edge_state, edge_vjp, batch_stats, boundary_grad):
         (grads,) = edge_vjp(boundary_grad)
         return _updated(edge_state, tx, grads, batch_stats)
 
-    return split_edge_backward
+    return _precision.traced_under(split_edge_backward, precision)
 
 
-def make_edge_eval(graphdef: nnx.GraphDef, *, bits: int, num_classes: int) -> Callable:
+def make_edge_eval(graphdef: nnx.GraphDef, *, bits: int, num_classes: int, precision: str | None = None
+                   ) -> Callable:
     """(edge_state, images) -> (exit_logits, payload): inference mode, running BN statistics."""
     def edge_eval(edge_state, images):
         (logits, features), _ = apply(graphdef, edge_state["params"], edge_state["batch_stats"], images,
@@ -155,33 +169,33 @@ def make_edge_eval(graphdef: nnx.GraphDef, *, bits: int, num_classes: int) -> Ca
         labels = jnp.zeros(images.shape[:1], jnp.int32)
         return logits, quantization.encode(features, labels, bits, num_classes)
 
-    return edge_eval
+    return _precision.traced_under(edge_eval, precision)
 
 
-def make_cloud_eval(graphdef: nnx.GraphDef) -> Callable:
+def make_cloud_eval(graphdef: nnx.GraphDef, *, precision: str | None = None) -> Callable:
     """(cloud_state, payload) -> logits of the final classifier on the dequantized features."""
     def cloud_eval(cloud_state, payload):
         features, _ = quantization.decode(payload)
         logits, _ = apply(graphdef, cloud_state["params"], cloud_state["batch_stats"], features, train=False)
         return logits
 
-    return cloud_eval
+    return _precision.traced_under(cloud_eval, precision)
 
 
-def make_features_eval(graphdef: nnx.GraphDef) -> Callable:
-    """(edge_state, images) -> the edge's feature map in inference mode (split learning sends it as is)."""
+def make_features_eval(graphdef: nnx.GraphDef, *, precision: str | None = None) -> Callable:
+    """(edge_state, images) -> the edge's float32 feature map in inference mode (split learning sends it as is)."""
     def features_eval(edge_state, images):
         features, _ = apply(graphdef, edge_state["params"], edge_state["batch_stats"], images, train=False,
                             method="features")
-        return features
+        return features.astype(jnp.float32)
 
-    return features_eval
+    return _precision.traced_under(features_eval, precision)
 
 
-def make_eval(graphdef: nnx.GraphDef) -> Callable:
+def make_eval(graphdef: nnx.GraphDef, *, precision: str | None = None) -> Callable:
     """(state, images) -> logits of the unsplit model in inference mode."""
     def eval_fn(state, images):
         logits, _ = apply(graphdef, state["params"], state["batch_stats"], images, train=False)
         return logits
 
-    return eval_fn
+    return _precision.traced_under(eval_fn, precision)

@@ -45,6 +45,12 @@ class Setup:
     initial_cloud_state: steps.State
     total_steps: int
 
+    @property
+    def precision(self) -> str:
+        """The resolved precision policy both sides compute in ("fp32", "tf32" or "bf16"; config.precision
+        may say "auto")."""
+        return self.model.precision
+
 
 def total_steps(config: ExperimentConfig, dataset: ImageDataset) -> int:
     steps_all = config.epochs * num_train_steps(dataset, config.batch_size)
@@ -64,7 +70,7 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     validate(config)
     check_data(config, dataset)
     model = build_model(config.model, num_classes=dataset.num_classes, input_shape=dataset.image_shape,
-                        width=config.width, seed=config.seed)
+                        width=config.width, seed=config.seed, precision=config.precision)
     try:
         check_input_size(model)
     except ValueError as error:
@@ -157,7 +163,7 @@ def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_ste
     per_epoch = num_train_steps(setup.dataset, setup.config.batch_size)
     return {
         "format": 1, "step": step, "total_steps": setup.total_steps, "mode": mode,
-        "config": dataclasses.asdict(setup.config),
+        "config": dataclasses.asdict(setup.config), "precision": setup.precision,
         "data": {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "steps_per_epoch": per_epoch,
                  "order": "epoch_permutation(seed, epoch)"},
         "rng": {"seed": setup.config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
@@ -222,6 +228,9 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = N
             if mode != meta.get("mode") and (mode in BASELINES or meta.get("mode") in BASELINES):
                 raise ResumeMismatchError(f"cannot resume from {where}: it is a checkpoint of {meta.get('mode')} "
                                           f"training, not {mode}")
+            if meta.get("precision", setup.precision) != setup.precision:  # "auto" on another backend
+                raise ResumeMismatchError(f"cannot resume from {where}: it was trained in precision "
+                                          f"{meta['precision']}, this run's resolves to {setup.precision}")
             if meta.get("total_steps") != setup.total_steps:
                 raise ResumeMismatchError(f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
                                           f"steps, this one has {setup.total_steps} (has the data set changed?)")

@@ -10,7 +10,9 @@ sides of each run the same compiled program on the same inputs (on the GPU with
 Precision policy: `PRECISION` ("highest") is jax's default matmul and convolution precision for the
 whole test session (conftest), so float32 means float32 everywhere. Without it the GPU computes fp32
 matmuls and convolutions in TF32 (10-bit mantissa) and the TPU in bfloat16 (8-bit), round-off the
-tolerances below would have to absorb; the library itself leaves the backend's default alone.
+tolerances below would have to absorb. The library sets the same where it builds its steps (the
+runner and the baselines trace them under the model's policy, hier_jax.precision: "fp32" is
+"highest" too); steps a test builds without `precision=` take this session default.
 """
 
 from __future__ import annotations

@@ -30,9 +30,24 @@ def test_bench_torch_smoke(tmp_path):
         assert r["model"] == model and r["batch"] == 2 and r["width"] == 8 and r["steps"] == 2
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["split"] == point
-        assert "float32" in r["precision"]
+        assert r["precision"] == "fp32" and "float32" in r["precision_detail"]
         if r["framework"] == "jax":
             assert r["compile_s"] > 0 and r["payload_bytes"] > 0
+
+
+def test_bench_torch_bf16_smoke(tmp_path):
+    """--precision bf16: JAX's models computing in bfloat16 against torch.autocast(bfloat16)."""
+    pytest.importorskip("torch")
+    argv = ["--model", "resnet18", "--dataset", "cifar10", "--split", "layer1_1", "--batch", "2", "--width", "8",
+            "--exit-channels", "8", "--steps", "1", "--warmup", "1", "--torch-modes", "eager_cl",
+            "--steps-to-time", "pair,end_to_end", "--precision", "bf16", "--out", str(tmp_path)]
+    rows = bench_torch.main(argv)
+    assert {(r["framework"], r["step"]) for r in rows} == {(f, s) for f in ("jax", "torch")
+                                                           for s in ("pair", "end_to_end")}
+    for r in rows:
+        assert r["precision"] == "bf16" and "autocast" in r["precision_detail"] and r["median_s"] > 0
+    # The payload does not depend on the precision: 2 x 32x32x8 features at 4 bits, scale, offset, labels.
+    assert {r["payload_bytes"] for r in rows if r["framework"] == "jax"} == {2 * 32 * 32 * 8 // 2 + 4 + 4 + 2}
 
 
 def test_bench_torch_rejects_bad_arguments():
@@ -40,5 +55,7 @@ def test_bench_torch_rejects_bad_arguments():
         bench_torch.parse_args(["--model", "resnet18", "--torch-modes", "fast"])
     with pytest.raises(SystemExit):
         bench_torch.parse_args(["--model", "alexnet"])
+    with pytest.raises(SystemExit):
+        bench_torch.parse_args(["--model", "resnet18", "--precision", "auto"])
     args = bench_torch.parse_args(["--model", "vgg16", "--torch-modes", "", "--jax-variants", "jit,plain"])
     assert args.torch_modes == [] and args.jax_variants == ["jit", "plain"]

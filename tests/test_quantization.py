@@ -129,6 +129,20 @@ def test_payload_nbytes(bits, num_classes, data_bytes, param_bytes, label_bytes)
     np.testing.assert_array_equal(np.asarray(labels), np.asarray(y))
 
 
+@pytest.mark.parametrize("bits", [1, 4, 8, 16, 32])
+def test_bfloat16_features_encode_as_their_float32_values(bits):
+    """The edge computes in bfloat16 under --precision bf16: its payload is the one its features'
+    float32 values give (same arrays, dtypes and bytes; 32 bits stays float32)."""
+    x, y = _payload_inputs(bits)
+    x16 = x.astype(jnp.bfloat16)
+    got, want = q.encode(x16, y, bits, 10), q.encode(x16.astype(jnp.float32), y, bits, 10)
+    assert got.nbytes == want.nbytes == q.encode(x, y, bits, 10).nbytes
+    for a, b in zip((got.data, got.scale, got.offset, got.labels), (want.data, want.scale, want.offset, want.labels)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert got.data.dtype == {16: jnp.bfloat16, 32: jnp.float32}.get(bits, jnp.uint8)
+
+
 def test_payload_nbytes_exact_example():
     x, y = _payload_inputs(4)
     assert q.encode(x, y, 4, 10).nbytes == 138

@@ -106,7 +106,8 @@ def test_resume_from_a_periodic_checkpoint_in_the_other_mode(setup, reference, t
     assert_same_run(resumed, reference)
 
 
-@pytest.mark.parametrize("change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1}])
+@pytest.mark.parametrize("change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1},
+                                    {"precision": "bf16"}])
 def test_resume_with_another_config_is_refused_naming_the_field(setup, tmp_path, change):
     train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
     recorded = dataclasses.asdict(CONFIG)

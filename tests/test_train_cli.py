@@ -52,6 +52,7 @@ def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
     (["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
     (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
     (["--checkpoint-every", "-1"], "--checkpoint-every -1 is invalid"),
+    (["--precision", "fp16"], "--precision 'fp16' is invalid; valid: auto, fp32, tf32, bf16"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2_before_any_work(no_work, capsys, main, argv, message):
     code, lines = run_cli(main, argv, capsys)
@@ -104,6 +105,16 @@ def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, cap
     # Nothing of the old run is left beside the new one: its checkpoints went with it.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3"]
     assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] == 3
+
+
+def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys):
+    summary = train_experiment.main(SMALL + ["--max-steps", "2", "--precision", "bf16", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["precision"] == summary["precision"] == "bf16" and written["config"]["precision"] == "bf16"
+    assert "precision bf16 (bfloat16" in capsys.readouterr().out
+    # A resumed run must keep the policy: the recorded config is refused with another.
+    code, lines = run_cli(train_experiment.main, ["--resume", str(tmp_path), "--precision", "fp32"], capsys)
+    assert code == 2 and len(lines) == 1 and "differs in precision ('fp32' here, 'bf16' in the checkpoint)" in lines[0]
 
 
 def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):

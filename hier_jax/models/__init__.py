@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from hier_jax import precision as _precision
 from hier_jax.models import xla_cpu
 from hier_jax.models.resnet import resnet18
 from hier_jax.models.split import (CloudNet, EdgeNet, ExitHead, ExitHeadConfig, Split, resolve_point,
@@ -23,16 +24,19 @@ MODELS: dict[str, Callable[..., StagedNet]] = {
 
 
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64,
-                seed: int = 0, conv_impl: str | None = None) -> StagedNet:
+                seed: int = 0, conv_impl: str | None = None, precision: str | None = None) -> StagedNet:
     """Build a registered backbone; `width` 64 is the paper's size, smaller values narrow every layer.
 
     `conv_impl` (xla_cpu.CONV_IMPLS; default xla_cpu.default_impl(), normally "auto") fixes how its
-    convolutions and pools compute; the model keeps the resolved choice as `model.conv_impl`."""
+    convolutions and pools compute; the model keeps the resolved choice as `model.conv_impl`.
+    `precision` (hier_jax.precision.POLICIES; default "fp32") fixes the dtype its activations are
+    computed in (parameters are float32 in every policy); the model keeps the resolved policy's name
+    as `model.precision`, which split() and the steps' builders follow."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if width < 1:
         raise ValueError(f"width must be a positive channel count, got {width}")
-    with xla_cpu.conv_impl(xla_cpu.resolve_impl(conv_impl)):
+    with xla_cpu.conv_impl(xla_cpu.resolve_impl(conv_impl)), _precision.building(precision or _precision.DEFAULT):
         return MODELS[name](num_classes, tuple(input_shape), width=width, rngs=nnx.Rngs(seed))
 
 

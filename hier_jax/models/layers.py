@@ -7,7 +7,9 @@ Convolutions use He (fan-out) initialisation, as torchvision does for both backb
 Convolutions and non-overlapping max-pooling on XLA:CPU take a faster formulation of the same math
 (hier_jax.models.xla_cpu); every other backend runs lax unchanged. Each layer resolves the
 formulation when it is built and keeps it (xla_cpu.resolve_impl), so a jitted step never reuses code
-traced for another one.
+traced for another one. The compute dtype is fixed the same way (hier_jax.precision.build_policy):
+float32 parameters always, activations in the policy's dtype; BatchNorm normalizes in float32 and
+keeps its statistics in float32 whatever the activations' dtype (`_promote_input_only`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hier_jax import precision
 from hier_jax.models import xla_cpu
 
 BN_MOMENTUM = 0.9
@@ -23,15 +26,32 @@ BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def _promote_input_only(args: tuple, dtype=None) -> tuple:
+    """BatchNorm's promote_dtype: the input in the compute dtype, the running mean/var, scale and bias
+    as they are (float32). flax's default casts them all to `dtype`, which under bfloat16 would
+    normalize with bf16-rounded running statistics in inference; this way the normalization runs in
+    float32 and only its output is cast (flax computes the batch statistics in at least float32, and
+    the running averages it stores stay float32, either way)."""
+    x, *rest = args
+    return (x if dtype is None else jnp.asarray(x, dtype), *rest)
+
+
 def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                         dtype=precision.build_policy().compute_dtype, param_dtype=jnp.float32,
+                         promote_dtype=_promote_input_only, rngs=rngs)
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
     pad = kernel // 2
     return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                     use_bias=bias, kernel_init=conv_init, conv_general_dilated=xla_cpu.Conv(xla_cpu.resolve_impl()),
-                    rngs=rngs)
+                    dtype=precision.build_policy().compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def linear(cin: int, cout: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """A linear layer (flax's default initialisation) computing in the build policy's dtype."""
+    return nnx.Linear(cin, cout, dtype=precision.build_policy().compute_dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class ConvBNReLU(nnx.Module):
@@ -92,7 +112,7 @@ class Classifier(nnx.Module):
     """Global average pooling then one linear layer: the final classifier of both backbones."""
 
     def __init__(self, cin: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(cin, num_classes, rngs=rngs)
+        self.linear = linear(cin, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hier_jax import precision as _precision
 from hier_jax.models import xla_cpu
-from hier_jax.models.layers import ConvBNReLU
+from hier_jax.models.layers import ConvBNReLU, linear
 from hier_jax.models.staged import StagedNet, check_images
 
 
@@ -54,7 +55,7 @@ class ExitHead(nnx.Module):
             cin = config.channels
         self.convs = nnx.List(layers)
         self.grid = pool_grid(height, width, config.grid)
-        self.linear = nnx.Linear(cin * self.grid[0] * self.grid[1], num_classes, rngs=rngs)
+        self.linear = linear(cin * self.grid[0] * self.grid[1], num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for layer in self.convs:
@@ -66,12 +67,17 @@ class ExitHead(nnx.Module):
 
 
 class EdgeNet(nnx.Module):
-    """Stages before the separation point, plus the early exit (None for vanilla split learning)."""
+    """Stages before the separation point, plus the early exit (None for vanilla split learning).
 
-    def __init__(self, stages: list[nnx.Module], head: ExitHead | None, input_shape: tuple[int, int, int]):
+    `precision`: the policy its layers compute in (split() passes the backbone's; the steps' builders
+    read it)."""
+
+    def __init__(self, stages: list[nnx.Module], head: ExitHead | None, input_shape: tuple[int, int, int],
+                 precision: str | None = None):
         self.stages = nnx.List(stages)
         self.head = head
         self.input_shape = tuple(input_shape)
+        self.precision = _precision.resolve(precision).name if precision else _precision.build_policy().name
 
     def features(self, images_BHWC: jax.Array, train: bool) -> jax.Array:
         check_images(images_BHWC, self.input_shape)
@@ -89,10 +95,12 @@ class EdgeNet(nnx.Module):
 class CloudNet(nnx.Module):
     """Stages after the separation point plus the final classifier."""
 
-    def __init__(self, stages: list[nnx.Module], classifier: nnx.Module, feature_shape: tuple[int, ...]):
+    def __init__(self, stages: list[nnx.Module], classifier: nnx.Module, feature_shape: tuple[int, ...],
+                 precision: str | None = None):
         self.stages = nnx.List(stages)
         self.classifier = classifier
         self.feature_shape = tuple(feature_shape)
+        self.precision = _precision.resolve(precision).name if precision else _precision.build_policy().name
 
     def __call__(self, features_BHWC: jax.Array, train: bool) -> jax.Array:
         check_images(features_BHWC, self.feature_shape)
@@ -137,9 +145,10 @@ def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = Exit
     index = resolve_point(model, point)
     feature_shape = stage_output_shape(model, index)
     stages = list(model.stages)
-    with xla_cpu.conv_impl(model.conv_impl):  # the head computes as the backbone does
+    # The head computes as the backbone does: same convolution formulation, same precision policy.
+    with xla_cpu.conv_impl(model.conv_impl), _precision.building(model.precision):
         exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head,
                                                        rngs=nnx.Rngs(seed))
-    edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape)
-    cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape)
+    edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape, model.precision)
+    cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape, model.precision)
     return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from hier_jax import precision
 from hier_jax.models import xla_cpu
 
 
@@ -35,6 +36,7 @@ class StagedNet(nnx.Module):
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.conv_impl = xla_cpu.resolve_impl()  # what the stages were built with (build_model sets it)
+        self.precision = precision.build_policy().name  # the policy they compute in (likewise)
 
     def features(self, x: jax.Array, train: bool, start: int = 0, stop: int | None = None) -> jax.Array:
         """Run stages[start:stop] on x."""

@@ -18,6 +18,9 @@ per call at batch 128, 20-60x PyTorch. On CPU, `conv_general_dilated` below ther
 maximum of each window in row-major order, as XLA's select-and-scatter and PyTorch do (XLA's
 reduce_window / select_and_scatter pair is 4x slower than PyTorch's pooling on CPU).
 Same math and parameter layout (HWIO kernels) everywhere; only the order of fp32 summation differs.
+bfloat16 inputs (precision policy "bf16") are computed in float32 and the result rounded once, as
+lax's convolution does them on XLA:CPU (a sum of bf16-rounded partial products would not be);
+`block_max_pool` keeps any dtype exactly.
 Measurements: docs/speed.md.
 
 The formulation is fixed when a layer is built, not when it is traced: `models.layers` resolves
@@ -307,7 +310,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """lax.conv_general_dilated's signature plus `impl` ("xla", "cpu" or "cpu-ynn"; see `resolve_impl`).
 
     The CPU paths cover what the backbones use: 2-D NHWC/HWIO convolutions with explicit padding, no
-    dilation, no groups; anything else, and impl "xla", goes to lax.conv_general_dilated.
+    dilation, no groups; anything else, and impl "xla", goes to lax.conv_general_dilated. Inputs in a
+    narrower float (bfloat16) take the float32 path and the result is cast back: products and sums in
+    float32, one rounding of the output (and, in the backward pass, of each gradient), which is what
+    lax's bf16 convolution gives on XLA:CPU and cuDNN's on GPU.
     """
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"impl must be resolved to one of {', '.join(CONV_IMPLS[1:])}, got {impl!r}")
@@ -318,6 +324,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if impl == "xla" or not simple:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    dtype = jnp.result_type(lhs, rhs)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:  # bf16: float32 math, one rounding
+        out = conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
+                                   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                                   precision, impl=impl)
+        return out.astype(dtype)
     strides = tuple(int(s) for s in window_strides)
     pads = tuple(tuple(int(v) for v in p) for p in padding)
     if lhs.shape[1] * lhs.shape[2] <= DENSE_MAX_PIXELS:

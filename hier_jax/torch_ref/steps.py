@@ -10,6 +10,10 @@ Same semantics as hier_jax.steps + hier_jax.optim:
   features (before the update), detached: no gradient ever reaches the edge from the cloud;
 - cloud: decode the payload, forward, cross-entropy, backward, update.
 
+`autocast=torch.bfloat16` runs the forward pass + loss under torch.autocast (bf16 matmuls and
+convolutions, float32 parameters and optimizer): PyTorch's counterpart of hier-jax's precision
+policy "bf16"; the loss is float32 either way (logits cast first, as hier_jax.steps.cross_entropy).
+
 `compile=True` runs the forward pass + loss (+ payload encode/decode) through torch.compile
 (AOTAutograd compiles the backward too) and the optimizer step through torch.compile with a tensor
 learning rate (so the schedule does not recompile it).
@@ -57,7 +61,7 @@ def make_optimizer(module: nn.Module, config: OptimConfig, total_steps: int, *, 
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -68,8 +72,11 @@ class _Step:
     """zero_grad -> forward/loss (maybe compiled) -> backward -> optimizer step -> schedule step."""
 
     def __init__(self, forward: Callable, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, compile: bool):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, compile: bool,
+                 autocast: torch.dtype | None = None):
         self.optimizer, self.scheduler = optimizer, scheduler
+        if autocast is not None:
+            forward = _autocast(forward, autocast)
         self.forward = torch.compile(forward) if compile else forward
         self.opt_step = torch.compile(optimizer.step) if compile else optimizer.step
 
@@ -83,12 +90,20 @@ class _Step:
         return {"loss": loss.detach(), "accuracy": accuracy(logits.detach(), labels)}, *extra
 
 
+def _autocast(forward: Callable, dtype: torch.dtype) -> Callable:
+    """`forward` under torch.autocast(dtype) on the device of its first argument."""
+    def autocast_forward(*args):
+        with torch.autocast(device_type=args[0].device.type, dtype=dtype):
+            return forward(*args)
+    return autocast_forward
+
+
 class EdgeStep(_Step):
     """(images_BCHW, labels) -> (payload, metrics): the edge's early-exit step; `feature_shape` is
     the per-example (H, W, C) of the cut (Split.feature_shape)."""
 
     def __init__(self, edge: nn.Module, optimizer, scheduler=None, *, bits: int, num_classes: int,
-                 feature_shape: tuple[int, int, int], compile: bool = False):
+                 feature_shape: tuple[int, int, int], compile: bool = False, autocast: torch.dtype | None = None):
         tq.check_bits(bits)
         self.bits, self.num_classes, self.feature_shape = bits, num_classes, tuple(feature_shape)
 
@@ -97,7 +112,7 @@ class EdgeStep(_Step):
             payload = tq.encode(features, labels, bits, num_classes)
             return cross_entropy(logits, labels), logits, labels, payload.data, payload.scale, payload.offset, \
                 payload.labels
-        super().__init__(forward, optimizer, scheduler, compile)
+        super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[tq.Payload, dict]:
         metrics, data, scale, offset, wire_labels = self.run(images, labels)
@@ -109,12 +124,12 @@ class CloudStep(_Step):
     """payload -> metrics: decode, forward, loss, backward, update."""
 
     def __init__(self, cloud: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, autocast: torch.dtype | None = None):
         def forward(data, scale, offset, wire_labels, shape, bits):
             features, labels = tq.decode(tq.Payload(data, scale, offset, wire_labels, shape, bits), channels_last)
             logits = cloud(features)
             return cross_entropy(logits, labels), logits, labels
-        super().__init__(forward, optimizer, scheduler, compile)
+        super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, payload: tq.Payload) -> dict:
         (metrics,) = self.run(payload.data, payload.scale, payload.offset, payload.labels, payload.shape,
@@ -125,11 +140,12 @@ class CloudStep(_Step):
 class TrainStep(_Step):
     """(images_BCHW, labels) -> metrics for the unsplit model (end-to-end, cloud-only training)."""
 
-    def __init__(self, model: nn.Module, optimizer, scheduler=None, *, compile: bool = False):
+    def __init__(self, model: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
+                 autocast: torch.dtype | None = None):
         def forward(images, labels):
             logits = model(images)
             return cross_entropy(logits, labels), logits, labels
-        super().__init__(forward, optimizer, scheduler, compile)
+        super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         (metrics,) = self.run(images, labels)

@@ -20,7 +20,8 @@ from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
 
 CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4,
-                          batch_size=32, max_steps=20, head_channels=8, learning_rate=0.05, seed=0)
+                          batch_size=32, max_steps=20, head_channels=8, learning_rate=0.05, seed=0,
+                          precision="fp32")  # not "auto": the same policy on every backend
 
 
 def state_sha256(edge_state, cloud_state) -> str:
