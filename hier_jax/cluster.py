@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hier_jax import precision
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import ImageDataset
 from hier_jax.errors import RunInterrupted, UserError, WorkerError
@@ -181,6 +182,7 @@ class ClusterResult:
     cloud_step_s: list[float]
     wall_s: float                        # of this run (since its resume, if resumed)
     placement: dict[str, str]
+    precision: str                       # the resolved policy every worker computed in
     resumed_cloud_steps: int = 0         # cloud steps taken before the checkpoint this run resumed from
 
     @property
@@ -199,7 +201,7 @@ class ClusterResult:
                 "wall_s": self.wall_s, "cloud_steps": len(self.cloud_order),
                 "resumed_cloud_steps": self.resumed_cloud_steps,
                 "cloud_steps_per_s": self.cloud_steps_per_s, "mean_cloud_accuracy": self.mean_cloud_accuracy,
-                "placement": self.placement,
+                "placement": self.placement, "precision": self.precision,
                 "edges": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("losses", "step_s")}
                           | {"median_step_s": float(np.median(e.step_s)) if e.step_s else None}
                           for e in self.edges],
@@ -429,6 +431,11 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
             raise UserError(f"edge {e}'s shard has {part.num_train} examples, fewer than one batch of "
                             f"{config.batch_size}; use fewer --edges, a smaller --batch-size or a larger --dirichlet")
     steps = min(train.total_steps(config, part) for part in shards)
+    # One precision policy for every worker: "auto" resolved here, for the edges' backend (the CPU),
+    # not by each worker for its own (a TPU cloud would pick bf16 against fp32 edges). Resolved without
+    # starting a backend in the driver, which on a GPU host would take the cloud's GPU memory.
+    policy = precision.resolve(config.precision, "cpu").name
+    worker_config = dataclasses.replace(config, precision=policy)
     ray = start_ray(cluster, num_cpus=max(len(os.sched_getaffinity(0)), cluster.edges + 1))
     cloud_on_gpu = cluster.cloud_gpu and ray.cluster_resources().get("GPU", 0) >= 1
     edge_cores, cloud_cores = _core_plan(cluster, cloud_on_gpu)
@@ -441,11 +448,11 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     shard_refs = [ray.put(part) for part in shards]
 
     def spawn_edge(e: int, first_life: bool):
-        return remote_edge.remote(e, config, shard_refs[e], steps, edge_cores[e], cluster.link_of(e),
+        return remote_edge.remote(e, worker_config, shard_refs[e], steps, edge_cores[e], cluster.link_of(e),
                                   cluster.time_scale, kill.get(e) if first_life else None)
 
     edges = [spawn_edge(e, True) for e in range(cluster.edges)]
-    cloud = remote_cloud.remote(config, ray.put(dataset), steps * cluster.edges, cloud_cores,
+    cloud = remote_cloud.remote(worker_config, ray.put(dataset), steps * cluster.edges, cloud_cores,
                                 "cuda" if cloud_on_gpu else "cpu", cluster.kill_cloud)
     store = None
     try:
@@ -456,7 +463,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
             from hier_jax.checkpoint import RunCheckpoints
             store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
         history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None
-        driver = _Driver(ray, edges, cloud, spawn_edge, cluster, config, shards, steps, store, history)
+        driver = _Driver(ray, edges, cloud, spawn_edge, cluster, config, shards, steps, store, history, policy)
         try:
             return driver.drive(placement, progress)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers go (finally); the last checkpoint stays
@@ -524,9 +531,9 @@ class _Driver:
     """
 
     def __init__(self, ray, edges: list, cloud, spawn_edge, cluster: ClusterConfig, config: ExperimentConfig,
-                 shards: list[ImageDataset], steps: int, store, history: dict | None):
+                 shards: list[ImageDataset], steps: int, store, history: dict | None, policy: str):
         self.ray, self.edges, self.cloud, self.spawn_edge = ray, edges, cloud, spawn_edge
-        self.cluster, self.config, self.steps, self.store = cluster, config, steps, store
+        self.cluster, self.config, self.steps, self.store, self.policy = cluster, config, steps, store, policy
         n = self.n = len(edges)
         first = history["step"] if history else 0  # the step every edge starts from
         self.reports = ([EdgeReport(**r) for r in history["reports"]] if history else
@@ -740,7 +747,7 @@ class _Driver:
         taken = sorted(self.taken, key=lambda m: m["index"])  # the order the cloud trained in
         return ClusterResult(self.cluster.flow, self.cluster.order, self.steps, self.reports,
                              [(m["edge"], m["step"]) for m in taken], [m["loss"] for m in taken],
-                             [m["step_s"] for m in taken], wall_s, placement, self.resumed_cloud_steps)
+                             [m["step_s"] for m in taken], wall_s, placement, self.policy, self.resumed_cloud_steps)
 
 
 def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig, step: int,

@@ -131,6 +131,7 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
     assert (report.sent, report.delivered, report.dropped, report.lost) == (6, 6, 0, False)
     assert report.max_in_flight <= CONFIG.queue_size + 1  # backpressure: the edge is never further ahead
     assert "cores" in result.placement["edge 0"] and "cores" in result.placement["cloud"]
+    assert result.precision == setup.precision == "fp32"  # "auto", resolved once for every worker
 
 
 @needs_ray
