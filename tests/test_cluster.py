@@ -134,14 +134,24 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
     assert result.precision == setup.precision == "fp32"  # "auto", resolved once for every worker
 
 
+TWO_EDGES = dataclasses.replace(CONFIG, checkpoint_every=3)
+TWO_EDGES_SYNCED = cluster.ClusterConfig(edges=2, edge_sync=3)
+
+
+@pytest.fixture(scope="module")
+def two_edges_uninterrupted(local_ray, digits):
+    """Two edges, models averaged every 3 steps: the run that faulty ones must end as (shared, as
+    each cluster run costs tens of seconds on two cores)."""
+    return cluster.run(TWO_EDGES, digits, TWO_EDGES_SYNCED)
+
+
 @needs_ray
-def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(local_ray, digits, tmp_path):
+def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(two_edges_uninterrupted, digits,
+                                                                                tmp_path):
     """Two edges, models averaged every 3 steps, checkpoints every 3: a run whose cloud dies at its
     step 8 (after the checkpoint at edge step 3, cloud step 6), resumed from that checkpoint, ends
     exactly as the run that was never stopped."""
-    config = dataclasses.replace(CONFIG, checkpoint_every=3)
-    settings = cluster.ClusterConfig(edges=2, edge_sync=3)
-    first = cluster.run(config, digits, settings)
+    config, settings, first = TWO_EDGES, TWO_EDGES_SYNCED, two_edges_uninterrupted
     with pytest.raises(cluster.ClusterError, match="the cloud worker died at its step 8"):
         cluster.run(config, digits, dataclasses.replace(settings, kill_cloud=8), checkpoint_dir=tmp_path)
     again = cluster.run(config, digits, settings, checkpoint_dir=tmp_path, resume=True)
@@ -175,16 +185,14 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
 
 
 @needs_ray
-def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_never_died(local_ray, digits,
-                                                                                           tmp_path):
-    """Edge 1 dies at its step 3 and comes back from the checkpoint at step 2, recomputing the steps
-    the cloud already has without sending them again; in round-robin order every loss and accuracy
-    then equals the run without the fault."""
-    config = dataclasses.replace(CONFIG, checkpoint_every=2)
-    settings = cluster.ClusterConfig(edges=2)
-    clean = cluster.run(config, digits, settings)
-    faulty = cluster.run(config, digits, dataclasses.replace(settings, kill_edges=((1, 3),), max_restarts=1),
-                         checkpoint_dir=tmp_path)
+def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_never_died(
+        two_edges_uninterrupted, digits, tmp_path):
+    """Edge 1 dies at its step 4 and comes back from the checkpoint at step 3 (taken after the
+    models were averaged there), recomputing the steps the cloud already has without sending them
+    again; in round-robin order every loss and accuracy then equals the run without the fault."""
+    clean = two_edges_uninterrupted
+    faulty = cluster.run(TWO_EDGES, digits, dataclasses.replace(TWO_EDGES_SYNCED, kill_edges=((1, 4),),
+                                                                  max_restarts=1), checkpoint_dir=tmp_path)
     assert faulty.cloud_order == clean.cloud_order
     assert faulty.cloud_losses == clean.cloud_losses
     assert [e.losses for e in faulty.edges] == [e.losses for e in clean.edges]
