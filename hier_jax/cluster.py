@@ -549,7 +549,11 @@ class _Driver:
         self.consumed = [first] * n      # edge steps the cloud has trained on, or skipped as already trained on
         self.pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
         self.payloads: dict[tuple[int, int], Any] = {}  # payload refs of edge steps not yet given to the cloud
-        self.arrived: set[tuple[int, int]] = set()      # round robin: those whose edge step has finished
+        self.arrived: set[tuple[int, int]] = set()      # round robin: those the cloud may be handed
+        # With restarts, round robin hands the cloud only finished edge steps (see feed_round_robin);
+        # without, a cloud step is queued on the payload's reference at once (Ray starts it when the
+        # payload exists), which keeps the driver's round trip off the pipeline's critical path.
+        self.hand_finished_only = cluster.max_restarts > 0
         self.rr_next = collections.deque((e, t) for t in range(first, steps) for e in range(n))
         self.restarting: set[int] = set()  # edges whose process died and that will come back
         self.restarted_placement: dict[int, Any] = {}
@@ -609,15 +613,17 @@ class _Driver:
                 payload, metrics = self.edges[e].step.options(num_returns=2).remote(t)
                 self.pending[metrics] = ("edge", e, t)
                 self.payloads[(e, t)] = payload
+                if self.cluster.order == "round_robin" and not self.hand_finished_only:
+                    self.arrived.add((e, t))
                 self.submitted[e] += 1
                 report = self.reports[e]
                 report.max_in_flight = max(report.max_in_flight, self.submitted[e] - self.consumed[e])
 
     def feed_round_robin(self) -> None:
-        """Hand the cloud its payloads in the fixed order, as far as they have arrived; a lost edge's
-        turns are skipped, a restarting edge's are waited for. (Only finished edge steps go to the
-        cloud, so no cloud step ever waits on a payload that a dying edge will never produce, and
-        an edge's restart leaves the order as it would have been.)"""
+        """Hand the cloud its payloads in the fixed order, as far as they may be handed; a lost edge's
+        turns are skipped, a restarting edge's are waited for. (With restarts, only finished edge
+        steps go to the cloud, so no cloud step ever waits on a payload that a dying edge will never
+        produce, and an edge's restart leaves the order as it would have been.)"""
         while self.rr_next:
             turn = self.rr_next[0]
             if self.reports[turn[0]].lost:
@@ -662,7 +668,7 @@ class _Driver:
         report.step_s.append(metrics["step_s"])
         if self.cluster.order == "async":
             self.submit_cloud(e, t)
-        else:
+        elif self.hand_finished_only:
             self.arrived.add((e, t))
 
     def on_cloud_step(self, ref, e: int, t: int) -> None:
