@@ -126,6 +126,22 @@ def test_payload_bytes_match(tr):
         np.testing.assert_array_equal(t_labels.numpy(), y)
 
 
+def test_bf16_features_give_the_float32_payload_on_both_sides(tr):
+    """Under autocast (bench_torch --precision bf16) the edge's features are bfloat16: both encoders
+    take them as float32 first, so the payload is the one the float32 values give."""
+    import torch
+    feats = (np.random.RandomState(5).randn(3, 4, 4, 5) * 3).astype(jnp.bfloat16).astype(np.float32)
+    y = labels()
+    for bits in (4, 16, 32):
+        t_feats = torch.from_numpy(feats.transpose(0, 3, 1, 2))
+        tp32 = tr.quantization.encode(t_feats, torch.from_numpy(y), bits, NUM_CLASSES)
+        tp16 = tr.quantization.encode(t_feats.to(torch.bfloat16), torch.from_numpy(y), bits, NUM_CLASSES)
+        jp16 = quantization.encode(jnp.asarray(feats, jnp.bfloat16), jnp.asarray(y), bits, NUM_CLASSES)
+        assert tp16.nbytes == tp32.nbytes == jp16.nbytes, bits
+        for a, b in [(tp16.data, tp32.data), (tp16.scale, tp32.scale), (tp16.offset, tp32.offset)]:
+            assert a.dtype == b.dtype and torch.equal(a, b), bits
+
+
 def test_schedules_match_optax(tr):
     for config in [OptimConfig(), OptimConfig(warmup_steps=3), OptimConfig(schedule="constant")]:
         tx = make_optimizer(config, total_steps=10)
