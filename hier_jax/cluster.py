@@ -239,6 +239,14 @@ class _Side:
         return f"pid {os.getpid()}, {self.device.platform}:{self.device.id}, cores {cores}"
 
 
+def _crash() -> None:
+    """Fault injection: the process dies part-way through a step, as a crashed worker would.
+    The pause lets the replies of the steps before leave first; exiting at once could also lose
+    the previous step's reply, which a crash mid-step would not."""
+    time.sleep(0.3)
+    os._exit(1)
+
+
 class EdgeWorker(_Side):
     def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
                  cores: Sequence[int] | None, link: str, time_scale: float, kill_at: int | None):
@@ -258,7 +266,7 @@ class EdgeWorker(_Side):
     def step(self, t: int) -> tuple[Any, dict]:
         """Train edge step t; (the packed payload as numpy, metrics). Steps come in order."""
         if t == self.kill_at:
-            os._exit(1)  # fault injection: the process dies as a crashed edge would
+            _crash()
         if t != self.next_step:
             raise RuntimeError(f"edge {self.edge} was asked for step {t}; its next step is {self.next_step}")
         start = time.perf_counter()
@@ -335,7 +343,7 @@ class CloudWorker(_Side):
         payload, ready_at = delivery
         index = self.steps_done
         if index == self.kill_at:
-            os._exit(1)  # fault injection
+            _crash()
         self.steps_done += 1
         if (wait := ready_at - time.time()) > 0:
             time.sleep(wait)

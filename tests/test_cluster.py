@@ -212,7 +212,9 @@ def test_without_a_checkpoint_a_restarted_edge_replays_from_its_initial_state(lo
     assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
     assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
     assert (result.edges[0].restarts, result.edges[0].lost, result.edges[0].delivered) == (1, False, 6)
-    assert result.edges[0].replayed >= 2  # steps 0 and 1 at least, recomputed from the initial state
+    # Step 0 at least is recomputed from the initial state; step 1 too unless its reply died with the
+    # process, in which case the new process sends it (the equalities above hold either way).
+    assert result.edges[0].replayed >= 1
 
 
 @needs_ray
