@@ -4,12 +4,24 @@ policy of tests/backend.py; and device-pair fixtures that fit whatever backend t
 
 JAX_PLATFORMS defaults to cpu; `python3 tasks.py test --backend gpu|tpu` sets it to the accelerator
 with the CPU beside it.
+
+Compiled programs go to a persistent cache made fresh for the session (unless JAX_COMPILATION_CACHE_DIR
+is set), which this process and every process it starts share: the cluster tests' Ray workers and the
+CLI tests' subprocesses otherwise compile the same small steps again in each new process (on 2 cores:
+test_cluster 8 min without, 2 min with; the suite 19 min, 12 min).
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hier-jax-test-xla-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tests' steps compile fast
+else:
+    _SESSION_CACHE = None
 
 from hier_jax import process  # noqa: E402 - after the environment above
 
@@ -21,6 +33,12 @@ import pytest  # noqa: E402
 import backend  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", backend.PRECISION)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 DEVICE_PAIRS = ("two_host_devices", "two_accelerators", "accelerator_and_host")
 
