@@ -13,7 +13,10 @@ per call at batch 128, 20-60x PyTorch. On CPU, `conv_general_dilated` below ther
 - keeps XLA's convolution for everything else, but computes the input gradient of strided
   convolutions on large maps as one stride-1 convolution per output phase (polyphase; XLA's
   input-dilated convolution is 2.5x slower) and, when YNNPACK runs the convolutions ("cpu-ynn"),
-  the weight gradient as im2col matrix products over batch chunks small enough to stay in cache.
+  the weight gradient as im2col matrix products over batch chunks small enough to stay in cache;
+- hands the weight gradient's convolution its input through a loop XLA cannot fuse across, so that
+  the transpose it needs reads the activation instead of recomputing BatchNorm, ReLU and residual
+  adds from the convolution outputs (`_read_not_recomputed`).
 `block_max_pool` (non-overlapping windows) is a reshape and a max, whose gradient goes to the first
 maximum of each window in row-major order, as XLA's select-and-scatter and PyTorch do (XLA's
 reduce_window / select_and_scatter pair is 4x slower than PyTorch's pooling on CPU).
@@ -273,6 +276,22 @@ def _im2col_weight_grad(x, dy, kernel_shape, strides, padding):
     return acc.T.reshape(kh, kw, ci, co)
 
 
+def _read_not_recomputed(x, dy):
+    """x, as a value XLA:CPU must read from memory rather than recompute.
+
+    The weight gradient's convolution reads x transposed, and XLA fuses the elementwise chain that
+    produced x (BatchNorm, ReLU, and in a ResNet the residual adds of up to three blocks before)
+    into that transpose, recomputing it from the convolution outputs. Those transposes took about
+    a quarter of the ResNet-18 edge step (docs/speed.md). lax.optimization_barrier would say "do not
+    fuse across", but XLA:CPU expands barriers before fusion; a while loop is a boundary no fusion
+    crosses. This one runs zero times: its trip count is 1 only if dy[0, 0, 0, 0] is NaN, which the
+    compiler cannot rule out, so it keeps the loop; in that case the loop adds 0 to x.
+    """
+    runs = (dy[0, 0, 0, 0] != dy[0, 0, 0, 0]).astype(jnp.int32)
+    return lax.while_loop(lambda c: c[1] < runs, lambda c: (c[0] + c[1].astype(c[0].dtype), c[1] + 1),
+                          (x, jnp.int32(0)))[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _cpu_conv(x, w, strides, padding, ynn):
     return _lax_conv(x, w, strides, padding)
@@ -291,6 +310,7 @@ def _cpu_conv_bwd(strides, padding, ynn, residuals, dy):
     if ynn and dy.size * x.shape[-1] * w.shape[0] * w.shape[1] >= IM2COL_MIN_MACS:
         dw = _im2col_weight_grad(x, dy, w.shape, strides, padding)
     else:  # Eigen runs autodiff's weight-gradient convolution as fast as PyTorch (docs/speed.md)
+        x = _read_not_recomputed(x, dy)
         dw = jax.vjp(lambda w_: _lax_conv(x, w_, strides, padding), w)[1](dy)[0]
     return dx, dw
 
