@@ -42,7 +42,10 @@ process-wide jax_default_matmul_precision is left alone. Every row records it ("
 Host allocator (CPU): glibc malloc returns every block over 32 MiB to the OS on free, so each step
 page-faults its large buffers in again (XLA's temporaries and PyTorch's tensors alike), which at
 batch 128 costs a large share of the step on a small CPU. Unless --no-malloc-tuning, the benchmark
-calls mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1) first, for both frameworks in this process.
+calls mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, M_ARENA_MAX=1) first, for both frameworks in this
+process. The arena limit matters as much: a worker thread's own arena cannot hold a block over 64 MiB,
+so glibc mmaps it whatever M_MMAP_MAX says (Eigen's convolution packing buffers, up to 302 MB, on
+XLA's threads: 201,168 page faults per ResNet-18 edge step without the limit, none with it).
 
 Writes DIR/bench_torch.json: a list of rows {model, dataset, split, batch, width, bits, step,
 framework, mode, precision, precision_detail, median_s, min_s, max_s, steps, compile_s, device, ...}.
@@ -72,13 +75,15 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # hier_jax.precision's policies, less "au
 
 
 def tune_malloc() -> bool:
-    """Keep freed memory in the process (glibc): no mmap for large blocks, no trimming of the heap."""
+    """Keep freed memory in the process (glibc): no mmap for large blocks, no trimming of the heap,
+    and one arena, so that threads started later allocate from the heap that is never trimmed."""
     if platform.system() != "Linux":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+        m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+        return (bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
+                and bool(libc.mallopt(m_arena_max, 1)))
     except OSError:
         return False
 

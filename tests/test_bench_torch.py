@@ -6,6 +6,9 @@ of a channels_last 1x1 stride-2 convolution from 4 to 8 channels on 32x32 maps (
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,40 @@ def test_bench_torch_rejects_bad_arguments():
         bench_torch.parse_args(["--model", "resnet18", "--precision", "auto"])
     args = bench_torch.parse_args(["--model", "vgg16", "--torch-modes", "", "--jax-variants", "jit,plain"])
     assert args.torch_modes == [] and args.jax_variants == ["jit", "plain"]
+
+
+FAULTS_ON_A_THREAD = """
+import ctypes, resource, sys, threading
+from experiments import bench_torch
+if sys.argv[1] == "tuned":
+    assert bench_torch.tune_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+def reuse_a_large_block():  # 128 MiB, on a thread of its own: the case of XLA's worker threads
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(128 << 20)
+        ctypes.memset(block, 1, 128 << 20)
+        libc.free(block)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=reuse_a_large_block)
+thread.start(); thread.join()
+print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_tuned_malloc_keeps_a_threads_large_blocks_mapped():
+    """A 128 MiB block freed and allocated again on a worker thread page-faults all of it in again
+    (32,768 pages) unless tune_malloc limits glibc to one arena: a thread's own arena cannot hold
+    it, so glibc mmaps it whatever M_MMAP_MAX says."""
+    root = Path(__file__).resolve().parents[1]
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS_ON_A_THREAD, mode], cwd=root, capture_output=True,
+                              text=True, check=True)
+        return int(done.stdout.split()[-1])
+    assert faults("default") >= 32_000
+    assert faults("tuned") < 1_000
