@@ -1,10 +1,13 @@
-"""Set-up and entry points for a fresh clone: `python3 tasks.py quickstart | test [options] [pytest args]`.
+"""Set-up and entry points for a fresh clone: `python3 tasks.py quickstart | lint | test [options] [pytest args]`.
 
 Creates .venv beside this file on first use and (re)installs the package with its test extras
 whenever pyproject.toml changes, then runs the quickstart or the test suite inside it. Needs only
 Python 3.11+ on the PATH.
 
+`lint`: ruff (lint and format check) over the tree, pyright (basic) over hier_jax; what CI runs first.
+
 `test` options (before any pytest arguments):
+  --fast                 leave out the tests marked slow (Ray, CLI subprocesses, grids, benchmarks)
   --backend cpu|gpu|tpu  run the whole suite with JAX on that backend (the host CPU stays visible for
                          tests that pair an accelerator with it) and write DIR/junit.xml and
                          DIR/summary.md: passed, failed, skipped with reasons, and the golden
@@ -31,11 +34,13 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 # torch==2.13.0 is the reference framework of the equivalence tests; pinned so that pip never
 # reaches for a newer (multi-GB CUDA) build.
-EXTRAS = ".[test,torch]"
+EXTRAS = ".[test,torch,lint]"
 COMMANDS = {
     "quickstart": ["-m", "experiments.quickstart"],
+    "lint": [],
     "test": ["-m", "pytest", "-q", "-ra"],
 }
+LINT = (["-m", "ruff", "check", "."], ["-m", "ruff", "format", "--check", "."], ["-m", "pyright"])
 # JAX_PLATFORMS per backend: the accelerator first (it is jax's default), the host CPU beside it.
 BACKENDS = {"cpu": "cpu", "gpu": "cuda,cpu", "tpu": "tpu,cpu"}
 # XLA flags per backend for the test run: GPU reductions and scatters without atomics, so that the
@@ -61,11 +66,11 @@ def ensure_venv() -> None:
 
 def split_test_options(args: list[str]) -> tuple[dict, list[str]]:
     """(tasks.py's own test options, the pytest arguments after them)."""
-    options = {"backend": None, "out": None, "system": False}
-    while args and args[0] in ("--backend", "--out", "--system"):
+    options = {"backend": None, "out": None, "system": False, "fast": False}
+    while args and args[0] in ("--backend", "--out", "--system", "--fast"):
         flag = args.pop(0)
-        if flag == "--system":
-            options["system"] = True
+        if flag in ("--system", "--fast"):
+            options[flag[2:]] = True
             continue
         if not args:
             sys.exit(f"tasks.py test: error: {flag} needs a value")
@@ -115,6 +120,8 @@ def run_tests(args: list[str]) -> int:
     if not options["system"]:
         ensure_venv()
     backend = options["backend"]
+    if options["fast"]:
+        pytest_args = ["-m", "not slow", *pytest_args]
     if backend is None:
         return subprocess.run([python, *COMMANDS["test"], *pytest_args], cwd=ROOT).returncode
     out = Path(options["out"] or ROOT / "test-results" / backend).resolve()
@@ -138,6 +145,10 @@ def main(argv: list[str]) -> int:
         return 2
     if argv[0] == "test":
         return run_tests(argv[1:])
+    if argv[0] == "lint":
+        ensure_venv()
+        codes = [subprocess.run([str(PYTHON), *command], cwd=ROOT).returncode for command in LINT]
+        return max(codes)
     ensure_venv()
     return subprocess.run([str(PYTHON), *COMMANDS[argv[0]], *argv[1:]], cwd=ROOT).returncode
 
