@@ -90,7 +90,7 @@ def summarize(junit: Path, backend: str, env: dict[str, str]) -> str:
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
         for prop in case.iter("property"):
             if prop.get("name", "").startswith("golden_"):
-                golden[prop.get("name")[len("golden_"):]] = prop.get("value")
+                golden[prop.get("name")[len("golden_") :]] = prop.get("value")
         problem = case.find("failure") if case.find("failure") is not None else case.find("error")
         if problem is not None:
             message = (problem.get("message") or "").strip().splitlines() or [""]
@@ -98,10 +98,14 @@ def summarize(junit: Path, backend: str, env: dict[str, str]) -> str:
         elif case.find("skipped") is not None:
             skipped[(case.find("skipped").get("message") or "").strip()[:200]] += 1
     passed = len(cases) - len(failed) - sum(skipped.values())
-    lines = [f"# hier-jax tests on {backend}", "",
-             f"JAX_PLATFORMS={env.get('JAX_PLATFORMS', '')}  XLA_FLAGS={env.get('XLA_FLAGS', '')}", "",
-             f"**{passed} passed, {len(failed)} failed, {sum(skipped.values())} skipped** "
-             f"({len(cases)} tests)", ""]
+    lines = [
+        f"# hier-jax tests on {backend}",
+        "",
+        f"JAX_PLATFORMS={env.get('JAX_PLATFORMS', '')}  XLA_FLAGS={env.get('XLA_FLAGS', '')}",
+        "",
+        f"**{passed} passed, {len(failed)} failed, {sum(skipped.values())} skipped** ({len(cases)} tests)",
+        "",
+    ]
     if failed:
         lines += ["## Failed", "", *failed, ""]
     if skipped:
@@ -130,8 +134,9 @@ def run_tests(args: list[str]) -> int:
     if backend in BACKEND_XLA_FLAGS:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {BACKEND_XLA_FLAGS[backend]}".strip()
     junit = out / "junit.xml"
-    code = subprocess.run([python, *COMMANDS["test"], f"--junitxml={junit}", "-o", "junit_family=xunit1",
-                           *pytest_args], cwd=ROOT, env=env).returncode
+    code = subprocess.run(
+        [python, *COMMANDS["test"], f"--junitxml={junit}", "-o", "junit_family=xunit1", *pytest_args], cwd=ROOT, env=env
+    ).returncode
     if junit.exists():
         summary = summarize(junit, backend, env)
         (out / "summary.md").write_text(summary)

@@ -32,8 +32,9 @@ from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
 from hier_jax.models import stage_names
 
-DEFAULTS = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64,
-                            head_channels=64, queue_size=2)
+DEFAULTS = ExperimentConfig(
+    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64, queue_size=2
+)
 
 
 def in_process_step_s(config: ExperimentConfig, dataset, steps: int, repeats: int) -> float:
@@ -44,8 +45,9 @@ def in_process_step_s(config: ExperimentConfig, dataset, steps: int, repeats: in
     for _ in range(repeats):
         edge_state, cloud_state = train.fresh_states(setup)
         start = time.perf_counter()  # batches made inside the clock, as the edge worker makes its own
-        result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state,
-                                       itertools.islice(train.TrainBatches(setup), steps))
+        result = runner.run_sequential(
+            setup.hierarchy, edge_state, cloud_state, itertools.islice(train.TrainBatches(setup), steps)
+        )
         jax.block_until_ready((result.edge_state, result.cloud_state))
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
@@ -64,23 +66,36 @@ def measure_split(config: ExperimentConfig, dataset, steps: int, repeats: int) -
     sequential, pipelined = (statistics.median(runs[f]) for f in ("sequential", "pipelined"))
     ideal = (edge + cloud) / max(edge, cloud)
     achieved = sequential / pipelined
-    return {"split": config.split, "edge_step_s": edge, "cloud_step_s": cloud,
-            "sequential_step_s": sequential, "pipelined_step_s": pipelined,
-            "sequential_runs_s": runs["sequential"], "pipelined_runs_s": runs["pipelined"],
-            "ideal_speedup": ideal, "speedup": achieved, "of_ideal": achieved / ideal,
-            "hidden": (sequential - pipelined) / min(edge, cloud),
-            "in_process_step_s": in_process_step_s(config, dataset, steps, repeats)}
+    return {
+        "split": config.split,
+        "edge_step_s": edge,
+        "cloud_step_s": cloud,
+        "sequential_step_s": sequential,
+        "pipelined_step_s": pipelined,
+        "sequential_runs_s": runs["sequential"],
+        "pipelined_runs_s": runs["pipelined"],
+        "ideal_speedup": ideal,
+        "speedup": achieved,
+        "of_ideal": achieved / ideal,
+        "hidden": (sequential - pipelined) / min(edge, cloud),
+        "in_process_step_s": in_process_step_s(config, dataset, steps, repeats),
+    }
 
 
 def table(rows: list[dict], cpu: str, config: ExperimentConfig) -> str:
-    lines = [f"One edge and one cloud as Ray workers, one core each, on {cpu}: {config.model} width {config.width}, "
-             f"batch {config.batch_size}, {config.bits} bits (seconds per step, medians).", "",
-             "| split | edge | cloud | sequential | pipelined | speed-up | ideal | of ideal | hidden | in-process, all cores |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"One edge and one cloud as Ray workers, one core each, on {cpu}: {config.model} width {config.width}, "
+        f"batch {config.batch_size}, {config.bits} bits (seconds per step, medians).",
+        "",
+        "| split | edge | cloud | sequential | pipelined | speed-up | ideal | of ideal | hidden | in-process, all cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['split']} | {r['edge_step_s']:.3f} | {r['cloud_step_s']:.3f} | {r['sequential_step_s']:.3f} "
-                     f"| {r['pipelined_step_s']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
-                     f"| {r['of_ideal']:.2f} | {r['hidden']:.2f} | {r['in_process_step_s']:.3f} |")
+        lines.append(
+            f"| {r['split']} | {r['edge_step_s']:.3f} | {r['cloud_step_s']:.3f} | {r['sequential_step_s']:.3f} "
+            f"| {r['pipelined_step_s']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+            f"| {r['of_ideal']:.2f} | {r['hidden']:.2f} | {r['in_process_step_s']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -103,23 +118,40 @@ def main(argv: list[str]) -> dict:
         raise UserError("--steps must be >= 2 and --repeats >= 1")
     config = dataclasses.replace(config, max_steps=args.steps)
     validate(config)
-    out = outputs.prepare_run_dir(config.out, outputs=("bench_cluster.json", "bench_cluster.md"),
-                                  overwrite=args.overwrite) if config.out else None
+    out = (
+        outputs.prepare_run_dir(
+            config.out, outputs=("bench_cluster.json", "bench_cluster.md"), overwrite=args.overwrite
+        )
+        if config.out
+        else None
+    )
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     cpu = profiler.host_cpu()
-    print(f"{cpu}, {len(os.sched_getaffinity(0))} cores; {len(splits)} split(s), {args.repeats} x 2 cluster runs each",
-          flush=True)
+    print(
+        f"{cpu}, {len(os.sched_getaffinity(0))} cores; {len(splits)} split(s), {args.repeats} x 2 cluster runs each",
+        flush=True,
+    )
     rows = []
     for split in splits:
         rows.append(measure_split(dataclasses.replace(config, split=split), dataset, args.steps, args.repeats))
         r = rows[-1]
-        print(f"{split}: edge {r['edge_step_s']:.3f} s, cloud {r['cloud_step_s']:.3f} s; sequential "
-              f"{r['sequential_step_s']:.3f} s, pipelined {r['pipelined_step_s']:.3f} s ({r['of_ideal']:.2f} of the "
-              f"ideal {r['ideal_speedup']:.2f}x); in-process on all cores {r['in_process_step_s']:.3f} s", flush=True)
+        print(
+            f"{split}: edge {r['edge_step_s']:.3f} s, cloud {r['cloud_step_s']:.3f} s; sequential "
+            f"{r['sequential_step_s']:.3f} s, pipelined {r['pipelined_step_s']:.3f} s ({r['of_ideal']:.2f} of the "
+            f"ideal {r['ideal_speedup']:.2f}x); in-process on all cores {r['in_process_step_s']:.3f} s",
+            flush=True,
+        )
     text = table(rows, cpu, config)
     print(text)
-    result = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,
-              "config": dataclasses.asdict(config), "steps": args.steps, "repeats": args.repeats, "rows": rows}
+    result = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "jax": jax.__version__,
+        "config": dataclasses.asdict(config),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
     if out is not None:
         outputs.write_json(out / "bench_cluster.json", result)
         outputs.write_atomic(out / "bench_cluster.md", text)

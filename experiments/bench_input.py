@@ -18,6 +18,7 @@ from hier_jax.config import check_dataset_spec
 from hier_jax.data import AUGMENTATIONS, ImageDataset, load_dataset, num_train_steps, train_batches
 from hier_jax.errors import UserError
 
+
 def endless(ds: ImageDataset, batch_size: int, seed: int) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Consecutive epochs, so --steps may exceed one epoch."""
     epoch = 0
@@ -44,8 +45,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     parser.add_argument("--data-dir", default=None, help="tfds data directory")
     parser.add_argument("--cache-dir", default=None, help="image-folder cache (default ~/.cache/hier_jax)")
-    parser.add_argument("--augmentation", default=None, choices=list(AUGMENTATIONS),
-                        help="override the data set's augmentation")
+    parser.add_argument(
+        "--augmentation", default=None, choices=list(AUGMENTATIONS), help="override the data set's augmentation"
+    )
     parser.add_argument("--out", default=None, help="write OUT/bench_input.json")
     args = parser.parse_args(argv)
     check_args(args)
@@ -55,10 +57,14 @@ def main(argv: list[str]) -> dict:
     ds = load_dataset(args.dataset, args.data_dir, cache_dir=args.cache_dir, augmentation=args.augmentation)
     load_s = time.perf_counter() - start
     if args.batch > ds.num_train:
-        raise UserError(f"--batch {args.batch} is larger than the training split of {ds.name} "
-                        f"({ds.num_train} images); valid: 1..{ds.num_train}")
-    print(f"{ds.name}: {ds.num_train} train / {ds.num_test} test {ds.image_shape}, "
-          f"{num_train_steps(ds, args.batch)} steps/epoch, loaded in {load_s:.1f} s")
+        raise UserError(
+            f"--batch {args.batch} is larger than the training split of {ds.name} "
+            f"({ds.num_train} images); valid: 1..{ds.num_train}"
+        )
+    print(
+        f"{ds.name}: {ds.num_train} train / {ds.num_test} test {ds.image_shape}, "
+        f"{num_train_steps(ds, args.batch)} steps/epoch, loaded in {load_s:.1f} s"
+    )
 
     batches = endless(ds, args.batch, seed=0)
     for _ in range(args.warmup):
@@ -78,10 +84,7 @@ def main(argv: list[str]) -> dict:
         "load_s": load_s,
         "device": str(jax.devices()[0]),
     }
-    print(
-        f"{result['images_per_s']:,.0f} train images/s "
-        f"({ds.augmentation}, batch {args.batch}, {args.steps} steps)"
-    )
+    print(f"{result['images_per_s']:,.0f} train images/s ({ds.augmentation}, batch {args.batch}, {args.steps} steps)")
     if out is not None:
         outputs.write_json(out / "bench_input.json", result)
     return result

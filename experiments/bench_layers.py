@@ -105,10 +105,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="channels of the first layer (64: full size)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per op")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
-    parser.add_argument("--formulations", default=",".join(FORMULATIONS),
-                        help=f"JAX convolution formulations, subset of {','.join(FORMULATIONS)}")
-    parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
-                        help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)")
+    parser.add_argument(
+        "--formulations",
+        default=",".join(FORMULATIONS),
+        help=f"JAX convolution formulations, subset of {','.join(FORMULATIONS)}",
+    )
+    parser.add_argument(
+        "--torch-modes", default=",".join(TORCH_MODES), help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)"
+    )
     parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
     parser.add_argument("--shapes-limit", type=int, default=None, help="time only the first K shapes of each op")
     parser.add_argument("--no-malloc-tuning", action="store_true")
@@ -118,9 +122,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.models, args.formulations = _csv(args.models), _csv(args.formulations)
     args.torch_modes, args.ops = _csv(args.torch_modes), _csv(args.ops)
-    for flag, values, valid in [("--models", args.models, tuple(MODELS)),
-                                ("--formulations", args.formulations, FORMULATIONS),
-                                ("--torch-modes", args.torch_modes, TORCH_MODES), ("--ops", args.ops, OPS)]:
+    for flag, values, valid in [
+        ("--models", args.models, tuple(MODELS)),
+        ("--formulations", args.formulations, FORMULATIONS),
+        ("--torch-modes", args.torch_modes, TORCH_MODES),
+        ("--ops", args.ops, OPS),
+    ]:
         bad = [v for v in values if v not in valid]
         if bad:
             parser.error(f"{flag}: unknown {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
@@ -129,19 +136,29 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"{flag} is empty; valid: a comma-separated subset of {','.join(valid)}")
     if not args.formulations and not args.torch_modes:
         parser.error("--formulations and --torch-modes are both empty: nothing to time")
-    for flag, value, least in [("--batch", args.batch, 1), ("--width", args.width, 1), ("--repeats", args.repeats, 1),
-                               ("--warmup", args.warmup, 0), ("--seed", args.seed, 0),
-                               ("--shapes-limit", 1 if args.shapes_limit is None else args.shapes_limit, 1)]:
+    for flag, value, least in [
+        ("--batch", args.batch, 1),
+        ("--width", args.width, 1),
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+        ("--seed", args.seed, 0),
+        ("--shapes-limit", 1 if args.shapes_limit is None else args.shapes_limit, 1),
+    ]:
         if value < least:
             parser.error(f"{flag} {value} is invalid; valid: an integer >= {least}")
     from hier_jax.models import xla_cpu
+
     if tuple(int(v) for v in jax_version().split(".")[:2]) not in xla_cpu.FLAG_JAX_VERSIONS:
-        parser.error(f"jax {jax_version()} has no xla_cpu_experimental_ynn_fusion_type option, through which "
-                     f"this benchmark picks XLA:CPU's convolution backend; update hier_jax.models.xla_cpu's "
-                     f"options (and FLAG_JAX_VERSIONS) for this jaxlib first")
+        parser.error(
+            f"jax {jax_version()} has no xla_cpu_experimental_ynn_fusion_type option, through which "
+            f"this benchmark picks XLA:CPU's convolution backend; update hier_jax.models.xla_cpu's "
+            f"options (and FLAG_JAX_VERSIONS) for this jaxlib first"
+        )
     if args.torch_modes and importlib.util.find_spec("torch") is None:
-        parser.error(f"--torch-modes {','.join(args.torch_modes)} needs PyTorch, which is not installed "
-                     f"(pip install -e .[torch]); --torch-modes '' times JAX alone")
+        parser.error(
+            f"--torch-modes {','.join(args.torch_modes)} needs PyTorch, which is not installed "
+            f"(pip install -e .[torch]); --torch-modes '' times JAX alone"
+        )
     # Unique, in the order given.
     for name in ("models", "formulations", "torch_modes", "ops"):
         setattr(args, name, list(dict.fromkeys(getattr(args, name))))
@@ -150,6 +167,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def jax_version() -> str:
     import jax
+
     return jax.__version__
 
 
@@ -183,8 +201,10 @@ class ConvShape:
     def describe(self) -> str:
         kh, kw, cin, cout = self.w_shape
         pads = sorted({p for pad in self.padding for p in pad})
-        return (f"{'x'.join(map(str, self.x_shape))} {kh}x{kw} {cin}->{cout} "
-                f"s{'x'.join(map(str, sorted(set(self.strides))))} p{'/'.join(map(str, pads))}")
+        return (
+            f"{'x'.join(map(str, self.x_shape))} {kh}x{kw} {cin}->{cout} "
+            f"s{'x'.join(map(str, sorted(set(self.strides))))} p{'/'.join(map(str, pads))}"
+        )
 
 
 @dataclasses.dataclass
@@ -220,14 +240,22 @@ def _conv_shape(eqn) -> ConvShape:
     p = eqn.params
     dn = p["dimension_numbers"]
     nhwc = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, _DN)
-    if ((dn.lhs_spec, dn.rhs_spec, dn.out_spec) != (nhwc.lhs_spec, nhwc.rhs_spec, nhwc.out_spec)
-            or p["feature_group_count"] != 1 or p["batch_group_count"] != 1
-            or any(d != 1 for d in (*p["lhs_dilation"], *p["rhs_dilation"]))):
-        raise NotImplementedError(f"bench_layers times NHWC/HWIO convolutions without dilation or groups; "
-                                  f"the model has {p}")
-    return ConvShape(tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
-                     tuple(int(s) for s in p["window_strides"]),
-                     tuple(tuple(int(v) for v in pad) for pad in p["padding"]), tuple(eqn.outvars[0].aval.shape))
+    if (
+        (dn.lhs_spec, dn.rhs_spec, dn.out_spec) != (nhwc.lhs_spec, nhwc.rhs_spec, nhwc.out_spec)
+        or p["feature_group_count"] != 1
+        or p["batch_group_count"] != 1
+        or any(d != 1 for d in (*p["lhs_dilation"], *p["rhs_dilation"]))
+    ):
+        raise NotImplementedError(
+            f"bench_layers times NHWC/HWIO convolutions without dilation or groups; the model has {p}"
+        )
+    return ConvShape(
+        tuple(eqn.invars[0].aval.shape),
+        tuple(eqn.invars[1].aval.shape),
+        tuple(int(s) for s in p["window_strides"]),
+        tuple(tuple(int(v) for v in pad) for pad in p["padding"]),
+        tuple(eqn.outvars[0].aval.shape),
+    )
 
 
 def collect_shapes(models: list[str], batch: int, width: int) -> tuple[list[ConvShape], list[BNShape]]:
@@ -242,20 +270,27 @@ def collect_shapes(models: list[str], batch: int, width: int) -> tuple[list[Conv
     convs: dict[tuple, ConvShape] = {}
     bns: dict[tuple, BNShape] = {}
     for name in models:
-        model = nnx.eval_shape(lambda name=name: build_model(name, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE,
-                                                             width=width, conv_impl="xla"))
+        model = nnx.eval_shape(
+            lambda name=name: build_model(
+                name, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, width=width, conv_impl="xla"
+            )
+        )
         x = jax.ShapeDtypeStruct((batch, *INPUT_SHAPE), jnp.float32)
         for stage_name, stage in zip(model.stage_names, model.stages, strict=True):
             graphdef, state = nnx.split(stage)
-            jaxpr, x = jax.make_jaxpr(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x, True),
-                                      return_shape=True)(state, x)
+            jaxpr, x = jax.make_jaxpr(
+                lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x, True), return_shape=True
+            )(state, x)
             shapes = [_conv_shape(e) for e in _conv_eqns(jaxpr.jaxpr)]
             norms = [m for _, m in nnx.iter_graph(stage) if isinstance(m, nnx.BatchNorm)]
             if len(norms) != len(shapes) or sorted(n.num_features for n in norms) != sorted(
-                    s.w_shape[-1] for s in shapes):
-                raise NotImplementedError(f"{name}:{stage_name}: bench_layers takes each BatchNorm's input to be a "
-                                          f"convolution's output; this stage has {len(shapes)} convolutions and "
-                                          f"{len(norms)} BatchNorms")
+                s.w_shape[-1] for s in shapes
+            ):
+                raise NotImplementedError(
+                    f"{name}:{stage_name}: bench_layers takes each BatchNorm's input to be a "
+                    f"convolution's output; this stage has {len(shapes)} convolutions and "
+                    f"{len(norms)} BatchNorms"
+                )
             label = f"{name}:{stage_name}"
             for shape in shapes:
                 convs.setdefault(shape.key, shape).layers.append(label)
@@ -292,15 +327,19 @@ def jax_conv_variant(formulation: str, shape: ConvShape, x, w, dy) -> Variant:
     options = {"eigen": eigen, "ynnpack": stock, "cpu": eigen, "cpu-ynn": stock}[formulation]
     strides, padding = shape.strides, shape.padding
     if formulation in ("eigen", "ynnpack"):
+
         def conv(x, w):
             return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
     else:
+
         def conv(x, w):
             return xla_cpu.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN, impl=formulation)
 
-    fns = {"forward": (lambda x, w, dy: conv(x, w)),
-           "dx": (lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
-           "dw": (lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0])}
+    fns = {
+        "forward": (lambda x, w, dy: conv(x, w)),
+        "dx": (lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0]),
+        "dw": (lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0]),
+    }
     calls, compile_s = {}, {}
     for name, fn in fns.items():
         exe, compile_s[name] = compiled(fn, (x, w, dy), options)
@@ -444,13 +483,16 @@ def conv_reference(shape: ConvShape, x, w, dy) -> dict[str, list[np.ndarray]]:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def time_op(op: str, shape, variants: list[Variant], reference: dict[str, list[np.ndarray]] | None,
-            args) -> list[dict]:
+def time_op(op: str, shape, variants: list[Variant], reference: dict[str, list[np.ndarray]] | None, args) -> list[dict]:
     """Rows for every pass of one shape: check each variant once, then interleaved timings."""
     base = {"op": op, "layers": list(shape.layers), "x_shape": list(shape.x_shape)}
     if op == "conv":
-        base.update(w_shape=list(shape.w_shape), y_shape=list(shape.y_shape), strides=list(shape.strides),
-                    padding=[list(p) for p in shape.padding])
+        base.update(
+            w_shape=list(shape.w_shape),
+            y_shape=list(shape.y_shape),
+            strides=list(shape.strides),
+            padding=[list(p) for p in shape.padding],
+        )
     else:
         base.update(w_shape=None, y_shape=list(shape.x_shape), strides=None, padding=None)
     rows = []
@@ -467,10 +509,21 @@ def time_op(op: str, shape, variants: list[Variant], reference: dict[str, list[n
             ts = times[(v.framework, v.mode)]
             median = statistics.median(ts)
             matches, err = checks[(v.framework, v.mode)]
-            rows.append({**base, "pass": step, "framework": v.framework, "variant": v.mode, "median_s": median,
-                         "min_s": min(ts), "max_s": max(ts),
-                         "gflops": shape.flops / median / 1e9 if op == "conv" else None,
-                         "matches_lax": matches, "max_rel_err": err, "compile_s": v.compile_s.get(step)})
+            rows.append(
+                {
+                    **base,
+                    "pass": step,
+                    "framework": v.framework,
+                    "variant": v.mode,
+                    "median_s": median,
+                    "min_s": min(ts),
+                    "max_s": max(ts),
+                    "gflops": shape.flops / median / 1e9 if op == "conv" else None,
+                    "matches_lax": matches,
+                    "max_rel_err": err,
+                    "compile_s": v.compile_s.get(step),
+                }
+            )
     return rows
 
 
@@ -481,13 +534,14 @@ def inputs(shape_x: tuple[int, ...], shape_w: tuple[int, ...] | None, shape_y: t
     w = None
     if shape_w is not None:
         fan_in = math.prod(shape_w[:3])
-        w = (rng.standard_normal(shape_w, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in)))
+        w = rng.standard_normal(shape_w, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in))
     dy = rng.standard_normal(shape_y, dtype=np.float32)
     return x, w, dy
 
 
 def host_cpu():
     import jax
+
     return jax.devices("cpu")[0]
 
 
@@ -498,8 +552,11 @@ def run_conv(shape: ConvShape, args) -> list[dict]:
     x, w, dy = (jax.device_put(a, host_cpu()) for a in (x_np, w_np, dy_np))
     variants = [jax_conv_variant(f, shape, x, w, dy) for f in args.formulations]
     eigen = next((v for v in variants if v.mode == "eigen"), None)
-    reference = ({step: result_arrays("conv", step, "jax", fn()) for step, fn in eigen.fns.items()}
-                 if eigen is not None else conv_reference(shape, x, w, dy))
+    reference = (
+        {step: result_arrays("conv", step, "jax", fn()) for step, fn in eigen.fns.items()}
+        if eigen is not None
+        else conv_reference(shape, x, w, dy)
+    )
     variants += [torch_conv_variant(m, shape, x_np, w_np, dy_np) for m in args.torch_modes]
     return time_op("conv", shape, variants, reference, args)
 
@@ -534,13 +591,15 @@ def _shape_text(row: dict) -> str:
 
 def table(rows: list[dict], header: dict) -> str:
     """Markdown: one table per op and pass, one line per shape, median ms per variant."""
-    lines = [f"# bench_layers: {header['cpu_model']}, {header['threads']} threads",
-             "",
-             f"jax {header['jax']}, jaxlib {header['jaxlib']}, torch {header['torch'] or '-'}; "
-             f"batch {header['batch']}, width {header['width']}, models {', '.join(header['models'])}; "
-             f"median of {header['repeats']} interleaved calls, in ms "
-             f"(`!`: result does not match lax within rtol {RTOL}). "
-             f"`JAX/torch`: the fastest JAX variant's median over PyTorch's fastest (below 1: JAX faster)."]
+    lines = [
+        f"# bench_layers: {header['cpu_model']}, {header['threads']} threads",
+        "",
+        f"jax {header['jax']}, jaxlib {header['jaxlib']}, torch {header['torch'] or '-'}; "
+        f"batch {header['batch']}, width {header['width']}, models {', '.join(header['models'])}; "
+        f"median of {header['repeats']} interleaved calls, in ms "
+        f"(`!`: result does not match lax within rtol {RTOL}). "
+        f"`JAX/torch`: the fastest JAX variant's median over PyTorch's fastest (below 1: JAX faster).",
+    ]
     for op in OPS:
         for step in PASSES[op]:
             subset = [r for r in rows if r["op"] == op and r["pass"] == step]
@@ -548,9 +607,13 @@ def table(rows: list[dict], header: dict) -> str:
                 continue
             variants = list(dict.fromkeys((r["framework"], r["variant"]) for r in subset))
             names = [v if f == "jax" else f"torch {v}" for f, v in variants]
-            lines += ["", f"## {op} {step}", "",
-                      "| shape | layers | " + " | ".join(names) + " | fastest JAX | JAX/torch |",
-                      "| --- | --- |" + " ---: |" * len(names) + " --- | ---: |"]
+            lines += [
+                "",
+                f"## {op} {step}",
+                "",
+                "| shape | layers | " + " | ".join(names) + " | fastest JAX | JAX/torch |",
+                "| --- | --- |" + " ---: |" * len(names) + " --- | ---: |",
+            ]
             shapes = list(dict.fromkeys(_shape_text(r) for r in subset))
             for text in shapes:
                 by_variant = {(r["framework"], r["variant"]): r for r in subset if _shape_text(r) == text}
@@ -562,11 +625,17 @@ def table(rows: list[dict], header: dict) -> str:
                 torch_rows = [r for r in by_variant.values() if r["framework"] == "torch"]
                 best_jax = min(jax_rows, key=lambda r: r["median_s"]) if jax_rows else None
                 best_torch = min(torch_rows, key=lambda r: r["median_s"]) if torch_rows else None
-                ratio = (f"{best_jax['median_s'] / best_torch['median_s']:.2f}"
-                         if best_jax is not None and best_torch is not None else "-")
+                ratio = (
+                    f"{best_jax['median_s'] / best_torch['median_s']:.2f}"
+                    if best_jax is not None and best_torch is not None
+                    else "-"
+                )
                 layers = _layers_text(next(iter(by_variant.values()))["layers"])
-                lines.append(f"| {text} | {layers} | " + " | ".join(cells)
-                             + f" | {best_jax['variant'] if best_jax else '-'} | {ratio} |")
+                lines.append(
+                    f"| {text} | {layers} | "
+                    + " | ".join(cells)
+                    + f" | {best_jax['variant'] if best_jax else '-'} | {ratio} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -584,14 +653,29 @@ def environment(args, malloc_tuned: bool) -> dict:
     torch_version = torch_threads = None
     if args.torch_modes:
         import torch
+
         torch.set_num_threads(threads)
         torch_version, torch_threads = torch.__version__, torch.get_num_threads()
-    return {"cpu_model": profiler.host_cpu(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "torch": torch_version, "threads": threads, "torch_threads": torch_threads,
-            "batch": args.batch, "width": args.width, "models": args.models, "input_shape": list(INPUT_SHAPE),
-            "repeats": args.repeats, "warmup": args.warmup, "formulations": args.formulations,
-            "torch_modes": args.torch_modes, "ops": args.ops, "malloc_tuned": malloc_tuned,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "rtol": RTOL}
+    return {
+        "cpu_model": profiler.host_cpu(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "torch": torch_version,
+        "threads": threads,
+        "torch_threads": torch_threads,
+        "batch": args.batch,
+        "width": args.width,
+        "models": args.models,
+        "input_shape": list(INPUT_SHAPE),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "formulations": args.formulations,
+        "torch_modes": args.torch_modes,
+        "ops": args.ops,
+        "malloc_tuned": malloc_tuned,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "rtol": RTOL,
+    }
 
 
 def run(todo: list[tuple[str, ConvShape | BNShape]], args) -> list[dict]:
@@ -602,8 +686,11 @@ def run(todo: list[tuple[str, ConvShape | BNShape]], args) -> list[dict]:
         done = run_conv(shape, args) if op == "conv" else run_bn(shape, args)
         rows += done
         bad = [f"{r['pass']} {r['framework']} {r['variant']}" for r in done if not r["matches_lax"]]
-        print(f"[{index}/{len(todo)}] {op} {shape.describe()} ({_layers_text(shape.layers)}): "
-              f"{time.perf_counter() - start:.1f} s{'; MISMATCH: ' + ', '.join(bad) if bad else ''}", flush=True)
+        print(
+            f"[{index}/{len(todo)}] {op} {shape.describe()} ({_layers_text(shape.layers)}): "
+            f"{time.perf_counter() - start:.1f} s{'; MISMATCH: ' + ', '.join(bad) if bad else ''}",
+            flush=True,
+        )
     return rows
 
 
@@ -614,10 +701,14 @@ def main(argv: list[str]) -> dict:
     out = outputs.prepare_run_dir(args.out, overwrite=args.overwrite, outputs=OUTPUTS)
     header = environment(args, False if args.no_malloc_tuning else tune_malloc())
     conv_shapes, bn_shapes = collect_shapes(args.models, args.batch, args.width)
-    todo = ([("conv", s) for s in conv_shapes[:args.shapes_limit]] if "conv" in args.ops else []) + \
-           ([("bn", s) for s in bn_shapes[:args.shapes_limit]] if "bn" in args.ops else [])
-    print(f"{header['cpu_model']}, {header['threads']} threads; {len(conv_shapes)} convolution and "
-          f"{len(bn_shapes)} BatchNorm shapes in {', '.join(args.models)}; timing {len(todo)}", flush=True)
+    todo = ([("conv", s) for s in conv_shapes[: args.shapes_limit]] if "conv" in args.ops else []) + (
+        [("bn", s) for s in bn_shapes[: args.shapes_limit]] if "bn" in args.ops else []
+    )
+    print(
+        f"{header['cpu_model']}, {header['threads']} threads; {len(conv_shapes)} convolution and "
+        f"{len(bn_shapes)} BatchNorm shapes in {', '.join(args.models)}; timing {len(todo)}",
+        flush=True,
+    )
     if args.overwrite:
         outputs.remove_run(out, OUTPUTS)
     result = {**header, "rows": run(todo, args)}

@@ -21,8 +21,9 @@ from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
 
-DEFAULTS = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64,
-                            head_channels=64)
+DEFAULTS = ExperimentConfig(
+    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64
+)
 
 
 def time_side(step, state, inputs) -> tuple[float, object]:
@@ -66,23 +67,32 @@ def main(argv: list[str]) -> dict:
         edge_s, _ = time_side(h.edge_step, edge_state, edge_inputs)
         cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
         seq = runner.run_sequential(h, *train.fresh_states(setup), batches)
-        ovl = runner.run_overlapped(h, *train.fresh_states(setup), batches,
-                                    channel=QueueChannel(config.queue_size))
+        ovl = runner.run_overlapped(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
         if repeat:
             for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
                 figures[key].append(value / args.steps)
     median = {k: statistics.median(v) for k, v in figures.items()}
     hidden = (median["sequential"] - median["overlapped"]) / min(median["edge"], median["cloud"])
-    result = {"config": {**vars(args)}, "device_edge": str(h.edge_device), "device_cloud": str(h.cloud_device),
-              "per_step_s": median, "spread_s": {k: [min(v), max(v)] for k, v in figures.items()},
-              "ideal_overlapped_s": max(median["edge"], median["cloud"]),
-              "speedup": median["sequential"] / median["overlapped"], "hidden_fraction": hidden}
-    print(f"{config.model} width {config.width}, split after {setup.split.point}, batch {config.batch_size}, "
-          f"{args.steps} steps x {args.repeats} repeats (median per step, [min, max]):")
+    result = {
+        "config": {**vars(args)},
+        "device_edge": str(h.edge_device),
+        "device_cloud": str(h.cloud_device),
+        "per_step_s": median,
+        "spread_s": {k: [min(v), max(v)] for k, v in figures.items()},
+        "ideal_overlapped_s": max(median["edge"], median["cloud"]),
+        "speedup": median["sequential"] / median["overlapped"],
+        "hidden_fraction": hidden,
+    }
+    print(
+        f"{config.model} width {config.width}, split after {setup.split.point}, batch {config.batch_size}, "
+        f"{args.steps} steps x {args.repeats} repeats (median per step, [min, max]):"
+    )
     for key, values in figures.items():
         print(f"  {key:<11} {median[key] * 1e3:8.1f} ms  [{min(values) * 1e3:.1f}, {max(values) * 1e3:.1f}]")
-    print(f"  ideal overlapped = max(edge, cloud) = {result['ideal_overlapped_s'] * 1e3:.1f} ms; "
-          f"speed-up {result['speedup']:.2f}x; hidden {100 * hidden:.0f} % of the shorter side")
+    print(
+        f"  ideal overlapped = max(edge, cloud) = {result['ideal_overlapped_s'] * 1e3:.1f} ms; "
+        f"speed-up {result['speedup']:.2f}x; hidden {100 * hidden:.0f} % of the shorter side"
+    )
     if out is not None:
         outputs.write_json(out / "bench_overlap.json", result)
     return result

@@ -82,8 +82,11 @@ def tune_malloc() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-        return (bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, -1))
-                and bool(libc.mallopt(m_arena_max, 1)))
+        return (
+            bool(libc.mallopt(m_mmap_max, 0))
+            and bool(libc.mallopt(m_trim_threshold, -1))
+            and bool(libc.mallopt(m_arena_max, 1))
+        )
     except OSError:
         return False
 
@@ -95,8 +98,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     """
     parser = cli.Parser(description=__doc__)
     parser.add_argument("--model", required=True, choices=sorted(DEFAULT_SPLIT))
-    parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS),
-                        help="sets the input shape and class count (inputs are random)")
+    parser.add_argument(
+        "--dataset",
+        default="cifar10",
+        choices=sorted(DATASETS),
+        help="sets the input shape and class count (inputs are random)",
+    )
     parser.add_argument("--split", default=None, help="separation point (default: pool3 / layer2_1)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed rounds")
@@ -105,11 +112,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="channels of the first layer (64: full size)")
     parser.add_argument("--exit-channels", type=int, default=128, help="exit head conv channels")
     parser.add_argument("--steps-to-time", default=",".join(STEPS), help=f"subset of {','.join(STEPS)}")
-    parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
-                        help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)")
+    parser.add_argument(
+        "--torch-modes", default=",".join(TORCH_MODES), help=f"subset of {','.join(TORCH_MODES)} (empty: JAX only)"
+    )
     parser.add_argument("--jax-variants", default="jit", help=f"subset of {','.join(JAX_VARIANTS)}")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="precision policy of both frameworks (see above; default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="precision policy of both frameworks (see above; default: %(default)s)",
+    )
     parser.add_argument("--no-malloc-tuning", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write OUT/bench_torch.json")
@@ -117,9 +129,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     args.steps_to_time = [s for s in args.steps_to_time.split(",") if s]
     args.torch_modes = [m for m in args.torch_modes.split(",") if m]
     args.jax_variants = [c for c in args.jax_variants.split(",") if c]
-    for flag, values, valid in [("--steps-to-time", args.steps_to_time, STEPS),
-                                ("--torch-modes", args.torch_modes, TORCH_MODES),
-                                ("--jax-variants", args.jax_variants, JAX_VARIANTS)]:
+    for flag, values, valid in [
+        ("--steps-to-time", args.steps_to_time, STEPS),
+        ("--torch-modes", args.torch_modes, TORCH_MODES),
+        ("--jax-variants", args.jax_variants, JAX_VARIANTS),
+    ]:
         bad = [v for v in values if v not in valid]
         if bad:
             parser.error(f"{flag}: unknown {', '.join(map(repr, bad))}; valid: {', '.join(valid)}")
@@ -127,9 +141,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--steps-to-time is empty; valid: a comma-separated subset of {','.join(STEPS)}")
     if not args.torch_modes and not args.jax_variants:
         parser.error("--torch-modes and --jax-variants are both empty: nothing to time")
-    for flag, value, least in [("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                               ("--width", args.width, 1), ("--exit-channels", args.exit_channels, 1),
-                               ("--seed", args.seed, 0)]:
+    for flag, value, least in [
+        ("--batch", args.batch, 1),
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--width", args.width, 1),
+        ("--exit-channels", args.exit_channels, 1),
+        ("--seed", args.seed, 0),
+    ]:
         if value < least:
             parser.error(f"{flag} {value} is invalid; valid: an integer >= {least}")
 
@@ -143,8 +162,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.bits not in VALID_BITS:
         parser.error(f"--bits {args.bits} is invalid; valid: {', '.join(map(str, VALID_BITS))}")
     if args.torch_modes and importlib.util.find_spec("torch") is None:
-        parser.error(f"--torch-modes {','.join(args.torch_modes)} needs PyTorch, which is not installed "
-                     f"(pip install -e .[torch]); --torch-modes '' times JAX alone")
+        parser.error(
+            f"--torch-modes {','.join(args.torch_modes)} needs PyTorch, which is not installed "
+            f"(pip install -e .[torch]); --torch-modes '' times JAX alone"
+        )
     return args
 
 
@@ -155,8 +176,14 @@ parse_args = cli.entry_point(arguments)
 class Variant:
     """One (framework, mode): a callable per step kind, each running one step and waiting for it."""
 
-    def __init__(self, framework: str, mode: str, fns: dict[str, Callable[[], Any]], compile_s: dict[str, float],
-                 info: dict[str, Any]):
+    def __init__(
+        self,
+        framework: str,
+        mode: str,
+        fns: dict[str, Callable[[], Any]],
+        compile_s: dict[str, float],
+        info: dict[str, Any],
+    ):
         self.framework, self.mode, self.fns, self.compile_s, self.info = framework, mode, fns, compile_s, info
 
 
@@ -165,11 +192,16 @@ def jax_setting(variant: str) -> tuple[str, dict | None]:
     import jax
 
     from hier_jax.models import xla_cpu
+
     if jax.default_backend() != "cpu":
         return ("auto", None) if variant == "jit" else ("xla", None)
     stock = xla_cpu.XLA_CPU_DEFAULT_COMPILER_OPTIONS  # explicit: process.setup() changes the process default
-    return {"jit": ("cpu", xla_cpu.XLA_CPU_COMPILER_OPTIONS), "plain": ("xla", stock), "ynn": ("cpu-ynn", stock),
-            "eigen_xla": ("xla", xla_cpu.XLA_CPU_COMPILER_OPTIONS)}[variant]
+    return {
+        "jit": ("cpu", xla_cpu.XLA_CPU_COMPILER_OPTIONS),
+        "plain": ("xla", stock),
+        "ynn": ("cpu-ynn", stock),
+        "eigen_xla": ("xla", xla_cpu.XLA_CPU_COMPILER_OPTIONS),
+    }[variant]
 
 
 def model_and_split(args, shapes, conv_impl: str | None = None):
@@ -178,8 +210,15 @@ def model_and_split(args, shapes, conv_impl: str | None = None):
     from hier_jax.models import ExitHeadConfig, build_model, split
 
     input_shape, num_classes = shapes
-    model = build_model(args.model, num_classes=num_classes, input_shape=input_shape, width=args.width,
-                        seed=args.seed, conv_impl=conv_impl, precision=args.precision)
+    model = build_model(
+        args.model,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        width=args.width,
+        seed=args.seed,
+        conv_impl=conv_impl,
+        precision=args.precision,
+    )
     return model, split(model, args.split, ExitHeadConfig(channels=args.exit_channels), seed=args.seed)
 
 
@@ -210,6 +249,7 @@ def jax_variant(args, variant: str, shapes) -> Variant:
         exe = jax.jit(fn, donate_argnums=0).lower(*example).compile(compiler_options=options)
         compile_s[name] = time.perf_counter() - start
         return exe
+
     policy = model.precision  # traced under the policy's matmul precision, as hier_jax.runner does
     edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes, precision=policy)
     edge = compiled("edge", edge_fn, state["edge"], x, y)
@@ -238,16 +278,21 @@ def jax_variant(args, variant: str, shapes) -> Variant:
         jax.block_until_ready((state["full"], m))
 
     fns = {"edge": run_edge, "cloud": run_cloud, "pair": run_pair, "end_to_end": run_full}
-    info = {"device": f"{device.platform}:{device.id} ({device.device_kind})", "conv_impl": model.conv_impl,
-            "compiler_options": options, "payload_bytes": int(payload.nbytes), "jax_version": jax.__version__}
+    info = {
+        "device": f"{device.platform}:{device.id} ({device.device_kind})",
+        "conv_impl": model.conv_impl,
+        "compiler_options": options,
+        "payload_bytes": int(payload.nbytes),
+        "jax_version": jax.__version__,
+    }
     return Variant("jax", variant, fns, compile_s, info)
 
 
 def torch_variant(args, mode: str, shapes) -> Variant:
     import torch
 
-    from hier_jax.optim import OptimConfig
     from hier_jax import torch_ref as tr
+    from hier_jax.optim import OptimConfig
 
     input_shape, num_classes = shapes
     cuda = _use_cuda()
@@ -264,10 +309,24 @@ def torch_variant(args, mode: str, shapes) -> Variant:
     c_opt, c_sched = tr.make_optimizer(t_parts.cloud, config, 10_000, tensor_lr=compile)
     f_opt, f_sched = tr.make_optimizer(t_model, config, 10_000, tensor_lr=compile)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
-    edge = tr.EdgeStep(t_parts.edge, e_opt, e_sched, bits=args.bits, num_classes=num_classes,
-                       feature_shape=t_parts.feature_shape, compile=compile, autocast=autocast)
-    cloud = tr.CloudStep(t_parts.cloud, c_opt, c_sched, compile=compile,
-                         channels_last=memory_format == torch.channels_last, autocast=autocast)
+    edge = tr.EdgeStep(
+        t_parts.edge,
+        e_opt,
+        e_sched,
+        bits=args.bits,
+        num_classes=num_classes,
+        feature_shape=t_parts.feature_shape,
+        compile=compile,
+        autocast=autocast,
+    )
+    cloud = tr.CloudStep(
+        t_parts.cloud,
+        c_opt,
+        c_sched,
+        compile=compile,
+        channels_last=memory_format == torch.channels_last,
+        autocast=autocast,
+    )
     full = tr.TrainStep(t_model, f_opt, f_sched, compile=compile, autocast=autocast)
     gen = torch.Generator().manual_seed(args.seed)
     h, w, c = input_shape
@@ -307,8 +366,12 @@ def torch_variant(args, mode: str, shapes) -> Variant:
         sync()
 
     fns = {"edge": run_edge, "cloud": run_cloud, "pair": run_pair, "end_to_end": run_full}
-    info = {"device": str(device), "memory_format": "channels_last" if memory_format == torch.channels_last
-            else "contiguous", "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
     if not compile:
         compile_s = {}  # eager: first-call times are not compile times
     return Variant("torch", mode, fns, compile_s, info)
@@ -317,6 +380,7 @@ def torch_variant(args, mode: str, shapes) -> Variant:
 def _use_cuda() -> bool:
     import jax
     import torch
+
     return jax.default_backend() == "gpu" and torch.cuda.is_available()
 
 
@@ -327,14 +391,20 @@ def set_precision(policy: str = "fp32") -> str:
     import jax
 
     from hier_jax.precision import resolve
+
     backend = jax.default_backend()
-    words = {"fp32": "float32; jax matmul precision 'highest'",
-             "tf32": "float32 storage, TF32 matmuls and convolutions; jax matmul precision 'tensorfloat32'",
-             "bf16": "bfloat16 activations, matmuls and convolutions, float32 parameters, accumulation and loss; "
-                     "jax models built in bf16, torch.autocast(bfloat16) around forward and loss"}[resolve(policy).name]
+    words = {
+        "fp32": "float32; jax matmul precision 'highest'",
+        "tf32": "float32 storage, TF32 matmuls and convolutions; jax matmul precision 'tensorfloat32'",
+        "bf16": "bfloat16 activations, matmuls and convolutions, float32 parameters, accumulation and loss; "
+        "jax models built in bf16, torch.autocast(bfloat16) around forward and loss",
+    }[resolve(policy).name]
     if backend != "gpu":
-        words += {"fp32": f" ({backend}: no reduced-precision matmul mode exists)",
-                  "tf32": f" ({backend}: neither framework has TF32, so this is fp32)", "bf16": ""}[policy]
+        words += {
+            "fp32": f" ({backend}: no reduced-precision matmul mode exists)",
+            "tf32": f" ({backend}: neither framework has TF32, so this is fp32)",
+            "bf16": "",
+        }[policy]
     try:
         import torch
     except ImportError:
@@ -374,26 +444,48 @@ def main(argv: list[str]) -> list[dict]:
     for variant in args.jax_variants:
         start = time.perf_counter()
         variants.append(jax_variant(args, variant, shapes))
-        print(f"jax {variant}: ready in {time.perf_counter() - start:.1f} s, compiled in "
-              f"{', '.join(f'{k} {v:.1f} s' for k, v in variants[-1].compile_s.items() if k != 'pair')}",
-              flush=True)
+        print(
+            f"jax {variant}: ready in {time.perf_counter() - start:.1f} s, compiled in "
+            f"{', '.join(f'{k} {v:.1f} s' for k, v in variants[-1].compile_s.items() if k != 'pair')}",
+            flush=True,
+        )
     for mode in args.torch_modes:
         start = time.perf_counter()
         variants.append(torch_variant(args, mode, shapes))
         print(f"torch {mode}: ready in {time.perf_counter() - start:.1f} s", flush=True)
 
-    common = {"model": args.model, "dataset": args.dataset, "split": args.split, "batch": args.batch,
-              "width": args.width, "bits": args.bits, "precision": args.precision, "precision_detail": precision,
-              "malloc_tuned": malloc_tuned,
-              "host": f"{platform.machine()} x{os.cpu_count()}", "python": sys.version.split()[0]}
+    common = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "batch": args.batch,
+        "width": args.width,
+        "bits": args.bits,
+        "precision": args.precision,
+        "precision_detail": precision,
+        "malloc_tuned": malloc_tuned,
+        "host": f"{platform.machine()} x{os.cpu_count()}",
+        "python": sys.version.split()[0],
+    }
     rows = []
     for step in args.steps_to_time:
         times = measure(variants, step, args.warmup, args.steps)
         for v in variants:
             ts = times[(v.framework, v.mode)]
-            rows.append({**common, "step": step, "framework": v.framework, "mode": v.mode,
-                         "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "steps": len(ts),
-                         "compile_s": v.compile_s.get(step), **v.info})
+            rows.append(
+                {
+                    **common,
+                    "step": step,
+                    "framework": v.framework,
+                    "mode": v.mode,
+                    "median_s": statistics.median(ts),
+                    "min_s": min(ts),
+                    "max_s": max(ts),
+                    "steps": len(ts),
+                    "compile_s": v.compile_s.get(step),
+                    **v.info,
+                }
+            )
         print_table([r for r in rows if r["step"] == step])
     if out is not None:
         outputs.write_json(out / "bench_torch.json", rows)
@@ -408,8 +500,11 @@ def print_table(rows: list[dict]) -> None:
         ratios = ""
         if r["framework"] == "jax" and torch_rows:
             ratios = "  " + "  ".join(f"{r['median_s'] / t['median_s']:5.2f}x {t['mode']}" for t in torch_rows)
-        print(f"{r['model']:11s} {r['step']:10s} {r['framework']:5s} {r['mode']:14s} median {r['median_s']:8.3f} s"
-              f"  min {r['min_s']:7.3f}  max {r['max_s']:7.3f}  compile {compile_s} s{ratios}", flush=True)
+        print(
+            f"{r['model']:11s} {r['step']:10s} {r['framework']:5s} {r['mode']:14s} median {r['median_s']:8.3f} s"
+            f"  min {r['min_s']:7.3f}  max {r['max_s']:7.3f}  compile {compile_s} s{ratios}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

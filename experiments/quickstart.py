@@ -24,8 +24,17 @@ from hier_jax.precision import resolve
 from hier_jax.profiler import edge_footprint
 from hier_jax.quantization import raw_image_nbytes
 
-DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=16,
-                            batch_size=64, epochs=6, learning_rate=0.05, head_channels=32)
+DEFAULTS = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=16,
+    batch_size=64,
+    epochs=6,
+    learning_rate=0.05,
+    head_channels=32,
+)
 
 
 def states_equal(a, b) -> bool:
@@ -41,26 +50,34 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     config = config_from_args(args)
     validate(config)
-    out = (outputs.prepare_run_dir(config.out, overwrite=args.overwrite, outputs=("summary.json",))
-           if config.out else None)
+    out = (
+        outputs.prepare_run_dir(config.out, overwrite=args.overwrite, outputs=("summary.json",)) if config.out else None
+    )
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     setup = train.build(config, dataset)
     if out is not None and args.overwrite:
         outputs.remove_run(out, ("summary.json",))
-    narrowed = "" if config.width == 64 else f" (narrowed: width {config.width} of 64, to finish in minutes on 2 CPU cores)"
-    print(f"{config.model}{narrowed} on {dataset.name} {dataset.image_shape}, split after {setup.split.point}, "
-          f"{config.bits}-bit payload, batch {config.batch_size}, {setup.total_steps} steps, precision "
-          f"{resolve(setup.precision).describe()}, "
-          f"edge on {device_name(setup.hierarchy.edge_device)}, cloud on {device_name(setup.hierarchy.cloud_device)}")
+    narrowed = (
+        "" if config.width == 64 else f" (narrowed: width {config.width} of 64, to finish in minutes on 2 CPU cores)"
+    )
+    print(
+        f"{config.model}{narrowed} on {dataset.name} {dataset.image_shape}, split after {setup.split.point}, "
+        f"{config.bits}-bit payload, batch {config.batch_size}, {setup.total_steps} steps, precision "
+        f"{resolve(setup.precision).describe()}, "
+        f"edge on {device_name(setup.hierarchy.edge_device)}, cloud on {device_name(setup.hierarchy.cloud_device)}"
+    )
     print("compiling ...", flush=True)
     train.warm_up(setup)
 
     runs = {mode: train.train(setup, mode) for mode in train.MODES}
     sequential, overlapped = runs["sequential"], runs["overlapped"]
-    identical = (states_equal(sequential.edge_state, overlapped.edge_state)
-                 and states_equal(sequential.cloud_state, overlapped.cloud_state)
-                 and all(np.array_equal(sequential.cloud_metrics[k], overlapped.cloud_metrics[k])
-                         for k in sequential.cloud_metrics))
+    identical = (
+        states_equal(sequential.edge_state, overlapped.edge_state)
+        and states_equal(sequential.cloud_state, overlapped.cloud_state)
+        and all(
+            np.array_equal(sequential.cloud_metrics[k], overlapped.cloud_metrics[k]) for k in sequential.cloud_metrics
+        )
+    )
     accuracy = train.evaluate(setup, overlapped)
     raw_bytes = raw_image_nbytes(config.batch_size, *dataset.image_shape, dataset.num_classes)
     footprint = edge_footprint(setup.split, config.batch_size, config.bits)
@@ -69,8 +86,10 @@ def main(argv: list[str]) -> dict:
     summary = {
         "config": dataclasses.asdict(config),
         "precision": setup.precision,
-        "placement": {"edge": device_name(setup.hierarchy.edge_device),
-                      "cloud": device_name(setup.hierarchy.cloud_device)},
+        "placement": {
+            "edge": device_name(setup.hierarchy.edge_device),
+            "cloud": device_name(setup.hierarchy.cloud_device),
+        },
         "edge_accuracy": accuracy["edge_accuracy"],
         "cloud_accuracy": accuracy["cloud_accuracy"],
         "test_examples": accuracy["examples"],

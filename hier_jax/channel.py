@@ -8,7 +8,7 @@ import threading
 from typing import Any, Protocol
 
 _DONE = object()  # QueueChannel's end-of-stream marker
-_POLL_S = 0.05    # how often a blocked call checks the run's stop event
+_POLL_S = 0.05  # how often a blocked call checks the run's stop event
 
 
 class Channel(Protocol):

@@ -45,9 +45,12 @@ class RunCheckpoints:
             raise CheckpointError(f"no checkpoint directory {self.directory}")
         # cleanup_tmp_directories: a run killed mid-save leaves STEP.orbax-checkpoint-tmp*; the next
         # writer of this directory (a resume) removes it.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=not read_only)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+        )
         self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def __enter__(self) -> RunCheckpoints:
@@ -74,9 +77,14 @@ class RunCheckpoints:
         """Write checkpoint `step`; blocks until it is complete on disk. Refuses a step that exists."""
         if step in self.steps():
             raise CheckpointError(f"checkpoint {self.path(step)} already exists; it is never overwritten")
-        saved = self._manager.save(step, args=ocp.args.Composite(edge=ocp.args.StandardSave(edge_state),
-                                                                 cloud=ocp.args.StandardSave(cloud_state),
-                                                                 meta=ocp.args.JsonSave(meta)))
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                edge=ocp.args.StandardSave(edge_state),
+                cloud=ocp.args.StandardSave(cloud_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
         self._manager.wait_until_finished()
         if not saved or not self.path(step).is_dir():
             raise CheckpointError(f"checkpoint {self.path(step)} was not written")
@@ -93,24 +101,29 @@ class RunCheckpoints:
     def _restore_item(self, step: int, item: str, args: Any) -> Any:
         location = self.path(step) / item
         if not location.is_dir():
-            raise CheckpointError(f"checkpoint {self.path(step)} is incomplete: its {item} item ({location}) is missing")
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} is incomplete: its {item} item ({location}) is missing"
+            )
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
         except Exception as error:  # noqa: BLE001 - any read failure is reported as a damaged item
-            raise CheckpointError(f"checkpoint {location} ({item}) is damaged or unreadable: "
-                                  f"{_first_line(error)}") from error
+            raise CheckpointError(
+                f"checkpoint {location} ({item}) is damaged or unreadable: {_first_line(error)}"
+            ) from error
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The metadata of checkpoint `step` (default: the latest)."""
         step = self._step_or_latest(step)
         meta = self._restore_item(step, "meta", ocp.args.JsonRestore())
         if not isinstance(meta, dict) or meta.get("step") != step:
-            raise CheckpointError(f"checkpoint {self.path(step) / 'meta'} (meta) is damaged: it does not "
-                                  f"describe step {step}")
+            raise CheckpointError(
+                f"checkpoint {self.path(step) / 'meta'} (meta) is damaged: it does not describe step {step}"
+            )
         return meta
 
-    def restore(self, edge_template: State, cloud_template: State, step: int | None = None
-                ) -> tuple[State, State, dict[str, Any]]:
+    def restore(
+        self, edge_template: State, cloud_template: State, step: int | None = None
+    ) -> tuple[State, State, dict[str, Any]]:
         """Checkpoint `step` (default: the latest) in the structure, dtypes and devices of the templates."""
         step = self._step_or_latest(step)
         meta = self.read_meta(step)

@@ -97,8 +97,11 @@ def entry_point(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | Non
                 print(f"{prog}: {one_line(stopped)}", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED) from None
             except KeyboardInterrupt:
-                print(f"{prog}: interrupted outside the training steps (loading, compiling, evaluating or "
-                      f"writing); nothing more was saved", file=sys.stderr)
+                print(
+                    f"{prog}: interrupted outside the training steps (loading, compiling, evaluating or "
+                    f"writing); nothing more was saved",
+                    file=sys.stderr,
+                )
                 raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapped
@@ -114,7 +117,9 @@ def parse_outages(specs: Sequence[str]) -> list[tuple[int, int]]:
         except ValueError:
             a = b = None
         if not sep or a is None or not 0 <= a < b:
-            raise UserError(f"--outage takes A:B, two step numbers with 0 <= A < B (link down from step A "
-                            f"until step B), got {spec!r}")
+            raise UserError(
+                f"--outage takes A:B, two step numbers with 0 <= A < B (link down from step A "
+                f"until step B), got {spec!r}"
+            )
         outages.append((a, b))
     return outages

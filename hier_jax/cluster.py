@@ -77,21 +77,21 @@ class ClusterError(WorkerError):
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     edges: int = 1
-    flow: str = "pipelined"              # pipelined | sequential
-    order: str = "round_robin"           # round_robin (reproducible) | async (arrival order)
-    dirichlet: float = 0.0               # > 0: non-IID shards, label proportions ~ Dirichlet(alpha); 0: IID
-    edge_sync: int = 0                   # > 0: average the edge models every this many steps
-    links: tuple[str, ...] = ()          # one link preset per edge (or one for all); () = instant
-    time_scale: float = 1.0              # multiplies the links' delays
-    pin: bool = True                     # pin each local worker to its own cores
-    cloud_gpu: bool = True               # put the cloud on a GPU when Ray has one
+    flow: str = "pipelined"  # pipelined | sequential
+    order: str = "round_robin"  # round_robin (reproducible) | async (arrival order)
+    dirichlet: float = 0.0  # > 0: non-IID shards, label proportions ~ Dirichlet(alpha); 0: IID
+    edge_sync: int = 0  # > 0: average the edge models every this many steps
+    links: tuple[str, ...] = ()  # one link preset per edge (or one for all); () = instant
+    time_scale: float = 1.0  # multiplies the links' delays
+    pin: bool = True  # pin each local worker to its own cores
+    cloud_gpu: bool = True  # put the cloud on a GPU when Ray has one
     kill_edges: tuple[tuple[int, int], ...] = ()  # fault injection: (edge, step) the edge process exits at
-    kill_cloud: int = -1                 # fault injection: the cloud process exits at its step this (-1: never)
-    max_restarts: int = 0                # times a lost edge is brought back from the last checkpoint
-    timeout_s: float = 600.0             # the longest any single wait may take
-    address: str = ""                    # "" = start a local Ray cluster; else join this one
-    edge_resource: str = ""              # a custom Ray resource each edge needs (one unit): its node kind
-    cloud_resource: str = ""             # the same for the cloud
+    kill_cloud: int = -1  # fault injection: the cloud process exits at its step this (-1: never)
+    max_restarts: int = 0  # times a lost edge is brought back from the last checkpoint
+    timeout_s: float = 600.0  # the longest any single wait may take
+    address: str = ""  # "" = start a local Ray cluster; else join this one
+    edge_resource: str = ""  # a custom Ray resource each edge needs (one unit): its node kind
+    cloud_resource: str = ""  # the same for the cloud
 
     def link_of(self, edge: int) -> str:
         if not self.links:
@@ -110,11 +110,19 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     check(cluster.edges >= 1, "edges", cluster.edges, "an integer >= 1")
     check(cluster.flow in FLOWS, "flow", cluster.flow, ", ".join(FLOWS))
     check(cluster.order in ORDERS, "order", cluster.order, ", ".join(ORDERS))
-    check(cluster.dirichlet >= 0 and np.isfinite(cluster.dirichlet), "dirichlet", cluster.dirichlet,
-          "a number > 0 (non-IID), or 0 (IID)")
+    check(
+        cluster.dirichlet >= 0 and np.isfinite(cluster.dirichlet),
+        "dirichlet",
+        cluster.dirichlet,
+        "a number > 0 (non-IID), or 0 (IID)",
+    )
     check(cluster.edge_sync >= 0, "edge_sync", cluster.edge_sync, "an integer >= 0")
-    check(len(cluster.links) in (0, 1, cluster.edges), "links", ",".join(cluster.links),
-          f"one preset, or one per edge ({cluster.edges})")
+    check(
+        len(cluster.links) in (0, 1, cluster.edges),
+        "links",
+        ",".join(cluster.links),
+        f"one preset, or one per edge ({cluster.edges})",
+    )
     for name in cluster.links:
         check(name in LINKS, "links", name, ", ".join(LINKS))
     check(cluster.time_scale > 0, "time_scale", cluster.time_scale, "a number > 0")
@@ -122,8 +130,12 @@ def validate_cluster(cluster: ClusterConfig) -> None:
     check(cluster.max_restarts >= 0, "max_restarts", cluster.max_restarts, "an integer >= 0")
     check(cluster.timeout_s > 0, "timeout_s", cluster.timeout_s, "a number of seconds > 0")
     for edge, step in cluster.kill_edges:
-        check(0 <= edge < cluster.edges and step >= 0, "kill_edges", f"{edge}:{step}",
-              f"EDGE:STEP with EDGE in 0..{cluster.edges - 1}")
+        check(
+            0 <= edge < cluster.edges and step >= 0,
+            "kill_edges",
+            f"{edge}:{step}",
+            f"EDGE:STEP with EDGE in 0..{cluster.edges - 1}",
+        )
 
 
 def shard_indices(labels: np.ndarray, edges: int, *, dirichlet: float = 0.0, seed: int = 0) -> list[np.ndarray]:
@@ -148,23 +160,26 @@ def shard_indices(labels: np.ndarray, edges: int, *, dirichlet: float = 0.0, see
 def shard(dataset: ImageDataset, indices: np.ndarray, edge: int) -> ImageDataset:
     """The data set an edge trains on: its training examples, the whole test split, the same
     normalisation (the full set's mean and std, so every edge sees inputs on one scale)."""
-    return dataclasses.replace(dataset, name=f"{dataset.name}[edge {edge}]",
-                               train_images=dataset.train_images[indices],
-                               train_labels=dataset.train_labels[indices])
+    return dataclasses.replace(
+        dataset,
+        name=f"{dataset.name}[edge {edge}]",
+        train_images=dataset.train_images[indices],
+        train_labels=dataset.train_labels[indices],
+    )
 
 
 @dataclasses.dataclass
 class EdgeReport:
     edge: int
-    examples: int                        # training examples in its shard
-    sent: int = 0                        # payloads it produced
-    delivered: int = 0                   # payloads the cloud trained on
-    dropped: int = 0                     # produced but never trained on (the edge was lost meanwhile)
+    examples: int  # training examples in its shard
+    sent: int = 0  # payloads it produced
+    delivered: int = 0  # payloads the cloud trained on
+    dropped: int = 0  # produced but never trained on (the edge was lost meanwhile)
     lost: bool = False
     last_delivered_step: int = -1
-    restarts: int = 0                    # times its process died and was brought back
-    replayed: int = 0                    # steps recomputed after restarts, their payloads not sent again
-    max_in_flight: int = 0               # most steps submitted and not yet trained on by the cloud
+    restarts: int = 0  # times its process died and was brought back
+    replayed: int = 0  # steps recomputed after restarts, their payloads not sent again
+    max_in_flight: int = 0  # most steps submitted and not yet trained on by the cloud
     edge_accuracy: float | None = None
     cloud_accuracy: float | None = None  # the cloud exit on this edge's features
     step_s: list[float] = dataclasses.field(default_factory=list)
@@ -177,13 +192,13 @@ class ClusterResult:
     order: str
     steps_per_edge: int
     edges: list[EdgeReport]
-    cloud_order: list[tuple[int, int]]   # (edge, step) in the order the cloud trained on them
+    cloud_order: list[tuple[int, int]]  # (edge, step) in the order the cloud trained on them
     cloud_losses: list[float]
     cloud_step_s: list[float]
-    wall_s: float                        # of this run (since its resume, if resumed)
+    wall_s: float  # of this run (since its resume, if resumed)
     placement: dict[str, str]
-    precision: str                       # the resolved policy every worker computed in
-    resumed_cloud_steps: int = 0         # cloud steps taken before the checkpoint this run resumed from
+    precision: str  # the resolved policy every worker computed in
+    resumed_cloud_steps: int = 0  # cloud steps taken before the checkpoint this run resumed from
 
     @property
     def cloud_steps_per_s(self) -> float:
@@ -197,20 +212,30 @@ class ClusterResult:
         return float(np.mean(values)) if values else None
 
     def summary(self) -> dict:
-        return {"flow": self.flow, "order": self.order, "steps_per_edge": self.steps_per_edge,
-                "wall_s": self.wall_s, "cloud_steps": len(self.cloud_order),
-                "resumed_cloud_steps": self.resumed_cloud_steps,
-                "cloud_steps_per_s": self.cloud_steps_per_s, "mean_cloud_accuracy": self.mean_cloud_accuracy,
-                "placement": self.placement, "precision": self.precision,
-                "edges": [{k: v for k, v in dataclasses.asdict(e).items() if k not in ("losses", "step_s")}
-                          | {"median_step_s": float(np.median(e.step_s)) if e.step_s else None}
-                          for e in self.edges],
-                "median_cloud_step_s": float(np.median(self.cloud_step_s)) if self.cloud_step_s else None}
+        return {
+            "flow": self.flow,
+            "order": self.order,
+            "steps_per_edge": self.steps_per_edge,
+            "wall_s": self.wall_s,
+            "cloud_steps": len(self.cloud_order),
+            "resumed_cloud_steps": self.resumed_cloud_steps,
+            "cloud_steps_per_s": self.cloud_steps_per_s,
+            "mean_cloud_accuracy": self.mean_cloud_accuracy,
+            "placement": self.placement,
+            "precision": self.precision,
+            "edges": [
+                {k: v for k, v in dataclasses.asdict(e).items() if k not in ("losses", "step_s")}
+                | {"median_step_s": float(np.median(e.step_s)) if e.step_s else None}
+                for e in self.edges
+            ],
+            "median_cloud_step_s": float(np.median(self.cloud_step_s)) if self.cloud_step_s else None,
+        }
 
 
 # ------------------------------------------------------------------------------------------------
 # Workers. Each runs in its own process; `_start_jax` must run before the process touches JAX.
 # ------------------------------------------------------------------------------------------------
+
 
 def _start_jax(cores: Sequence[int] | None, platform: str) -> None:
     """Pin this process to `cores` and give JAX one device of `platform`; before JAX starts a backend.
@@ -219,16 +244,17 @@ def _start_jax(cores: Sequence[int] | None, platform: str) -> None:
         os.sched_setaffinity(0, set(cores))
     jax.config.update("jax_platforms", platform)
     from hier_jax import process
+
     process.setup(host_devices=1)
 
 
 class _Side:
     """What an edge and the cloud worker share: a train.Setup built in this process."""
 
-    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, cores: Sequence[int] | None,
-                 platform: str):
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, cores: Sequence[int] | None, platform: str):
         _start_jax(cores, platform)
         from hier_jax import train
+
         device = f"{jax.default_backend()}:0"
         self.config = dataclasses.replace(config, edge_device=device, cloud_device=device, out="")
         self.setup = train.build(self.config, dataset)
@@ -248,11 +274,21 @@ def _crash() -> None:
 
 
 class EdgeWorker(_Side):
-    def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
-                 cores: Sequence[int] | None, link: str, time_scale: float, kill_at: int | None):
+    def __init__(
+        self,
+        edge: int,
+        config: ExperimentConfig,
+        dataset: ImageDataset,
+        steps: int,
+        cores: Sequence[int] | None,
+        link: str,
+        time_scale: float,
+        kill_at: int | None,
+    ):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, "cpu")
         from hier_jax import train
         from hier_jax.link import get_link
+
         self.edge, self.kill_at = edge, kill_at
         self.state = train.fresh_states(self.setup)[0]
         self.batches = iter(train.TrainBatches(self.setup))
@@ -303,6 +339,7 @@ class EdgeWorker(_Side):
     def load(self, state: Any, start: int) -> None:
         """Continue from a checkpoint: this state, and the batches from step `start` on."""
         from hier_jax import train
+
         self.state = jax.device_put(state, self.device)
         self.batches = iter(train.TrainBatches(self.setup, start))
         self.next_step = start
@@ -314,6 +351,7 @@ class EdgeWorker(_Side):
         """(edge-exit accuracy, [(payload, labels, mask)] of the test split for the cloud exit)."""
 
         from hier_jax.data import eval_batches
+
         h, correct, n, bundle = self.setup.hierarchy, 0, 0, []
         for images, labels, mask in eval_batches(self.setup.dataset, self.config.batch_size, device=self.device):
             logits, payload = h.edge_eval(self.state, images)
@@ -325,12 +363,20 @@ class EdgeWorker(_Side):
 
 
 class CloudWorker(_Side):
-    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, steps: int,
-                 cores: Sequence[int] | None, platform: str, kill_at: int):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        dataset: ImageDataset,
+        steps: int,
+        cores: Sequence[int] | None,
+        platform: str,
+        kill_at: int,
+    ):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, platform)
         self.kill_at, self.steps_done = kill_at, 0
 
         from hier_jax import train
+
         self.state = train.fresh_states(self.setup)[1]
         # Compile now on a zero payload of the edge's shape, so that no timed step compiles.
         images, labels = next(iter(train.TrainBatches(self.setup)))
@@ -372,6 +418,7 @@ class CloudWorker(_Side):
 # The driver.
 # ------------------------------------------------------------------------------------------------
 
+
 def _ray():
     try:
         import ray
@@ -386,8 +433,13 @@ def start_ray(cluster: ClusterConfig, num_cpus: int):
     reads its authentication mode when it is imported)."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported: it reads the mode then
     token_file = os.path.expanduser("~/.ray/auth_token")
-    if (not cluster.address and os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN")
-            and not os.environ.get("RAY_AUTH_TOKEN_PATH") and not os.path.exists(token_file)):
+    if (
+        not cluster.address
+        and os.environ["RAY_AUTH_MODE"] == "token"
+        and not os.environ.get("RAY_AUTH_TOKEN")
+        and not os.environ.get("RAY_AUTH_TOKEN_PATH")
+        and not os.path.exists(token_file)
+    ):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this run's own secret, inherited by its workers
     ray = _ray()
     if ray.is_initialized():
@@ -401,8 +453,13 @@ def start_ray(cluster: ClusterConfig, num_cpus: int):
         if cluster.address:
             ray.init(address=cluster.address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1", configure_logging=False)
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+            )
     if sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)
     return ray
@@ -419,9 +476,15 @@ def _core_plan(cluster: ClusterConfig, cloud_on_gpu: bool) -> tuple[list[list[in
     return [[edge_cores[i % len(edge_cores)]] for i in range(cluster.edges)], [cores[-1]]
 
 
-def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig, *,
-        progress: bool = False, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False
-        ) -> ClusterResult:
+def run(
+    config: ExperimentConfig,
+    dataset: ImageDataset,
+    cluster: ClusterConfig,
+    *,
+    progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> ClusterResult:
     """Train `cluster.edges` edges and one cloud in their own processes; see the module docstring.
 
     With `checkpoint_dir`, every worker's state is saved together every `config.checkpoint_every`
@@ -431,13 +494,19 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     """
     validate_cluster(cluster)
     from hier_jax import train
-    shards = [shard(dataset, idx, e) for e, idx in
-              enumerate(shard_indices(dataset.train_labels, cluster.edges, dirichlet=cluster.dirichlet,
-                                      seed=config.seed))]
+
+    shards = [
+        shard(dataset, idx, e)
+        for e, idx in enumerate(
+            shard_indices(dataset.train_labels, cluster.edges, dirichlet=cluster.dirichlet, seed=config.seed)
+        )
+    ]
     for e, part in enumerate(shards):
         if part.num_train < config.batch_size:
-            raise UserError(f"edge {e}'s shard has {part.num_train} examples, fewer than one batch of "
-                            f"{config.batch_size}; use fewer --edges, a smaller --batch-size or a larger --dirichlet")
+            raise UserError(
+                f"edge {e}'s shard has {part.num_train} examples, fewer than one batch of "
+                f"{config.batch_size}; use fewer --edges, a smaller --batch-size or a larger --dirichlet"
+            )
     steps = min(train.total_steps(config, part) for part in shards)
     # One precision policy for every worker: "auto" resolved here, for the edges' backend (the CPU),
     # not by each worker for its own (a TPU cloud would pick bf16 against fp32 edges). Resolved without
@@ -451,17 +520,32 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
     # Ray restarts nothing by itself: the driver brings a lost edge back (_Driver.restart), from the
     # state of the last checkpoint, which a process Ray restarted on its own would not have.
     remote_edge = ray.remote(num_cpus=0, max_restarts=0, resources=_resource(cluster.edge_resource))(EdgeWorker)
-    remote_cloud = ray.remote(num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0,
-                              resources=_resource(cluster.cloud_resource))(CloudWorker)
+    remote_cloud = ray.remote(
+        num_cpus=0, num_gpus=1 if cloud_on_gpu else 0, max_restarts=0, resources=_resource(cluster.cloud_resource)
+    )(CloudWorker)
     shard_refs = [ray.put(part) for part in shards]
 
     def spawn_edge(e: int, first_life: bool):
-        return remote_edge.remote(e, worker_config, shard_refs[e], steps, edge_cores[e], cluster.link_of(e),
-                                  cluster.time_scale, kill.get(e) if first_life else None)
+        return remote_edge.remote(
+            e,
+            worker_config,
+            shard_refs[e],
+            steps,
+            edge_cores[e],
+            cluster.link_of(e),
+            cluster.time_scale,
+            kill.get(e) if first_life else None,
+        )
 
     edges = [spawn_edge(e, True) for e in range(cluster.edges)]
-    cloud = remote_cloud.remote(worker_config, ray.put(dataset), steps * cluster.edges, cloud_cores,
-                                "cuda" if cloud_on_gpu else "cpu", cluster.kill_cloud)
+    cloud = remote_cloud.remote(
+        worker_config,
+        ray.put(dataset),
+        steps * cluster.edges,
+        cloud_cores,
+        "cuda" if cloud_on_gpu else "cpu",
+        cluster.kill_cloud,
+    )
     store = None
     try:
         placement = {"cloud": _get(ray, cloud.placement.remote(), cluster, "the cloud to start")}
@@ -469,6 +553,7 @@ def run(config: ExperimentConfig, dataset: ImageDataset, cluster: ClusterConfig,
             placement[f"edge {e}"] = _get(ray, worker.placement.remote(), cluster, f"edge {e} to start")
         if checkpoint_dir is not None:
             from hier_jax.checkpoint import RunCheckpoints
+
             store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
         history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None
         driver = _Driver(ray, edges, cloud, spawn_edge, cluster, config, shards, steps, store, history, policy)
@@ -492,18 +577,22 @@ def _resume(ray, store, edges, cloud, config: ExperimentConfig, cluster: Cluster
     states ("edge_states", kept to restart an edge from), or None when there is none."""
     from hier_jax import train
     from hier_jax.errors import ResumeMismatchError
+
     if store.latest_step() is None:
         return None
     meta = store.read_meta()
     train.check_resumable(config, meta["config"], store.path(meta["step"]))
     for field in TRAJECTORY_FIELDS:
         if meta["cluster"][field] != getattr(cluster, field):
-            raise ResumeMismatchError(f"checkpoint {store.path(meta['step'])} was made with --{field.replace('_', '-')} "
-                                      f"{meta['cluster'][field]!r}, not {getattr(cluster, field)!r}")
+            raise ResumeMismatchError(
+                f"checkpoint {store.path(meta['step'])} was made with --{field.replace('_', '-')} "
+                f"{meta['cluster'][field]!r}, not {getattr(cluster, field)!r}"
+            )
     saved = [int(e) for e in meta["saved_edges"]]
     host = jax.devices("cpu")[0]
-    edge_templates = jax.device_put({str(e): _get(ray, edges[e].state_now.remote(), cluster, f"edge {e}'s state")
-                                     for e in saved}, host)
+    edge_templates = jax.device_put(
+        {str(e): _get(ray, edges[e].state_now.remote(), cluster, f"edge {e}'s state") for e in saved}, host
+    )
     cloud_template = jax.device_put(_get(ray, cloud.state_now.remote(), cluster, "the cloud's state"), host)
     edge_states, cloud_state, _ = store.restore(edge_templates, cloud_template, meta["step"])
     loads = [edges[e].load.remote(jax.device_get(edge_states[str(e)]), meta["step"]) for e in saved]
@@ -538,14 +627,29 @@ class _Driver:
     an edge_sync average fell between the checkpoint and the loss (a replay does not average).
     """
 
-    def __init__(self, ray, edges: list, cloud, spawn_edge, cluster: ClusterConfig, config: ExperimentConfig,
-                 shards: list[ImageDataset], steps: int, store, history: dict | None, policy: str):
+    def __init__(
+        self,
+        ray,
+        edges: list,
+        cloud,
+        spawn_edge,
+        cluster: ClusterConfig,
+        config: ExperimentConfig,
+        shards: list[ImageDataset],
+        steps: int,
+        store,
+        history: dict | None,
+        policy: str,
+    ):
         self.ray, self.edges, self.cloud, self.spawn_edge = ray, edges, cloud, spawn_edge
         self.cluster, self.config, self.steps, self.store, self.policy = cluster, config, steps, store, policy
         n = self.n = len(edges)
         first = history["step"] if history else 0  # the step every edge starts from
-        self.reports = ([EdgeReport(**r) for r in history["reports"]] if history else
-                        [EdgeReport(e, shards[e].num_train) for e in range(n)])
+        self.reports = (
+            [EdgeReport(**r) for r in history["reports"]]
+            if history
+            else [EdgeReport(e, shards[e].num_train) for e in range(n)]
+        )
         self.taken: list[dict] = list(history["taken"]) if history else []  # the cloud's step metrics
         self.resumed_cloud_steps = len(self.taken)
         self.delivered: list[set[int]] = [set() for _ in range(n)]  # edge steps the cloud trained on
@@ -553,11 +657,11 @@ class _Driver:
             self.delivered[m["edge"]].add(m["step"])
         # The state every live edge had at the last checkpoint: what a restarted edge starts from.
         self.checkpointed: tuple[int, dict[int, Any]] = (first, history["edge_states"]) if history else (0, {})
-        self.submitted = [first] * n     # edge steps submitted
-        self.consumed = [first] * n      # edge steps the cloud has trained on, or skipped as already trained on
+        self.submitted = [first] * n  # edge steps submitted
+        self.consumed = [first] * n  # edge steps the cloud has trained on, or skipped as already trained on
         self.pending: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, edge, step)
         self.payloads: dict[tuple[int, int], Any] = {}  # payload refs of edge steps not yet given to the cloud
-        self.arrived: set[tuple[int, int]] = set()      # round robin: those the cloud may be handed
+        self.arrived: set[tuple[int, int]] = set()  # round robin: those the cloud may be handed
         # With restarts, round robin hands the cloud only finished edge steps (see feed_round_robin);
         # without, a cloud step is queued on the payload's reference at once (Ray starts it when the
         # payload exists), which keeps the driver's round trip off the pipeline's critical path.
@@ -585,8 +689,11 @@ class _Driver:
                 if not any(edge == e for _, edge, _ in self.pending.values()):
                     self.restart(e)
             next_save = (self.saved_through // self.every + 1) * self.every if self.every else self.steps
-            barrier = min(self.synced_through + self.cluster.edge_sync if self.cluster.edge_sync else self.steps,
-                          next_save, self.steps)
+            barrier = min(
+                self.synced_through + self.cluster.edge_sync if self.cluster.edge_sync else self.steps,
+                next_save,
+                self.steps,
+            )
             self.submit_edge_steps(barrier)
             if self.cluster.order == "round_robin":
                 self.feed_round_robin()
@@ -595,28 +702,47 @@ class _Driver:
                 self.synced_through = barrier
                 continue
             if self.save_due(next_save, barrier):
-                self.checkpointed = (next_save, _save(self.ray, self.store, self.edges, self.cloud, self.config,
-                                                      self.cluster, next_save, self.reports, self.taken))
+                self.checkpointed = (
+                    next_save,
+                    _save(
+                        self.ray,
+                        self.store,
+                        self.edges,
+                        self.cloud,
+                        self.config,
+                        self.cluster,
+                        next_save,
+                        self.reports,
+                        self.taken,
+                    ),
+                )
                 self.saved_through = next_save
                 continue
             if not self.pending:
                 break
             ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=self.cluster.timeout_s)
             if not ready:
-                raise ClusterError(f"no worker finished a step within {self.cluster.timeout_s:g} s "
-                                   f"({len(self.pending)} steps outstanding)")
+                raise ClusterError(
+                    f"no worker finished a step within {self.cluster.timeout_s:g} s "
+                    f"({len(self.pending)} steps outstanding)"
+                )
             kind, e, t = self.pending.pop(ready[0])
             {"edge": self.on_edge_step, "cloud": self.on_cloud_step, "restart": self.on_restart}[kind](ready[0], e, t)
             if kind == "cloud" and progress and len(self.taken) % 10 == 0:
-                print(f"cloud step {len(self.taken)} of {self.steps * self.n}: loss {self.taken[-1]['loss']:.3f}",
-                      flush=True)
+                print(
+                    f"cloud step {len(self.taken)} of {self.steps * self.n}: loss {self.taken[-1]['loss']:.3f}",
+                    flush=True,
+                )
         return self.finish(placement, time.perf_counter() - start)
 
     def submit_edge_steps(self, barrier: int) -> None:
         """Ask each live edge for its next steps, up to the barrier and `ahead` steps past the cloud."""
         for e in range(self.n):
-            while (self.alive(e) and self.submitted[e] < min(self.steps, barrier)
-                   and self.submitted[e] < self.consumed[e] + self.ahead):
+            while (
+                self.alive(e)
+                and self.submitted[e] < min(self.steps, barrier)
+                and self.submitted[e] < self.consumed[e] + self.ahead
+            ):
                 t = self.submitted[e]
                 payload, metrics = self.edges[e].step.options(num_returns=2).remote(t)
                 self.pending[metrics] = ("edge", e, t)
@@ -648,14 +774,23 @@ class _Driver:
 
     def sync_due(self, barrier: int) -> bool:
         """Every live edge has reached a multiple of edge_sync (the last step too), not yet averaged."""
-        return bool(self.cluster.edge_sync and self.synced_through < barrier and barrier % self.cluster.edge_sync == 0
-                    and not self.restarting
-                    and all(r.lost or r.sent >= barrier for r in self.reports))
+        return bool(
+            self.cluster.edge_sync
+            and self.synced_through < barrier
+            and barrier % self.cluster.edge_sync == 0
+            and not self.restarting
+            and all(r.lost or r.sent >= barrier for r in self.reports)
+        )
 
     def save_due(self, next_save: int, barrier: int) -> bool:
         """Every live edge has reached the checkpoint step and the cloud has trained on all of it."""
-        return bool(self.every and next_save < self.steps and barrier == next_save and not self.restarting
-                    and all(r.lost or self.consumed[r.edge] >= next_save for r in self.reports))
+        return bool(
+            self.every
+            and next_save < self.steps
+            and barrier == next_save
+            and not self.restarting
+            and all(r.lost or self.consumed[r.edge] >= next_save for r in self.reports)
+        )
 
     # --- what came back -------------------------------------------------------------------------
 
@@ -685,10 +820,15 @@ class _Driver:
             metrics = ray.get(ref, timeout=self.cluster.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
             if not _alive(ray, self.cloud, self.cluster):
-                raise ClusterError(f"the cloud worker died at its step {len(self.taken)} (edge {e}, step {t}): "
-                                   f"{str(error).splitlines()[0]}") from None
-            if isinstance(error, ray.exceptions.RayTaskError) and "ActorDiedError" not in type(error).__name__ \
-                    and not isinstance(error, ray.exceptions.RayActorError):
+                raise ClusterError(
+                    f"the cloud worker died at its step {len(self.taken)} (edge {e}, step {t}): "
+                    f"{str(error).splitlines()[0]}"
+                ) from None
+            if (
+                isinstance(error, ray.exceptions.RayTaskError)
+                and "ActorDiedError" not in type(error).__name__
+                and not isinstance(error, ray.exceptions.RayActorError)
+            ):
                 raise  # the cloud step itself raised: a bug, not a lost edge
             self.fail(e, t)  # the payload's edge died before handing it over
             return
@@ -755,30 +895,57 @@ class _Driver:
             if self.alive(e):
                 accuracy_ref, bundle = self.edges[e].evaluate.options(num_returns=2).remote()
                 report.edge_accuracy = self.get(accuracy_ref, f"edge {e}'s evaluation")["edge_accuracy"]
-                report.cloud_accuracy = self.get(self.cloud.evaluate.remote(bundle),
-                                                 f"the cloud's evaluation on edge {e}'s features")
+                report.cloud_accuracy = self.get(
+                    self.cloud.evaluate.remote(bundle), f"the cloud's evaluation on edge {e}'s features"
+                )
             report.dropped = report.sent - report.delivered
         taken = sorted(self.taken, key=lambda m: m["index"])  # the order the cloud trained in
-        return ClusterResult(self.cluster.flow, self.cluster.order, self.steps, self.reports,
-                             [(m["edge"], m["step"]) for m in taken], [m["loss"] for m in taken],
-                             [m["step_s"] for m in taken], wall_s, placement, self.policy, self.resumed_cloud_steps)
+        return ClusterResult(
+            self.cluster.flow,
+            self.cluster.order,
+            self.steps,
+            self.reports,
+            [(m["edge"], m["step"]) for m in taken],
+            [m["loss"] for m in taken],
+            [m["step_s"] for m in taken],
+            wall_s,
+            placement,
+            self.policy,
+            self.resumed_cloud_steps,
+        )
 
 
-def _save(ray, store, edges, cloud, config: ExperimentConfig, cluster: ClusterConfig, step: int,
-          reports: list[EdgeReport], taken: list[dict]) -> dict[int, Any]:
+def _save(
+    ray,
+    store,
+    edges,
+    cloud,
+    config: ExperimentConfig,
+    cluster: ClusterConfig,
+    step: int,
+    reports: list[EdgeReport],
+    taken: list[dict],
+) -> dict[int, Any]:
     """One checkpoint of every live worker's state at `step`, with the run's history; the edges'
     states saved, by edge."""
     live = [r.edge for r in reports if not r.lost]
     edge_states = _get(ray, [edges[e].state_now.remote() for e in live], cluster, "the edges' states")
     cloud_state = _get(ray, cloud.state_now.remote(), cluster, "the cloud's state")
-    meta = {"format": 1, "step": step, "config": dataclasses.asdict(config), "cluster": dataclasses.asdict(cluster),
-            "saved_edges": live, "reports": [dataclasses.asdict(r) for r in reports],
-            "taken": sorted(taken, key=lambda m: m["index"])}
+    meta = {
+        "format": 1,
+        "step": step,
+        "config": dataclasses.asdict(config),
+        "cluster": dataclasses.asdict(cluster),
+        "saved_edges": live,
+        "reports": [dataclasses.asdict(r) for r in reports],
+        "taken": sorted(taken, key=lambda m: m["index"]),
+    }
     # Written from a thread of its own, so that Ctrl-C or SIGTERM in the middle lets the checkpoint
     # complete (an interrupted orbax write is left behind as a temporary directory) before the run stops.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(store.save, step, {str(e): s for e, s in zip(live, edge_states, strict=True)},
-                              cloud_state, meta)
+        writing = pool.submit(
+            store.save, step, {str(e): s for e, s in zip(live, edge_states, strict=True)}, cloud_state, meta
+        )
         try:
             writing.result()
         except KeyboardInterrupt:

@@ -43,17 +43,18 @@ SCHEMES = ("cloud_only", "cloud_only_once", "split_learning", "hierarchical_pape
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """Per-batch times (s) and bytes of one separation point and bit width, at the modeled batch size."""
-    edge_fwd_s: float        # F_e: edge stages, forward (edge device)
-    edge_bwd_s: float        # B_e: edge stages, backward + update
-    head_fwd_s: float        # Hf: early exit, forward
-    head_bwd_s: float        # Hb: early exit, backward + update
-    cloud_train_s: float     # C: cloud stages + classifier, forward + backward + update (cloud device)
-    full_train_s: float      # T: the whole model on the cloud device
-    payload_bytes: int       # P: quantized feature map + labels, one batch
-    activation_bytes: int    # A: float32 feature map + labels (vanilla split learning)
-    gradient_bytes: int      # G: float32 boundary gradient
-    raw_bytes: int           # D: uint8 images + labels
-    batches_per_epoch: int   # N
+
+    edge_fwd_s: float  # F_e: edge stages, forward (edge device)
+    edge_bwd_s: float  # B_e: edge stages, backward + update
+    head_fwd_s: float  # Hf: early exit, forward
+    head_bwd_s: float  # Hb: early exit, backward + update
+    cloud_train_s: float  # C: cloud stages + classifier, forward + backward + update (cloud device)
+    full_train_s: float  # T: the whole model on the cloud device
+    payload_bytes: int  # P: quantized feature map + labels, one batch
+    activation_bytes: int  # A: float32 feature map + labels (vanilla split learning)
+    gradient_bytes: int  # G: float32 boundary gradient
+    raw_bytes: int  # D: uint8 images + labels
+    batches_per_epoch: int  # N
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -76,22 +77,33 @@ def training_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> floa
     n = w.batches_per_epoch
     m = n * epochs
     if scheme == "cloud_only":
-        return _pipelined(link.up_s(w.raw_bytes) + w.full_train_s,
-                          max(link.serialize_s(w.raw_bytes), w.full_train_s), m)
+        return _pipelined(
+            link.up_s(w.raw_bytes) + w.full_train_s, max(link.serialize_s(w.raw_bytes), w.full_train_s), m
+        )
     if scheme == "cloud_only_once":
-        first_epoch = _pipelined(link.up_s(w.raw_bytes) + w.full_train_s,
-                                 max(link.serialize_s(w.raw_bytes), w.full_train_s), n)
+        first_epoch = _pipelined(
+            link.up_s(w.raw_bytes) + w.full_train_s, max(link.serialize_s(w.raw_bytes), w.full_train_s), n
+        )
         return first_epoch + (epochs - 1) * n * w.full_train_s
     if scheme == "split_learning":
-        return m * (w.edge_fwd_s + link.up_s(w.activation_bytes) + w.cloud_train_s
-                    + link.down_s(w.gradient_bytes) + w.edge_bwd_s)
+        return m * (
+            w.edge_fwd_s
+            + link.up_s(w.activation_bytes)
+            + w.cloud_train_s
+            + link.down_s(w.gradient_bytes)
+            + w.edge_bwd_s
+        )
     if scheme == "hierarchical_paper":
-        return m * (w.edge_fwd_s + w.head_fwd_s
-                    + max(w.edge_bwd_s + w.head_bwd_s, link.up_s(w.payload_bytes) + w.cloud_train_s))
+        return m * (
+            w.edge_fwd_s + w.head_fwd_s + max(w.edge_bwd_s + w.head_bwd_s, link.up_s(w.payload_bytes) + w.cloud_train_s)
+        )
     if scheme == "hierarchical_pipelined":
         edge = w.edge_fwd_s + w.head_fwd_s + w.edge_bwd_s + w.head_bwd_s
-        return _pipelined(edge + link.up_s(w.payload_bytes) + w.cloud_train_s,
-                          max(edge, link.serialize_s(w.payload_bytes), w.cloud_train_s), m)
+        return _pipelined(
+            edge + link.up_s(w.payload_bytes) + w.cloud_train_s,
+            max(edge, link.serialize_s(w.payload_bytes), w.cloud_train_s),
+            m,
+        )
     raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
 
 

@@ -56,9 +56,14 @@ def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
     except (RuntimeError, ValueError):
         raise ValueError(f"device {spec!r} does not exist; available devices: {available}") from None
     if not 0 <= idx < len(devices):
-        raise ValueError(f"device {spec!r} does not exist; available devices: {available}"
-                         + ("" if platform != "cpu" else " (more CPU devices: XLA_FLAGS="
-                            "--xla_force_host_platform_device_count=N before importing jax)"))
+        raise ValueError(
+            f"device {spec!r} does not exist; available devices: {available}"
+            + (
+                ""
+                if platform != "cpu"
+                else " (more CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)"
+            )
+        )
     return devices[idx]
 
 

@@ -37,10 +37,15 @@ class DivergenceError(FloatingPointError):
 
     def __init__(self, side: str, step: int, value: float, last_checkpoint: Path | None = None):
         self.side, self.step, self.value, self.last_checkpoint = side, step, value, last_checkpoint
-        kept = (f"; the last finite checkpoint is {last_checkpoint}" if last_checkpoint is not None
-                else "; no checkpoint was saved before it")
-        super().__init__(f"training diverged: the {side} loss is {value} at step {step}{kept} "
-                         f"(a lower --learning-rate usually helps)")
+        kept = (
+            f"; the last finite checkpoint is {last_checkpoint}"
+            if last_checkpoint is not None
+            else "; no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"training diverged: the {side} loss is {value} at step {step}{kept} "
+            f"(a lower --learning-rate usually helps)"
+        )
 
 
 class RunInterrupted(KeyboardInterrupt):

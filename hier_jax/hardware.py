@@ -22,9 +22,13 @@ CLOUD_EFFECTIVE_FLOPS = 294 * 3 * 2 * 3.8e9  # 6.7e12, about half the FP32 peak
 TIME_SOURCES = ("flops", "measured")
 
 
-def paper_devices(profile: profiler.Profile, *, time_source: str = "flops",
-                  cloud_flops: float = CLOUD_EFFECTIVE_FLOPS, edge_slowdown: float = EDGE_SLOWDOWN
-                  ) -> tuple[profiler.Profile, profiler.Profile]:
+def paper_devices(
+    profile: profiler.Profile,
+    *,
+    time_source: str = "flops",
+    cloud_flops: float = CLOUD_EFFECTIVE_FLOPS,
+    edge_slowdown: float = EDGE_SLOWDOWN,
+) -> tuple[profiler.Profile, profiler.Profile]:
     """(edge, cloud) profiles of the paper's hardware from a profile measured on this machine."""
     if time_source == "flops":
         cloud = profile.from_flops(cloud_flops, "RTX 2080 Ti (modeled)")

@@ -46,6 +46,7 @@ _POLL_S = 0.05
 @dataclasses.dataclass(frozen=True)
 class Link:
     """An edge-cloud link: bit rates in bit/s, one-way latency in s, and where the numbers come from."""
+
     name: str
     uplink_bps: float
     downlink_bps: float
@@ -72,21 +73,32 @@ class Link:
         return 8.0 * nbytes / self.downlink_bps + self.latency_s
 
 
-_NEUROSURGEON = ("Kang et al., Neurosurgeon, ASPLOS 2017: measured average uplink bandwidth of 3G 1.1 Mbps, "
-                 "LTE 5.85 Mbps, Wi-Fi 18.88 Mbps")
-_OFCOM = ("Ofcom, 4G and 3G mobile broadband performance, 2015 (five UK cities, 120,000 tests): average "
-          "download 5.9 Mbit/s on 3G and 14.7 Mbit/s on 4G, latency 63.5 ms (3G) and 53.1 ms (4G), taken as "
-          "round-trip times and halved for one-way")
-_OOKLA_5G = ("Ookla, Growing and Slowing: The State of 5G Worldwide in 2021 (Speedtest Intelligence, Q3 2021): "
-             "global median 5G download 166.13 Mbps, upload 21.08 Mbps; latency not given there, taken equal to "
-             "4G's (Opensignal reported no significant 5G latency improvement over 4G in early deployments)")
+_NEUROSURGEON = (
+    "Kang et al., Neurosurgeon, ASPLOS 2017: measured average uplink bandwidth of 3G 1.1 Mbps, "
+    "LTE 5.85 Mbps, Wi-Fi 18.88 Mbps"
+)
+_OFCOM = (
+    "Ofcom, 4G and 3G mobile broadband performance, 2015 (five UK cities, 120,000 tests): average "
+    "download 5.9 Mbit/s on 3G and 14.7 Mbit/s on 4G, latency 63.5 ms (3G) and 53.1 ms (4G), taken as "
+    "round-trip times and halved for one-way"
+)
+_OOKLA_5G = (
+    "Ookla, Growing and Slowing: The State of 5G Worldwide in 2021 (Speedtest Intelligence, Q3 2021): "
+    "global median 5G download 166.13 Mbps, upload 21.08 Mbps; latency not given there, taken equal to "
+    "4G's (Opensignal reported no significant 5G latency improvement over 4G in early deployments)"
+)
 
 LINKS: dict[str, Link] = {
     "3g": Link("3g", 1.1e6, 5.9e6, 63.5e-3 / 2, f"uplink: {_NEUROSURGEON}; downlink, latency: {_OFCOM}"),
     "4g": Link("4g", 5.85e6, 14.7e6, 53.1e-3 / 2, f"uplink: {_NEUROSURGEON}; downlink, latency: {_OFCOM}"),
     "5g": Link("5g", 21.08e6, 166.13e6, 53.1e-3 / 2, _OOKLA_5G),
-    "wifi": Link("wifi", 18.88e6, 18.88e6, 0.0,
-                 f"uplink: {_NEUROSURGEON}; downlink assumed equal to uplink and latency not modeled (no source)"),
+    "wifi": Link(
+        "wifi",
+        18.88e6,
+        18.88e6,
+        0.0,
+        f"uplink: {_NEUROSURGEON}; downlink assumed equal to uplink and latency not modeled (no source)",
+    ),
 }
 """Link presets; each one's `source` says where every number comes from and what is assumed."""
 
@@ -94,13 +106,16 @@ LINKS: dict[str, Link] = {
 def get_link(name: str) -> Link:
     """A preset by name; ValueError listing the presets for anything else."""
     if name not in LINKS:
-        raise ValueError(f"unknown link preset {name!r}; presets: {', '.join(LINKS)} "
-                         f"(or custom_link(uplink_mbps, downlink_mbps, latency_ms))")
+        raise ValueError(
+            f"unknown link preset {name!r}; presets: {', '.join(LINKS)} "
+            f"(or custom_link(uplink_mbps, downlink_mbps, latency_ms))"
+        )
     return LINKS[name]
 
 
-def custom_link(uplink_mbps: float, downlink_mbps: float | None = None, latency_ms: float = 0.0,
-                name: str = "custom") -> Link:
+def custom_link(
+    uplink_mbps: float, downlink_mbps: float | None = None, latency_ms: float = 0.0, name: str = "custom"
+) -> Link:
     """A link at any rate (Mbit/s, 10^6 bit/s); the downlink defaults to the uplink's rate."""
     downlink_mbps = uplink_mbps if downlink_mbps is None else downlink_mbps
     return Link(name, uplink_mbps * 1e6, downlink_mbps * 1e6, latency_ms * 1e-3, "custom")
@@ -109,20 +124,22 @@ def custom_link(uplink_mbps: float, downlink_mbps: float | None = None, latency_
 @dataclasses.dataclass(frozen=True)
 class LinkStats:
     """Counters of a SimulatedLink; sent == delivered + dropped + buffered + in_flight at any time."""
+
     sent: int
     delivered: int
     dropped: int
     dropped_steps: tuple[int, ...]
-    buffered: int     # at the edge, not yet on the wire
-    in_flight: int    # on the wire or arrived, not yet taken by the cloud
+    buffered: int  # at the edge, not yet on the wire
+    in_flight: int  # on the wire or arrived, not yet taken by the cloud
 
 
 class SimulatedLink:
     """A `channel.Channel` with the delays of `link`, scripted `outages` [(a, b), ...] and a bounded edge
     buffer (see the module docstring)."""
 
-    def __init__(self, link: Link, *, capacity: int = 4, outages: Sequence[tuple[int, int]] = (),
-                 time_scale: float = 1.0):
+    def __init__(
+        self, link: Link, *, capacity: int = 4, outages: Sequence[tuple[int, int]] = (), time_scale: float = 1.0
+    ):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
         if not (math.isfinite(time_scale) and time_scale > 0):
@@ -137,10 +154,10 @@ class SimulatedLink:
         self._reset()
 
     def _reset(self) -> None:
-        self._buffer: collections.deque = collections.deque()   # (step, payload, nbytes)
-        self._flight: collections.deque = collections.deque()   # (arrival time, step, payload)
+        self._buffer: collections.deque = collections.deque()  # (step, payload, nbytes)
+        self._flight: collections.deque = collections.deque()  # (arrival time, step, payload)
         self._link_free_at = 0.0
-        self._step = -1            # the latest step the edge sent: the outage clock
+        self._step = -1  # the latest step the edge sent: the outage clock
         self._closed = False
         self._sent = self._delivered = 0
         self._dropped: list[int] = []
@@ -150,8 +167,9 @@ class SimulatedLink:
         this run). A link still carrying another run is refused rather than shared."""
         with self._cv:
             if self._thread is not None and self._thread.is_alive():
-                raise RuntimeError("this SimulatedLink is still carrying another run; give each concurrent "
-                                   "run its own link")
+                raise RuntimeError(
+                    "this SimulatedLink is still carrying another run; give each concurrent run its own link"
+                )
             self._thread = None
             self._reset()
 
@@ -213,8 +231,14 @@ class SimulatedLink:
 
     def stats(self) -> LinkStats:
         with self._cv:
-            return LinkStats(self._sent, self._delivered, len(self._dropped), tuple(self._dropped),
-                             len(self._buffer), len(self._flight))
+            return LinkStats(
+                self._sent,
+                self._delivered,
+                len(self._dropped),
+                tuple(self._dropped),
+                len(self._buffer),
+                len(self._flight),
+            )
 
     def _start(self, stop: threading.Event) -> None:
         if self._thread is None:

@@ -33,10 +33,13 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
         raise ValueError(f"need learning_rate > 0 and total_steps >= 1, got {config.learning_rate}, {total_steps}")
     if config.schedule == "cosine" and config.warmup_steps > 0:
         learning_rate = optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, config.warmup_steps, max(total_steps, config.warmup_steps + 1))
+            0.0, config.learning_rate, config.warmup_steps, max(total_steps, config.warmup_steps + 1)
+        )
     elif config.schedule == "cosine":
         learning_rate = optax.cosine_decay_schedule(config.learning_rate, total_steps)
     else:
         learning_rate = config.learning_rate
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov))
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
+    )

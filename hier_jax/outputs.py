@@ -28,8 +28,9 @@ RUN_OUTPUTS = ("summary.json", "metrics.csv", "curves.png", "checkpoints")
 """What `experiments.train` writes; a directory holding any of them holds a run."""
 
 
-def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False,
-                    outputs: Sequence[str] = RUN_OUTPUTS) -> Path:
+def prepare_run_dir(
+    out: str | Path, *, resume: bool = False, overwrite: bool = False, outputs: Sequence[str] = RUN_OUTPUTS
+) -> Path:
     """Check (and create) `out` before any work; UserError for anything that would lose or mix outputs."""
     path = Path(out)
     if resume and overwrite:
@@ -38,8 +39,10 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         raise UserError(f"--out {out} is a file, not a directory")
     existing = run_outputs(path, outputs)
     if existing and not (resume or overwrite):
-        raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
-                        f"continue it, --overwrite to replace it, or another --out")
+        raise UserError(
+            f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
+            f"continue it, --overwrite to replace it, or another --out"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -52,8 +55,11 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
 def run_outputs(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> list[str]:
     """The outputs of a run that `path` holds (an empty directory, e.g. a run stopped before its first
     checkpoint, does not count)."""
-    return [name for name in outputs if (path / name).exists()
-            and not ((path / name).is_dir() and not any((path / name).iterdir()))]
+    return [
+        name
+        for name in outputs
+        if (path / name).exists() and not ((path / name).is_dir() and not any((path / name).iterdir()))
+    ]
 
 
 def remove_run(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> None:

@@ -34,16 +34,19 @@ DEFAULT = "fp32"  # what models.build_model computes in unless told otherwise (t
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """A resolved policy: its name, the dtype activations are computed in, jax's matmul precision."""
-    name: str                 # fp32 | tf32 | bf16
+
+    name: str  # fp32 | tf32 | bf16
     compute_dtype: np.dtype
-    matmul_precision: str     # a jax.default_matmul_precision value
+    matmul_precision: str  # a jax.default_matmul_precision value
 
     def describe(self, backend: str | None = None) -> str:
         """One line for run outputs, e.g. "bf16 (bfloat16 activations, float32 parameters)"."""
         backend = backend or jax.default_backend()
-        text = {"fp32": "fp32 (float32, matmul precision 'highest')",
-                "tf32": "tf32 (float32 storage, TF32 matmuls and convolutions)",
-                "bf16": "bf16 (bfloat16 activations and matmuls, float32 accumulation, parameters and loss)"}[self.name]
+        text = {
+            "fp32": "fp32 (float32, matmul precision 'highest')",
+            "tf32": "tf32 (float32 storage, TF32 matmuls and convolutions)",
+            "bf16": "bf16 (bfloat16 activations and matmuls, float32 accumulation, parameters and loss)",
+        }[self.name]
         if self.name == "tf32" and backend != "gpu":
             text += f"; on {backend} the same numbers as fp32"
         return text

@@ -55,6 +55,7 @@ DEFAULT_BITS = (2, 4, 8, 16, 32)
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """Median seconds for one batch of `Profile.batch`, and XLA's flop counts of the same programs."""
+
     fwd_s: float
     train_s: float
     fwd_flops: float
@@ -75,16 +76,17 @@ def edge_memory(param_bytes: int, stat_bytes: int, residual_bytes_per_example: i
 @dataclasses.dataclass(frozen=True)
 class SplitProfile:
     """One separation point: the head's timing, bytes at `Profile.payload_batch`, and edge memory."""
+
     name: str
     index: int
     feature_shape: tuple[int, int, int]
     head: Timing
-    payload_bytes: dict[int, int]          # bits -> bytes of one encoded batch
-    activation_bytes: int                  # float32 features + labels (encode at 32 bits)
-    gradient_bytes: int                    # float32 boundary gradient
-    edge_param_bytes: int                  # nnx.Param of the edge stages and the head
-    edge_stat_bytes: int                   # BatchNorm running statistics
-    edge_residual_bytes_per_example: int   # activations saved for the backward pass
+    payload_bytes: dict[int, int]  # bits -> bytes of one encoded batch
+    activation_bytes: int  # float32 features + labels (encode at 32 bits)
+    gradient_bytes: int  # float32 boundary gradient
+    edge_param_bytes: int  # nnx.Param of the edge stages and the head
+    edge_stat_bytes: int  # BatchNorm running statistics
+    edge_residual_bytes_per_example: int  # activations saved for the backward pass
 
     def edge_memory_bytes(self, batch: int) -> int:
         """The edge's training memory at `batch` (`edge_memory`)."""
@@ -94,25 +96,28 @@ class SplitProfile:
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """Everything measured about one model on one device."""
+
     model: str
     input_shape: tuple[int, int, int]
     num_classes: int
     device: str
-    batch: int                      # batch size the times were measured at
+    batch: int  # batch size the times were measured at
     stage_names: tuple[str, ...]
     stages: tuple[Timing, ...]
     classifier: Timing
     splits: tuple[SplitProfile, ...]
-    payload_batch: int              # batch size the bytes were computed at
-    raw_bytes: int                  # uint8 images + labels, one batch of payload_batch
-    whole_train_s: float | None     # the unsplit train step, fused (None if not measured)
+    payload_batch: int  # batch size the bytes were computed at
+    raw_bytes: int  # uint8 images + labels, one batch of payload_batch
+    whole_train_s: float | None  # the unsplit train step, fused (None if not measured)
 
     def split(self, point: str) -> SplitProfile:
         for s in self.splits:
             if s.name == point:
                 return s
-        raise ValueError(f"no separation point {point!r} in the profile of {self.model}; "
-                         f"valid: {', '.join(s.name for s in self.splits)}")
+        raise ValueError(
+            f"no separation point {point!r} in the profile of {self.model}; "
+            f"valid: {', '.join(s.name for s in self.splits)}"
+        )
 
     def scaled(self, factor: float, device: str) -> Profile:
         """The same profile with every time multiplied by `factor`: a device `factor` times slower."""
@@ -120,8 +125,10 @@ class Profile:
             raise ValueError(f"scale factor must be positive, got {factor}")
 
         return self._map_timings(
-            lambda t: dataclasses.replace(t, fwd_s=t.fwd_s * factor, train_s=t.train_s * factor), device,
-            None if self.whole_train_s is None else self.whole_train_s * factor)
+            lambda t: dataclasses.replace(t, fwd_s=t.fwd_s * factor, train_s=t.train_s * factor),
+            device,
+            None if self.whole_train_s is None else self.whole_train_s * factor,
+        )
 
     def from_flops(self, flops_per_s: float, device: str) -> Profile:
         """Times of a device that sustains `flops_per_s` on every stage: XLA's flop count / throughput.
@@ -135,12 +142,19 @@ class Profile:
 
         return self._map_timings(
             lambda t: dataclasses.replace(t, fwd_s=t.fwd_flops / flops_per_s, train_s=t.train_flops / flops_per_s),
-            device, None)
+            device,
+            None,
+        )
 
     def _map_timings(self, fn: Callable[[Timing], Timing], device: str, whole_train_s: float | None) -> Profile:
         return dataclasses.replace(
-            self, device=device, stages=tuple(fn(t) for t in self.stages), classifier=fn(self.classifier),
-            splits=tuple(dataclasses.replace(s, head=fn(s.head)) for s in self.splits), whole_train_s=whole_train_s)
+            self,
+            device=device,
+            stages=tuple(fn(t) for t in self.stages),
+            classifier=fn(self.classifier),
+            splits=tuple(dataclasses.replace(s, head=fn(s.head)) for s in self.splits),
+            whole_train_s=whole_train_s,
+        )
 
     @property
     def train_flops(self) -> float:
@@ -204,9 +218,12 @@ def _time_module(module: nnx.Module, x: jax.Array, *, input_grad: bool, warmup: 
 
     fwd = jax.jit(forward).lower(params, stats, x).compile()
     step = jax.jit(train).lower(params, stats, opt_state, x).compile()
-    return Timing(fwd_s=_median_time(fwd, (params, stats, x), warmup, repeats),
-                  train_s=_median_time(step, (params, stats, opt_state, x), warmup, repeats),
-                  fwd_flops=_flops(fwd), train_flops=_flops(step))
+    return Timing(
+        fwd_s=_median_time(fwd, (params, stats, x), warmup, repeats),
+        train_s=_median_time(step, (params, stats, opt_state, x), warmup, repeats),
+        fwd_flops=_flops(fwd),
+        train_flops=_flops(step),
+    )
 
 
 def _flops(compiled: jax.stages.Compiled) -> float:
@@ -214,8 +231,7 @@ def _flops(compiled: jax.stages.Compiled) -> float:
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
 
 
-def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, labels: bool
-            ) -> tuple[int, int, int]:
+def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, labels: bool) -> tuple[int, int, int]:
     """(param bytes, BN statistic bytes, residual bytes per example) of `module`, from shapes only.
 
     Residuals: the leaves of jax.vjp's backward function at batch 2 minus batch 1, for the output
@@ -228,6 +244,7 @@ def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, 
             def fn(params, x):
                 out, _ = steps.apply(graphdef, params, stats, x, train=True)
                 return steps.cross_entropy(out, y) if labels else out
+
             return jax.vjp(fn, params, x)[1] if input_grad else jax.vjp(lambda p: fn(p, x), params)[1]
 
         x = jax.ShapeDtypeStruct((batch, *in_shape), jnp.float32)
@@ -246,10 +263,11 @@ def _summed(memory: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
 @dataclasses.dataclass(frozen=True)
 class EdgeFootprint:
     """What the edge of one split holds and sends, for one batch size and bit width."""
-    params: int                 # trainable parameters, edge stages + exit head
-    memory_bytes: int           # parameters + momentum + gradients + BN statistics + saved activations
-    activation_bytes: int       # the saved-activation part of memory_bytes
-    payload_bytes: int          # one encoded batch, from the real packed payload
+
+    params: int  # trainable parameters, edge stages + exit head
+    memory_bytes: int  # parameters + momentum + gradients + BN statistics + saved activations
+    activation_bytes: int  # the saved-activation part of memory_bytes
+    payload_bytes: int  # one encoded batch, from the real packed payload
 
 
 def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
@@ -268,7 +286,8 @@ def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
         params=param_count(parts.edge),
         memory_bytes=edge_memory(param_bytes, stat_bytes, residual_per_example, batch),
         activation_bytes=residual_per_example * batch,
-        payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes))
+        payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes),
+    )
 
 
 def host_cpu() -> str:
@@ -277,14 +296,17 @@ def host_cpu() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-        return f"{fields.get('Model name', platform.processor())} (family {fields.get('CPU family', '?')}, " \
-               f"model {fields.get('Model', '?')})"
+        return (
+            f"{fields.get('Model name', platform.processor())} (family {fields.get('CPU family', '?')}, "
+            f"model {fields.get('Model', '?')})"
+        )
     except (OSError, subprocess.SubprocessError):
         return platform.processor() or "unknown CPU"
 
 
-def split_bytes(feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
-                ) -> tuple[dict[int, int], int, int]:
+def split_bytes(
+    feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
+) -> tuple[dict[int, int], int, int]:
     """Link bytes of one batch cut at `feature_shape`: ({bits: hierarchical payload}, split learning's
     float32 features + labels up, its float32 boundary gradient down)."""
     payload = {b: payload_nbytes(feature_shape, batch, b, num_classes) for b in bits}
@@ -297,17 +319,31 @@ def with_payload_batch(profile: Profile, batch: int, bits: Sequence[int] = DEFAU
     splits = []
     for s in profile.splits:
         payload, activation, gradient = split_bytes(s.feature_shape, batch, bits, profile.num_classes)
-        splits.append(dataclasses.replace(s, payload_bytes=payload, activation_bytes=activation,
-                                          gradient_bytes=gradient))
-    return dataclasses.replace(profile, splits=tuple(splits), payload_batch=batch,
-                               raw_bytes=quantization.raw_image_nbytes(batch, *profile.input_shape,
-                                                                       profile.num_classes))
+        splits.append(
+            dataclasses.replace(s, payload_bytes=payload, activation_bytes=activation, gradient_bytes=gradient)
+        )
+    return dataclasses.replace(
+        profile,
+        splits=tuple(splits),
+        payload_batch=batch,
+        raw_bytes=quantization.raw_image_nbytes(batch, *profile.input_shape, profile.num_classes),
+    )
 
 
-def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "cpu:0", repeats: int = 5,
-                  warmup: int = 1, head: ExitHeadConfig = ExitHeadConfig(), bits: Sequence[int] = DEFAULT_BITS,
-                  payload_batch: int | None = None, measure_whole: bool = True, progress: bool = True,
-                  seed: int = 0) -> Profile:
+def profile_model(
+    model: StagedNet,
+    *,
+    batch: int,
+    device: str | jax.Device = "cpu:0",
+    repeats: int = 5,
+    warmup: int = 1,
+    head: ExitHeadConfig = ExitHeadConfig(),
+    bits: Sequence[int] = DEFAULT_BITS,
+    payload_batch: int | None = None,
+    measure_whole: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> Profile:
     """Time every stage, head and the classifier of `model` at `batch` on `device`; bytes at `payload_batch`.
 
     Heads are measured once per distinct feature shape (the head is a function of it alone). An edge's
@@ -326,17 +362,20 @@ def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "c
     def random_input(shape: tuple[int, ...]) -> jax.Array:  # numpy: no compile per shape
         return jax.device_put(rng.standard_normal((batch, *shape), np.float32), device)
 
-    bar = tqdm(total=2 * len(names) + 1 + int(measure_whole), desc=f"profile {model.arch}", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=2 * len(names) + 1 + int(measure_whole), desc=f"profile {model.arch}", disable=not progress, leave=False
+    )
     stage_timings, stage_memory = [], []
     for i, stage in enumerate(model.stages):
         bar.set_postfix_str(names[i])
-        stage_timings.append(_time_module(stage, random_input(shapes[i]), input_grad=i > 0, warmup=warmup,
-                                          repeats=repeats))
+        stage_timings.append(
+            _time_module(stage, random_input(shapes[i]), input_grad=i > 0, warmup=warmup, repeats=repeats)
+        )
         stage_memory.append(_memory(stage, shapes[i], input_grad=i > 0, labels=False))
         bar.update()
-    classifier = _time_module(model.classifier, random_input(shapes[-1]), input_grad=True, warmup=warmup,
-                              repeats=repeats)
+    classifier = _time_module(
+        model.classifier, random_input(shapes[-1]), input_grad=True, warmup=warmup, repeats=repeats
+    )
     bar.update()
 
     heads: dict[tuple[int, ...], tuple[Timing, tuple[int, int, int]]] = {}
@@ -347,14 +386,26 @@ def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "c
         if feature_shape not in heads:
             exit_head = _random_module(lambda: split(model, i, head).edge.head, rng)
             heads[feature_shape] = (
-                _time_module(exit_head, random_input(feature_shape), input_grad=True, warmup=warmup,
-                             repeats=repeats),
-                _memory(exit_head, feature_shape, input_grad=True, labels=True))
+                _time_module(exit_head, random_input(feature_shape), input_grad=True, warmup=warmup, repeats=repeats),
+                _memory(exit_head, feature_shape, input_grad=True, labels=True),
+            )
         head_timing, head_memory = heads[feature_shape]
-        param_bytes, stat_bytes, residual_bytes = _summed([*stage_memory[:i + 1], head_memory])
+        param_bytes, stat_bytes, residual_bytes = _summed([*stage_memory[: i + 1], head_memory])
         payload, activation, gradient = split_bytes(feature_shape, payload_batch, bits, model.num_classes)
-        splits.append(SplitProfile(name, i, feature_shape, head_timing, payload, activation, gradient,
-                                   param_bytes, stat_bytes, residual_bytes))
+        splits.append(
+            SplitProfile(
+                name,
+                i,
+                feature_shape,
+                head_timing,
+                payload,
+                activation,
+                gradient,
+                param_bytes,
+                stat_bytes,
+                residual_bytes,
+            )
+        )
         bar.update()
 
     whole = None
@@ -363,9 +414,20 @@ def profile_model(model: StagedNet, *, batch: int, device: str | jax.Device = "c
         whole = _time_whole(model, batch, device, warmup, repeats)
         bar.update()
     bar.close()
-    return Profile(model.arch, tuple(model.input_shape), model.num_classes, f"{device.platform}:{device.id}", batch,
-                   names, tuple(stage_timings), classifier, tuple(splits), payload_batch,
-                   quantization.raw_image_nbytes(payload_batch, *model.input_shape, model.num_classes), whole)
+    return Profile(
+        model.arch,
+        tuple(model.input_shape),
+        model.num_classes,
+        f"{device.platform}:{device.id}",
+        batch,
+        names,
+        tuple(stage_timings),
+        classifier,
+        tuple(splits),
+        payload_batch,
+        quantization.raw_image_nbytes(payload_batch, *model.input_shape, model.num_classes),
+        whole,
+    )
 
 
 def _time_whole(model: StagedNet, batch: int, device: jax.Device, warmup: int, repeats: int) -> float:
@@ -406,14 +468,32 @@ def load_profile(path: str | Path) -> Profile:
     def timing(d: dict) -> Timing:
         return Timing(float(d["fwd_s"]), float(d["train_s"]), float(d["fwd_flops"]), float(d["train_flops"]))
 
-    splits = tuple(SplitProfile(
-        name=s["name"], index=int(s["index"]), feature_shape=tuple(s["feature_shape"]), head=timing(s["head"]),
-        payload_bytes={int(k): int(v) for k, v in s["payload_bytes"].items()},
-        activation_bytes=int(s["activation_bytes"]), gradient_bytes=int(s["gradient_bytes"]),
-        edge_param_bytes=int(s["edge_param_bytes"]), edge_stat_bytes=int(s["edge_stat_bytes"]),
-        edge_residual_bytes_per_example=int(s["edge_residual_bytes_per_example"])) for s in data["splits"])
-    return Profile(model=data["model"], input_shape=tuple(data["input_shape"]), num_classes=int(data["num_classes"]),
-                   device=data["device"], batch=int(data["batch"]), stage_names=tuple(data["stage_names"]),
-                   stages=tuple(timing(t) for t in data["stages"]), classifier=timing(data["classifier"]),
-                   splits=splits, payload_batch=int(data["payload_batch"]), raw_bytes=int(data["raw_bytes"]),
-                   whole_train_s=None if data["whole_train_s"] is None else float(data["whole_train_s"]))
+    splits = tuple(
+        SplitProfile(
+            name=s["name"],
+            index=int(s["index"]),
+            feature_shape=tuple(s["feature_shape"]),
+            head=timing(s["head"]),
+            payload_bytes={int(k): int(v) for k, v in s["payload_bytes"].items()},
+            activation_bytes=int(s["activation_bytes"]),
+            gradient_bytes=int(s["gradient_bytes"]),
+            edge_param_bytes=int(s["edge_param_bytes"]),
+            edge_stat_bytes=int(s["edge_stat_bytes"]),
+            edge_residual_bytes_per_example=int(s["edge_residual_bytes_per_example"]),
+        )
+        for s in data["splits"]
+    )
+    return Profile(
+        model=data["model"],
+        input_shape=tuple(data["input_shape"]),
+        num_classes=int(data["num_classes"]),
+        device=data["device"],
+        batch=int(data["batch"]),
+        stage_names=tuple(data["stage_names"]),
+        stages=tuple(timing(t) for t in data["stages"]),
+        classifier=timing(data["classifier"]),
+        splits=splits,
+        payload_batch=int(data["payload_batch"]),
+        raw_bytes=int(data["raw_bytes"]),
+        whole_train_s=None if data["whole_train_s"] is None else float(data["whole_train_s"]),
+    )

@@ -52,16 +52,17 @@ from hier_jax.devices import AUTO, place, resolve_device
 from hier_jax.errors import DivergenceError, RunAborted
 from hier_jax.models import Split
 
-_POLL_S = 0.05        # how often a blocked wait checks the run's stop event
+_POLL_S = 0.05  # how often a blocked wait checks the run's stop event
 _JOIN_GRACE_S = 60.0  # after a stop, how long a worker may take to finish the step it is running
-_FINITE_LAG = 2       # a side checks the loss of the step this many steps behind its newest
-_WRITE_BACKLOG = 2    # snapshot pairs queued or being written; a side waits before offering another
+_FINITE_LAG = 2  # a side checks the loss of the step this many steps behind its newest
+_WRITE_BACKLOG = 2  # snapshot pairs queued or being written; a side waits before offering another
 _UNPAIRED_PER_SIDE = 4  # copies a side may offer ahead of the other (an outage); older ones are dropped
 
 
 @dataclasses.dataclass(frozen=True)
 class Hierarchy:
     """The compiled steps of one split, and the device each side runs on."""
+
     edge_device: jax.Device
     cloud_device: jax.Device
     edge_step: Callable
@@ -72,9 +73,15 @@ class Hierarchy:
     num_classes: int
 
 
-def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransformation,
-                    cloud_tx: optax.GradientTransformation, edge_device: str | jax.Device = AUTO,
-                    cloud_device: str | jax.Device = AUTO) -> tuple[Hierarchy, steps.State, steps.State]:
+def build_hierarchy(
+    split: Split,
+    *,
+    bits: int,
+    edge_tx: optax.GradientTransformation,
+    cloud_tx: optax.GradientTransformation,
+    edge_device: str | jax.Device = AUTO,
+    cloud_device: str | jax.Device = AUTO,
+) -> tuple[Hierarchy, steps.State, steps.State]:
     """Jit the steps of `split` and return them with initial edge and cloud states on their devices;
     each side's steps are traced under the precision policy its part was built with."""
     edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
@@ -82,14 +89,22 @@ def build_hierarchy(split: Split, *, bits: int, edge_tx: optax.GradientTransform
     cloud_graphdef, cloud_state = steps.init_state(split.cloud, cloud_tx)
     edge_policy, cloud_policy = split.edge.precision, split.cloud.precision
     hierarchy = Hierarchy(
-        edge_device=edge_device, cloud_device=cloud_device,
-        edge_step=jax.jit(steps.make_edge_step(edge_graphdef, edge_tx, bits=bits, num_classes=split.num_classes,
-                                               precision=edge_policy), donate_argnums=0),
+        edge_device=edge_device,
+        cloud_device=cloud_device,
+        edge_step=jax.jit(
+            steps.make_edge_step(
+                edge_graphdef, edge_tx, bits=bits, num_classes=split.num_classes, precision=edge_policy
+            ),
+            donate_argnums=0,
+        ),
         cloud_step=jax.jit(steps.make_cloud_step(cloud_graphdef, cloud_tx, precision=cloud_policy), donate_argnums=0),
-        edge_eval=jax.jit(steps.make_edge_eval(edge_graphdef, bits=bits, num_classes=split.num_classes,
-                                               precision=edge_policy)),
+        edge_eval=jax.jit(
+            steps.make_edge_eval(edge_graphdef, bits=bits, num_classes=split.num_classes, precision=edge_policy)
+        ),
         cloud_eval=jax.jit(steps.make_cloud_eval(cloud_graphdef, precision=cloud_policy)),
-        bits=bits, num_classes=split.num_classes)
+        bits=bits,
+        num_classes=split.num_classes,
+    )
     return hierarchy, place(edge_state, edge_device), place(cloud_state, cloud_device)
 
 
@@ -101,6 +116,7 @@ class RunResult:
     step whose payload the cloud's i-th step consumed. `interrupted`: stopped early by Ctrl-C, with
     both sides at end_step.
     """
+
     edge_state: steps.State
     cloud_state: steps.State
     edge_metrics: dict[str, np.ndarray]
@@ -111,12 +127,13 @@ class RunResult:
     start_step: int = 0
     end_step: int = 0
     interrupted: bool = False
-    mode: str = ""          # set by train.train: sequential, overlapped, end_to_end or split_learning
+    mode: str = ""  # set by train.train: sequential, overlapped, end_to_end or split_learning
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """Copies of both states after `step` steps, with the metrics of this run's steps before it."""
+
     step: int
     edge_state: steps.State
     cloud_state: steps.State
@@ -184,8 +201,13 @@ class _Supervisor:
     `_UNPAIRED_PER_SIDE` unpaired copies, dropping the oldest, whose step then gets no checkpoint.
     """
 
-    def __init__(self, start_step: int, snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None,
-                 timeout_s: float | None):
+    def __init__(
+        self,
+        start_step: int,
+        snapshot_every: int,
+        on_snapshot: Callable[[Snapshot], None] | None,
+        timeout_s: float | None,
+    ):
         if snapshot_every < 0:
             raise ValueError(f"snapshot_every must be >= 0, got {snapshot_every}")
         self.start_step = start_step
@@ -280,8 +302,11 @@ class _Supervisor:
             return
         self.interrupted = True
         self.stop_request.set()
-        print("\ninterrupted: stopping both sides after the steps in flight (Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        print(
+            "\ninterrupted: stopping both sides after the steps in flight (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _serve(self, block: bool) -> bool:
         """Take one offered state; queue a completed pair for the writer. False when nothing was offered."""
@@ -319,12 +344,17 @@ class _Supervisor:
                     self._interrupt()
 
 
-def _metrics_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
-                    ) -> Callable[[int], tuple]:
+def _metrics_before(
+    edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
+) -> Callable[[int], tuple]:
     def upto(k: int) -> tuple:
-        n_cloud = bisect.bisect_left(cloud_steps[:len(cloud_metrics)], k)
-        return (_stack(edge_metrics[:k - start_step]), _stack(cloud_metrics[:n_cloud]),
-                np.asarray(cloud_steps[:n_cloud], dtype=np.int64))
+        n_cloud = bisect.bisect_left(cloud_steps[: len(cloud_metrics)], k)
+        return (
+            _stack(edge_metrics[: k - start_step]),
+            _stack(cloud_metrics[:n_cloud]),
+            np.asarray(cloud_steps[:n_cloud], dtype=np.int64),
+        )
+
     return upto
 
 
@@ -333,10 +363,20 @@ PairStep = Callable[[steps.State, steps.State, Any, Any], tuple[steps.State, ste
 payload_bytes): one step of both sides, dispatched from the run's worker thread."""
 
 
-def run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_state: steps.State,
-              cloud_state: steps.State, batches: Iterable[tuple[Any, Any]], desc: str, *, start_step: int,
-              snapshot_every: int, on_snapshot: Callable[[Snapshot], None] | None, timeout_s: float | None,
-              progress: bool) -> RunResult:
+def run_pairs(
+    pair_step: PairStep,
+    devices: tuple[jax.Device, jax.Device],
+    edge_state: steps.State,
+    cloud_state: steps.State,
+    batches: Iterable[tuple[Any, Any]],
+    desc: str,
+    *,
+    start_step: int,
+    snapshot_every: int,
+    on_snapshot: Callable[[Snapshot], None] | None,
+    timeout_s: float | None,
+    progress: bool,
+) -> RunResult:
     """The supervised sequential core that `run_sequential` and `baselines.run_baseline` share.
 
     One worker thread runs `pair_step` per batch of `batches` (steps start_step, start_step + 1, ...),
@@ -358,7 +398,8 @@ def run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_
                 if run.halted():
                     break
                 edge_state, cloud_state, m_edge, m_cloud, final["payload_bytes"] = pair_step(
-                    edge_state, cloud_state, images, labels)
+                    edge_state, cloud_state, images, labels
+                )
                 jax.block_until_ready((edge_state, cloud_state))
                 edge_metrics.append(m_edge)
                 cloud_metrics.append(m_cloud)
@@ -385,42 +426,88 @@ def run_pairs(pair_step: PairStep, devices: tuple[jax.Device, jax.Device], edge_
     return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
 
 
-def run_sequential(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, start_step: int = 0, snapshot_every: int = 0,
-                   on_snapshot: Callable[[Snapshot], None] | None = None, timeout_s: float | None = None,
-                   progress: bool = False) -> RunResult:
+def run_sequential(
+    h: Hierarchy,
+    edge_state: steps.State,
+    cloud_state: steps.State,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    start_step: int = 0,
+    snapshot_every: int = 0,
+    on_snapshot: Callable[[Snapshot], None] | None = None,
+    timeout_s: float | None = None,
+    progress: bool = False,
+) -> RunResult:
     """Edge step then cloud step for each batch, blocking on both: the reference schedule.
 
     `batches` are steps start_step, start_step + 1, ...; see the module docstring for snapshots,
     divergence checks and Ctrl-C.
     """
+
     def pair_step(edge_state, cloud_state, images, labels):
         edge_state, payload, m_edge = h.edge_step(
-            edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+            edge_state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device)
+        )
         cloud_state, m_cloud = h.cloud_step(cloud_state, jax.device_put(payload, h.cloud_device))
         return edge_state, cloud_state, m_edge, m_cloud, payload.nbytes
 
-    return run_pairs(pair_step, (h.edge_device, h.cloud_device), edge_state, cloud_state, batches, "sequential",
-                     start_step=start_step, snapshot_every=snapshot_every, on_snapshot=on_snapshot,
-                     timeout_s=timeout_s, progress=progress)
+    return run_pairs(
+        pair_step,
+        (h.edge_device, h.cloud_device),
+        edge_state,
+        cloud_state,
+        batches,
+        "sequential",
+        start_step=start_step,
+        snapshot_every=snapshot_every,
+        on_snapshot=on_snapshot,
+        timeout_s=timeout_s,
+        progress=progress,
+    )
 
 
-def _result(run: _Supervisor, final: dict, edge_metrics: list, cloud_metrics: list, cloud_steps: list,
-            wall_s: float, start_step: int) -> RunResult:
+def _result(
+    run: _Supervisor,
+    final: dict,
+    edge_metrics: list,
+    cloud_metrics: list,
+    cloud_steps: list,
+    wall_s: float,
+    start_step: int,
+) -> RunResult:
     if run.errors:
         raise run.errors[0]
     if "edge" not in final or "cloud" not in final:
-        raise RunAborted("aborted by a second interrupt during training; nothing was saved after the last "
-                         "periodic checkpoint")
-    return RunResult(final["edge"], final["cloud"], _stack(edge_metrics), _stack(cloud_metrics), wall_s,
-                     final.get("payload_bytes", 0), np.asarray(cloud_steps, dtype=np.int64), start_step,
-                     final["end_step"], run.interrupted)
+        raise RunAborted(
+            "aborted by a second interrupt during training; nothing was saved after the last periodic checkpoint"
+        )
+    return RunResult(
+        final["edge"],
+        final["cloud"],
+        _stack(edge_metrics),
+        _stack(cloud_metrics),
+        wall_s,
+        final.get("payload_bytes", 0),
+        np.asarray(cloud_steps, dtype=np.int64),
+        start_step,
+        final["end_step"],
+        run.interrupted,
+    )
 
 
-def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-                   batches: Iterable[tuple[Any, Any]], *, channel: Channel | None = None, start_step: int = 0,
-                   snapshot_every: int = 0, on_snapshot: Callable[[Snapshot], None] | None = None,
-                   timeout_s: float | None = None, progress: bool = False) -> RunResult:
+def run_overlapped(
+    h: Hierarchy,
+    edge_state: steps.State,
+    cloud_state: steps.State,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    channel: Channel | None = None,
+    start_step: int = 0,
+    snapshot_every: int = 0,
+    on_snapshot: Callable[[Snapshot], None] | None = None,
+    timeout_s: float | None = None,
+    progress: bool = False,
+) -> RunResult:
     """Edge and cloud each on a dispatch thread of their own, joined by `channel` (default: a
     QueueChannel of capacity 2).
 
@@ -445,7 +532,8 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
                 if run.halted():
                     break
                 state, payload, metrics = h.edge_step(
-                    state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device))
+                    state, jax.device_put(images, h.edge_device), jax.device_put(labels, h.edge_device)
+                )
                 edge_metrics.append(metrics)
                 final["payload_bytes"] = payload.nbytes
                 if run.is_boundary(t + 1):
@@ -486,8 +574,10 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
             run.fail(exc)
 
     channel.open(run.stop)
-    threads = [threading.Thread(target=edge_worker, args=(edge_state,), name="hier-edge", daemon=True),
-               threading.Thread(target=cloud_worker, args=(cloud_state,), name="hier-cloud", daemon=True)]
+    threads = [
+        threading.Thread(target=edge_worker, args=(edge_state,), name="hier-edge", daemon=True),
+        threading.Thread(target=cloud_worker, args=(cloud_state,), name="hier-cloud", daemon=True),
+    ]
     del edge_state, cloud_state  # donated to the workers
     try:
         wall_s = run.supervise(threads, _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
@@ -498,8 +588,9 @@ def run_overlapped(h: Hierarchy, edge_state: steps.State, cloud_state: steps.Sta
     return _result(run, final, edge_metrics, cloud_metrics, cloud_steps, wall_s, start_step)
 
 
-def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-             batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+def evaluate(
+    h: Hierarchy, edge_state: steps.State, cloud_state: steps.State, batches: Iterable[tuple[Any, Any, Any]]
+) -> dict[str, float]:
     """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit:
     {"edge_accuracy": float, "cloud_accuracy": float, "examples": int}.
 
@@ -514,11 +605,15 @@ def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
         cloud_preds.append(jnp.argmax(cloud_logits, -1))
         labels_all.append(labels)
         masks.append(mask)
-    edge_preds, cloud_preds, labels_all, masks = (np.concatenate(jax.device_get(x)) if x else np.zeros(0)
-                                                  for x in (edge_preds, cloud_preds, labels_all, masks))
+    edge_preds, cloud_preds, labels_all, masks = (
+        np.concatenate(jax.device_get(x)) if x else np.zeros(0) for x in (edge_preds, cloud_preds, labels_all, masks)
+    )
     masks = masks.astype(bool)
     n = int(masks.sum())
     if n == 0:
         raise ValueError("evaluation got no examples")
-    return {"edge_accuracy": float(((edge_preds == labels_all) & masks).sum()) / n,
-            "cloud_accuracy": float(((cloud_preds == labels_all) & masks).sum()) / n, "examples": n}
+    return {
+        "edge_accuracy": float(((edge_preds == labels_all) & masks).sum()) / n,
+        "cloud_accuracy": float(((cloud_preds == labels_all) & masks).sum()) / n,
+        "examples": n,
+    }

@@ -21,9 +21,9 @@ from hier_jax import baselines, profiler, runner, steps
 from hier_jax.channel import Channel, QueueChannel
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
-from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
+from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
 
@@ -36,6 +36,7 @@ batches, same checkpoints and resume) with `train(setup, "end_to_end")` or `trai
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a run needs: the split model, compiled steps, initial states and the step count."""
+
     config: ExperimentConfig
     dataset: ImageDataset
     model: StagedNet
@@ -60,8 +61,10 @@ def total_steps(config: ExperimentConfig, dataset: ImageDataset) -> int:
 def check_data(config: ExperimentConfig, dataset: ImageDataset) -> None:
     """The checks that need the data (ConfigError): at least one full batch in the training split."""
     if total_steps(config, dataset) < 1:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training split of {dataset.name} "
-                          f"({dataset.num_train} images): no training steps; valid: 1..{dataset.num_train}")
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the training split of {dataset.name} "
+            f"({dataset.num_train} images): no training steps; valid: 1..{dataset.num_train}"
+        )
 
 
 def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
@@ -69,19 +72,30 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     compiled steps."""
     validate(config)
     check_data(config, dataset)
-    model = build_model(config.model, num_classes=dataset.num_classes, input_shape=dataset.image_shape,
-                        width=config.width, seed=config.seed, precision=config.precision)
+    model = build_model(
+        config.model,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.image_shape,
+        width=config.width,
+        seed=config.seed,
+        precision=config.precision,
+    )
     try:
         check_input_size(model)
     except ValueError as error:
         raise ConfigError(f"--model {config.model} on --dataset {config.dataset}: {error}") from None
-    parts = split(model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid),
-                  seed=config.seed)
+    parts = split(
+        model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid), seed=config.seed
+    )
     n_steps = total_steps(config, dataset)
     hierarchy, edge_state, cloud_state = runner.build_hierarchy(
-        parts, bits=config.bits, edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
-        cloud_tx=make_optimizer(config.optimizer("cloud"), n_steps), edge_device=config.edge_device,
-        cloud_device=config.cloud_device)
+        parts,
+        bits=config.bits,
+        edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+        cloud_tx=make_optimizer(config.optimizer("cloud"), n_steps),
+        edge_device=config.edge_device,
+        cloud_device=config.cloud_device,
+    )
     return Setup(config, dataset, model, parts, hierarchy, edge_state, cloud_state, n_steps)
 
 
@@ -103,9 +117,17 @@ class TrainBatches:
         c = self.setup.config
         per_epoch = num_train_steps(self.setup.dataset, c.batch_size)
         first_epoch, skip = divmod(self.start, per_epoch)
-        epochs = (train_batches(self.setup.dataset, c.batch_size, seed=c.seed, epoch=e,
-                                device=self.setup.hierarchy.edge_device, start=skip if e == first_epoch else 0)
-                  for e in itertools.count(first_epoch))
+        epochs = (
+            train_batches(
+                self.setup.dataset,
+                c.batch_size,
+                seed=c.seed,
+                epoch=e,
+                device=self.setup.hierarchy.edge_device,
+                start=skip if e == first_epoch else 0,
+            )
+            for e in itertools.count(first_epoch)
+        )
         return itertools.islice(itertools.chain.from_iterable(epochs), len(self))
 
 
@@ -124,10 +146,13 @@ def build_baseline(setup: Setup, scheme: str) -> tuple[baselines.Baseline, steps
     if scheme == "end_to_end":
         return baselines.build_end_to_end(setup.model, cloud_tx, device=config.cloud_device)
     if scheme == "split_learning":
-        return baselines.build_split_learning(split(setup.model, setup.split.point, head=None),
-                                              edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
-                                              cloud_tx=cloud_tx, edge_device=config.edge_device,
-                                              cloud_device=config.cloud_device)
+        return baselines.build_split_learning(
+            split(setup.model, setup.split.point, head=None),
+            edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+            cloud_tx=cloud_tx,
+            edge_device=config.edge_device,
+            cloud_device=config.cloud_device,
+        )
     raise ConfigError(f"unknown baseline {scheme!r}; valid: {', '.join(BASELINES)}")
 
 
@@ -158,26 +183,36 @@ def _joined(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict
     return {k: np.concatenate([before[k], np.asarray(after.get(k, np.zeros(0)), np.float32)]) for k in METRIC_KEYS}
 
 
-def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_steps: np.ndarray,
-          wall_s: float) -> dict:
+def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_steps: np.ndarray, wall_s: float) -> dict:
     per_epoch = num_train_steps(setup.dataset, setup.config.batch_size)
     return {
-        "format": 1, "step": step, "total_steps": setup.total_steps, "mode": mode,
-        "config": dataclasses.asdict(setup.config), "precision": setup.precision,
-        "data": {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch, "steps_per_epoch": per_epoch,
-                 "order": "epoch_permutation(seed, epoch)"},
+        "format": 1,
+        "step": step,
+        "total_steps": setup.total_steps,
+        "mode": mode,
+        "config": dataclasses.asdict(setup.config),
+        "precision": setup.precision,
+        "data": {
+            "epoch": step // per_epoch,
+            "batch_in_epoch": step % per_epoch,
+            "steps_per_epoch": per_epoch,
+            "order": "epoch_permutation(seed, epoch)",
+        },
         "rng": {"seed": setup.config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
-        "metrics": {**{f"edge_{k}": edge[k].tolist() for k in METRIC_KEYS},
-                    **{f"cloud_{k}": cloud[k].tolist() for k in METRIC_KEYS},
-                    "cloud_steps": cloud_steps.tolist()},
+        "metrics": {
+            **{f"edge_{k}": edge[k].tolist() for k in METRIC_KEYS},
+            **{f"cloud_{k}": cloud[k].tolist() for k in METRIC_KEYS},
+            "cloud_steps": cloud_steps.tolist(),
+        },
         "wall_s": wall_s,
     }
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                                if jnp.issubdtype(x.dtype, jnp.inexact)]))
+    return jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)])
+    )
 
 
 def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> None:
@@ -185,15 +220,25 @@ def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> No
     current = dataclasses.asdict(config)
     # A field added since the checkpoint was written had its default value then.
     recorded = {**dataclasses.asdict(ExperimentConfig()), **recorded}
-    differ = [f"{name} ({current[name]!r} here, {recorded.get(name)!r} in the checkpoint)"
-              for name in current if name not in RUN_ONLY_FIELDS and current[name] != recorded.get(name)]
+    differ = [
+        f"{name} ({current[name]!r} here, {recorded.get(name)!r} in the checkpoint)"
+        for name in current
+        if name not in RUN_ONLY_FIELDS and current[name] != recorded.get(name)
+    ]
     if differ:
         raise ResumeMismatchError(f"cannot resume from {where}: the config differs in " + "; ".join(differ))
 
 
-def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = None, progress: bool = True,
-          checkpoint_dir: str | Path | None = None, resume: bool = False, timeout_s: float | None = None
-          ) -> runner.RunResult:
+def train(
+    setup: Setup,
+    mode: str = "overlapped",
+    *,
+    channel: Channel | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    timeout_s: float | None = None,
+) -> runner.RunResult:
     """Train in `mode` ("sequential" or "overlapped", or a baseline: "end_to_end", "split_learning")
     from the initial states, or with `resume=True` from the latest checkpoint in `checkpoint_dir`;
     returns the whole run's metrics and final states.
@@ -217,8 +262,13 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = N
         baseline, edge_state, cloud_state = build_baseline(setup, mode)
     else:
         edge_state, cloud_state = fresh_states(setup)
-    checkpoints = None if checkpoint_dir is None else RunCheckpoints(
-        checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir())
+    checkpoints = (
+        None
+        if checkpoint_dir is None
+        else RunCheckpoints(
+            checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir()
+        )
+    )
     meta = None
     try:
         if resume:
@@ -226,18 +276,25 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = N
             where = checkpoints.path(meta["step"])
             check_resumable(config, meta.get("config", {}), where)
             if mode != meta.get("mode") and (mode in BASELINES or meta.get("mode") in BASELINES):
-                raise ResumeMismatchError(f"cannot resume from {where}: it is a checkpoint of {meta.get('mode')} "
-                                          f"training, not {mode}")
+                raise ResumeMismatchError(
+                    f"cannot resume from {where}: it is a checkpoint of {meta.get('mode')} training, not {mode}"
+                )
             if meta.get("precision", setup.precision) != setup.precision:  # "auto" on another backend
-                raise ResumeMismatchError(f"cannot resume from {where}: it was trained in precision "
-                                          f"{meta['precision']}, this run's resolves to {setup.precision}")
+                raise ResumeMismatchError(
+                    f"cannot resume from {where}: it was trained in precision "
+                    f"{meta['precision']}, this run's resolves to {setup.precision}"
+                )
             if meta.get("total_steps") != setup.total_steps:
-                raise ResumeMismatchError(f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
-                                          f"steps, this one has {setup.total_steps} (has the data set changed?)")
+                raise ResumeMismatchError(
+                    f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
+                    f"steps, this one has {setup.total_steps} (has the data set changed?)"
+                )
             edge_state, cloud_state, meta = checkpoints.restore(edge_state, cloud_state, meta["step"])
         elif checkpoints is not None and checkpoints.steps():
-            raise ConfigError(f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
-                              f"resume=True to continue that run, or another checkpoint_dir")
+            raise ConfigError(
+                f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
+                f"resume=True to continue that run, or another checkpoint_dir"
+            )
         start = 0 if meta is None else int(meta["step"])
         edge_before, cloud_before, steps_before = _history(meta)
         wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
@@ -256,19 +313,38 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = N
             if step in checkpoints.steps():  # this run saved it already, then was interrupted before noting it
                 saved.update(step=step, path=checkpoints.path(step))
                 return
-            record = _meta(setup, mode, step, _joined(edge_before, edge_new), _joined(cloud_before, cloud_new),
-                           np.concatenate([steps_before, cloud_steps_new]), wall_s)
+            record = _meta(
+                setup,
+                mode,
+                step,
+                _joined(edge_before, edge_new),
+                _joined(cloud_before, cloud_new),
+                np.concatenate([steps_before, cloud_steps_new]),
+                wall_s,
+            )
             saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
 
         def on_snapshot(snap: runner.Snapshot) -> None:
-            save(snap.step, snap.edge_state, snap.cloud_state, snap.edge_metrics, snap.cloud_metrics,
-                 snap.cloud_steps, wall_before + time.perf_counter() - started)
+            save(
+                snap.step,
+                snap.edge_state,
+                snap.cloud_state,
+                snap.edge_metrics,
+                snap.cloud_metrics,
+                snap.cloud_steps,
+                wall_before + time.perf_counter() - started,
+            )
 
         every = config.checkpoint_every if checkpoints is not None else 0
         batches = TrainBatches(setup, start)
         started = time.perf_counter()
-        kwargs = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
-                      timeout_s=timeout_s, progress=progress)
+        kwargs = dict(
+            start_step=start,
+            snapshot_every=every,
+            on_snapshot=on_snapshot if every else None,
+            timeout_s=timeout_s,
+            progress=progress,
+        )
         try:
             if mode in BASELINES:
                 result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
@@ -276,27 +352,41 @@ def train(setup: Setup, mode: str = "overlapped", *, channel: Channel | None = N
                 result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
                 channel = QueueChannel(config.queue_size) if channel is None else channel
-                result = runner.run_overlapped(setup.hierarchy, edge_state, cloud_state, batches, channel=channel,
-                                               **kwargs)
+                result = runner.run_overlapped(
+                    setup.hierarchy, edge_state, cloud_state, batches, channel=channel, **kwargs
+                )
         except DivergenceError as error:
             raise DivergenceError(error.side, error.step, error.value, saved["path"]) from None
         wall_s = wall_before + result.wall_s
         if checkpoints is not None and result.end_step > saved["step"]:
-            save(result.end_step, result.edge_state, result.cloud_state, result.edge_metrics, result.cloud_metrics,
-                 result.cloud_steps, wall_s)
+            save(
+                result.end_step,
+                result.edge_state,
+                result.cloud_state,
+                result.edge_metrics,
+                result.cloud_metrics,
+                result.cloud_steps,
+                wall_s,
+            )
     finally:
         if checkpoints is not None:
             checkpoints.close()
     if result.interrupted and result.end_step < setup.total_steps:
         raise RunInterrupted(result.end_step, saved["path"])
     return dataclasses.replace(
-        result, edge_metrics=_joined(edge_before, result.edge_metrics),
+        result,
+        edge_metrics=_joined(edge_before, result.edge_metrics),
         cloud_metrics=_joined(cloud_before, result.cloud_metrics),
-        cloud_steps=np.concatenate([steps_before, result.cloud_steps]), wall_s=wall_s, start_step=start,
+        cloud_steps=np.concatenate([steps_before, result.cloud_steps]),
+        wall_s=wall_s,
+        start_step=start,
         # A resumed run that was already complete ran no step: its payload size comes from the shapes
         # (always, for the baselines: what their link carries includes the labels).
-        payload_bytes=payload_nbytes(setup, mode) if mode in BASELINES or not result.payload_bytes
-        else result.payload_bytes, mode=mode)
+        payload_bytes=payload_nbytes(setup, mode)
+        if mode in BASELINES or not result.payload_bytes
+        else result.payload_bytes,
+        mode=mode,
+    )
 
 
 def payload_nbytes(setup: Setup, mode: str) -> int:
@@ -315,6 +405,8 @@ def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
     if result.mode in BASELINES:
         baseline, _, _ = build_baseline(setup, result.mode)
-        return {"edge_accuracy": None,
-                **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
+        return {
+            "edge_accuracy": None,
+            **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches),
+        }
     return runner.evaluate(setup.hierarchy, result.edge_state, result.cloud_state, batches)

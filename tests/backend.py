@@ -42,10 +42,17 @@ _TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # vs unsplit forward, a CPU convolution formulation vs lax.conv, the pure step vs nnx autodiff.
     "reordered": {
         "cpu": Tolerance(1e-5, 1e-6, "float32 round-off (~6e-8 per add) over sums of a few thousand terms"),
-        "gpu": Tolerance(1e-5, 1e-6, "as on CPU: fp32 at precision 'highest'; cuDNN may pick another "
-                                     "algorithm (summation order) for each graph"),
-        "tpu": Tolerance(1e-4, 1e-6, "'highest' on TPU is a multi-pass bf16 emulation of fp32, a few ulps "
-                                     "less exact than native fp32; unmeasured"),
+        "gpu": Tolerance(
+            1e-5,
+            1e-6,
+            "as on CPU: fp32 at precision 'highest'; cuDNN may pick another algorithm (summation order) for each graph",
+        ),
+        "tpu": Tolerance(
+            1e-4,
+            1e-6,
+            "'highest' on TPU is a multi-pass bf16 emulation of fp32, a few ulps "
+            "less exact than native fp32; unmeasured",
+        ),
     },
     # Parameters after an optimizer step computed two ways: round-off of the gradient, divided by its
     # small magnitude in the update, lands in parameters that start near zero (hence atol).
@@ -64,8 +71,12 @@ _TOLERANCES: dict[str, dict[str, Tolerance]] = {
         # vjp of its own, so cuDNN autotunes its convolutions apart from end-to-end's fused backward
         # and may pick other algorithms (another summation order); XLA:GPU reductions with atomics
         # (run-to-run order) may add to it, which tasks.py's --xla_gpu_deterministic_ops removes.
-        "gpu": Tolerance(1e-3, 3e-4, "cuDNN algorithm choice differs between the split and the fused "
-                                     "backward: 1.5e-4 absolute measured on an H100, 2x margin"),
+        "gpu": Tolerance(
+            1e-3,
+            3e-4,
+            "cuDNN algorithm choice differs between the split and the fused "
+            "backward: 1.5e-4 absolute measured on an H100, 2x margin",
+        ),
         "tpu": Tolerance(2e-3, 3e-4, "multi-pass bf16 fp32 emulation compounded over steps; unmeasured"),
     },
     # A fresh golden trajectory (tests/golden/) against the stored one, on a build that differs from
@@ -75,8 +86,7 @@ _TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # convolution): per-step losses moved by at most 9.3e-7 relative over the 20 steps, no accuracy
     # changed. 3e-5 is 30x that, for a CPU with other vector widths.
     "golden": {
-        "cpu": Tolerance(3e-5, 0.0, "30x the deviation of a different convolution program on the same "
-                                    "CPU (9.3e-7)"),
+        "cpu": Tolerance(3e-5, 0.0, "30x the deviation of a different convolution program on the same CPU (9.3e-7)"),
         "gpu": Tolerance(1e-4, 0.0, "fp32 at 'highest', cuDNN's own convolution algorithms; unmeasured"),
         "tpu": Tolerance(2e-3, 0.0, "multi-pass bf16 fp32 emulation; unmeasured"),
     },

@@ -56,8 +56,10 @@ def device_pair_for(kind: str) -> tuple[jax.Device, jax.Device]:
             pytest.skip(f"needs two accelerators; this host has {len(accelerators)}")
         return accelerators[0], accelerators[-1]
     if not accelerators or not host:
-        pytest.skip(f"needs an accelerator and the host CPU; this process has {len(accelerators)} "
-                    f"accelerator(s) and {len(host)} host device(s)")
+        pytest.skip(
+            f"needs an accelerator and the host CPU; this process has {len(accelerators)} "
+            f"accelerator(s) and {len(host)} host device(s)"
+        )
     return host[0], accelerators[0]  # the edge on the weak side
 
 

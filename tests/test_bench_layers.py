@@ -19,13 +19,18 @@ FORMULATIONS = {"eigen", "ynnpack", "cpu", "cpu-ynn"}
 
 def _check_rows(saved: dict, variants: set[tuple[str, str]], bn_variants: set[tuple[str, str]]) -> None:
     rows = saved["rows"]
-    for op, passes, expected in [("conv", ("forward", "dx", "dw"), variants),
-                                 ("bn", ("forward", "backward"), bn_variants)]:
+    for op, passes, expected in [
+        ("conv", ("forward", "dx", "dw"), variants),
+        ("bn", ("forward", "backward"), bn_variants),
+    ]:
         shapes = {(tuple(r["x_shape"]), tuple(r["w_shape"] or ())) for r in rows if r["op"] == op}
         assert len(shapes) == 2
         for shape in shapes:
-            got = {(r["pass"], r["framework"], r["variant"]) for r in rows if r["op"] == op
-                   and (tuple(r["x_shape"]), tuple(r["w_shape"] or ())) == shape}
+            got = {
+                (r["pass"], r["framework"], r["variant"])
+                for r in rows
+                if r["op"] == op and (tuple(r["x_shape"]), tuple(r["w_shape"] or ())) == shape
+            }
             assert got == {(p, f, v) for p in passes for f, v in expected}
     assert len(rows) == 2 * 3 * len(variants) + 2 * 2 * len(bn_variants)
     for r in rows:
@@ -61,19 +66,42 @@ def test_bench_layers_smoke_jax(tmp_path):
 
 def test_bench_layers_smoke_torch(tmp_path):
     pytest.importorskip("torch")
-    result = bench_layers.main([*TINY, "--shapes-limit", "2", "--formulations", "eigen,cpu",
-                                "--torch-modes", "channels_last", "--out", str(tmp_path)])
+    result = bench_layers.main(
+        [
+            *TINY,
+            "--shapes-limit",
+            "2",
+            "--formulations",
+            "eigen,cpu",
+            "--torch-modes",
+            "channels_last",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "bench_layers.json").read_text())
     assert saved["torch"] and saved["torch_threads"] == saved["threads"]
-    _check_rows(saved, {("jax", "eigen"), ("jax", "cpu"), ("torch", "channels_last")},
-                {("jax", "nnx"), ("torch", "channels_last")})
+    _check_rows(
+        saved,
+        {("jax", "eigen"), ("jax", "cpu"), ("torch", "channels_last")},
+        {("jax", "nnx"), ("torch", "channels_last")},
+    )
     assert result["rows"][0]["framework"] == "jax"
     assert "torch channels_last" in (tmp_path / "bench_layers.md").read_text()
 
 
-@pytest.mark.parametrize("bad", [["--models", "alexnet"], ["--formulations", "eigen,fast"],
-                                 ["--torch-modes", "cl"], ["--ops", "pool"], ["--batch", "0"],
-                                 ["--repeats", "0"], ["--formulations", "", "--torch-modes", ""]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--models", "alexnet"],
+        ["--formulations", "eigen,fast"],
+        ["--torch-modes", "cl"],
+        ["--ops", "pool"],
+        ["--batch", "0"],
+        ["--repeats", "0"],
+        ["--formulations", "", "--torch-modes", ""],
+    ],
+)
 def test_bench_layers_rejects_bad_arguments(tmp_path, capsys, bad):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:

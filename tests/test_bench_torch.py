@@ -20,9 +20,28 @@ STEPS = {"edge", "cloud", "pair", "end_to_end"}
 def test_bench_torch_smoke(tmp_path):
     pytest.importorskip("torch")
     model, point = "resnet18", "layer1_1"
-    argv = ["--model", model, "--dataset", "cifar10", "--split", point, "--batch", "2", "--width", "8",
-            "--exit-channels", "8", "--steps", "2", "--warmup", "1", "--torch-modes", "eager_cl",
-            "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        model,
+        "--dataset",
+        "cifar10",
+        "--split",
+        point,
+        "--batch",
+        "2",
+        "--width",
+        "8",
+        "--exit-channels",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--torch-modes",
+        "eager_cl",
+        "--out",
+        str(tmp_path),
+    ]
     rows = bench_torch.main(argv)
     saved = json.loads((tmp_path / "bench_torch.json").read_text())
     assert saved == json.loads(json.dumps(rows))
@@ -41,12 +60,36 @@ def test_bench_torch_smoke(tmp_path):
 def test_bench_torch_bf16_smoke(tmp_path):
     """--precision bf16: JAX's models computing in bfloat16 against torch.autocast(bfloat16)."""
     pytest.importorskip("torch")
-    argv = ["--model", "resnet18", "--dataset", "cifar10", "--split", "layer1_1", "--batch", "2", "--width", "8",
-            "--exit-channels", "8", "--steps", "1", "--warmup", "1", "--torch-modes", "eager_cl",
-            "--steps-to-time", "pair,end_to_end", "--precision", "bf16", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        "resnet18",
+        "--dataset",
+        "cifar10",
+        "--split",
+        "layer1_1",
+        "--batch",
+        "2",
+        "--width",
+        "8",
+        "--exit-channels",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--torch-modes",
+        "eager_cl",
+        "--steps-to-time",
+        "pair,end_to_end",
+        "--precision",
+        "bf16",
+        "--out",
+        str(tmp_path),
+    ]
     rows = bench_torch.main(argv)
-    assert {(r["framework"], r["step"]) for r in rows} == {(f, s) for f in ("jax", "torch")
-                                                           for s in ("pair", "end_to_end")}
+    assert {(r["framework"], r["step"]) for r in rows} == {
+        (f, s) for f in ("jax", "torch") for s in ("pair", "end_to_end")
+    }
     for r in rows:
         assert r["precision"] == "bf16" and "autocast" in r["precision_detail"] and r["median_s"] > 0
     # The payload does not depend on the precision: 2 x 32x32x8 features at 4 bits, scale, offset, labels.
@@ -94,8 +137,10 @@ def test_tuned_malloc_keeps_a_threads_large_blocks_mapped():
     root = Path(__file__).resolve().parents[1]
 
     def faults(mode: str) -> int:
-        done = subprocess.run([sys.executable, "-c", FAULTS_ON_A_THREAD, mode], cwd=root, capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS_ON_A_THREAD, mode], cwd=root, capture_output=True, text=True, check=True
+        )
         return int(done.stdout.split()[-1])
+
     assert faults("default") >= 32_000
     assert faults("tuned") < 1_000

@@ -13,11 +13,13 @@ from hier_jax.optim import OptimConfig, make_optimizer
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     model = build_model("vgg16", num_classes=10, input_shape=(32, 32, 3), width=4)
     tx = make_optimizer(OptimConfig(), total_steps=5)
-    h, edge0, cloud0 = runner.build_hierarchy(split(model, "pool2", ExitHeadConfig(channels=8)), bits=4,
-                                              edge_tx=tx, cloud_tx=tx)
+    h, edge0, cloud0 = runner.build_hierarchy(
+        split(model, "pool2", ExitHeadConfig(channels=8)), bits=4, edge_tx=tx, cloud_tx=tx
+    )
     rng = np.random.default_rng(0)
-    data = [(rng.normal(size=(4, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int32))
-            for _ in range(5)]
+    data = [
+        (rng.normal(size=(4, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int32)) for _ in range(5)
+    ]
 
     def copies():
         return devices.place(edge0, h.edge_device), devices.place(cloud0, h.cloud_device)

@@ -28,11 +28,18 @@ def refuse(*args, **kwargs):
 @pytest.fixture
 def nothing_loaded(monkeypatch):
     """Any data load, model build or profile fails the test."""
-    for target, name in [(hier_jax.data, "load_dataset"), (bench_input, "load_dataset"),
-                         (bench_overlap, "load_dataset"), (train, "build"), (hier_jax.models, "build_model"),
-                         (bench_torch, "model_and_split"), (bench_torch, "jax_variant"),
-                         (bench_torch, "torch_variant"), (runtime_table, "build_model"),
-                         (runtime_table, "load_or_profile")]:
+    for target, name in [
+        (hier_jax.data, "load_dataset"),
+        (bench_input, "load_dataset"),
+        (bench_overlap, "load_dataset"),
+        (train, "build"),
+        (hier_jax.models, "build_model"),
+        (bench_torch, "model_and_split"),
+        (bench_torch, "jax_variant"),
+        (bench_torch, "torch_variant"),
+        (runtime_table, "build_model"),
+        (runtime_table, "load_or_profile"),
+    ]:
         monkeypatch.setattr(target, name, refuse)
 
 
@@ -128,14 +135,17 @@ BAD_RUNTIME_TABLE = [
     (TABLE + ["--time-source", "guess"], ["'guess'", "flops"]),
 ]
 
-CASES = ([(bench_input, argv, names) for argv, names in BAD_BENCH_INPUT]
-         + [(bench_overlap, argv, names) for argv, names in BAD_BENCH_OVERLAP]
-         + [(bench_torch, argv, names) for argv, names in BAD_BENCH_TORCH]
-         + [(runtime_table, argv, names) for argv, names in BAD_RUNTIME_TABLE])
+CASES = (
+    [(bench_input, argv, names) for argv, names in BAD_BENCH_INPUT]
+    + [(bench_overlap, argv, names) for argv, names in BAD_BENCH_OVERLAP]
+    + [(bench_torch, argv, names) for argv, names in BAD_BENCH_TORCH]
+    + [(runtime_table, argv, names) for argv, names in BAD_RUNTIME_TABLE]
+)
 
 
-@pytest.mark.parametrize("module, argv, names", CASES,
-                         ids=[f"{m.__name__.split('.')[-1]}:{' '.join(a) or 'none'}" for m, a, _ in CASES])
+@pytest.mark.parametrize(
+    "module, argv, names", CASES, ids=[f"{m.__name__.split('.')[-1]}:{' '.join(a) or 'none'}" for m, a, _ in CASES]
+)
 def test_bad_argument_is_one_line_and_exit_2(module, argv, names, nothing_loaded, a_file, tmp_path, capsys):
     out_dir = str(tmp_path / "out")
     argv = [a.replace(FILE, a_file).replace("{dir}", out_dir) for a in argv]
@@ -147,12 +157,15 @@ def test_bad_argument_is_one_line_and_exit_2(module, argv, names, nothing_loaded
         assert not (tmp_path / "out").exists()  # checked before the output directory was made
 
 
-@pytest.mark.parametrize("module, argv", [
-    (bench_input, INPUT + ["--batch", "0", "--debug"]),
-    (bench_overlap, ["--split", "pool9", "--debug"]),
-    (bench_torch, TORCH + ["--bits", "9", "--debug"]),
-    (runtime_table, ["--out", FILE, "--debug"]),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        (bench_input, INPUT + ["--batch", "0", "--debug"]),
+        (bench_overlap, ["--split", "pool9", "--debug"]),
+        (bench_torch, TORCH + ["--bits", "9", "--debug"]),
+        (runtime_table, ["--out", FILE, "--debug"]),
+    ],
+)
 def test_debug_raises_the_error_itself(module, argv, nothing_loaded, a_file, capsys):
     argv = [a.replace(FILE, a_file) for a in argv]
     with pytest.raises(UserError) as error:
@@ -173,21 +186,34 @@ def test_bench_torch_parse_args_keeps_exiting(capsys):
         bench_torch.parse_args(TORCH + ["--width", "0"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        "experiments.bench_torch: error: --width 0 is invalid; valid: an integer >= 1"]
+        "experiments.bench_torch: error: --width 0 is invalid; valid: an integer >= 1"
+    ]
     args = bench_torch.parse_args(["--model", "vgg16", "--torch-modes", ""])
     assert args.split == "pool3" and args.torch_modes == []
 
 
 def tiny_dataset(num_train: int = 4) -> ImageDataset:
     images = np.zeros((num_train, 8, 8, 3), np.uint8)
-    return ImageDataset("tiny", images, np.zeros(num_train, np.int32), images[:2], np.zeros(2, np.int32),
-                        ("a", "b"), (0.0,) * 3, (1.0,) * 3, "none")
+    return ImageDataset(
+        "tiny",
+        images,
+        np.zeros(num_train, np.int32),
+        images[:2],
+        np.zeros(2, np.int32),
+        ("a", "b"),
+        (0.0,) * 3,
+        (1.0,) * 3,
+        "none",
+    )
 
 
-@pytest.mark.parametrize("module, argv, flag", [
-    (bench_input, ["--dataset", "digits", "--batch", "8"], "--batch 8"),
-    (bench_overlap, ["--batch", "8"], "--batch-size 8"),
-])
+@pytest.mark.parametrize(
+    "module, argv, flag",
+    [
+        (bench_input, ["--dataset", "digits", "--batch", "8"], "--batch 8"),
+        (bench_overlap, ["--batch", "8"], "--batch-size 8"),
+    ],
+)
 def test_batch_larger_than_the_training_split(module, argv, flag, nothing_loaded, monkeypatch, capsys):
     """Known only once the data is loaded: still one line and exit 2, and no model is built."""
     loaded = []
@@ -197,12 +223,15 @@ def test_batch_larger_than_the_training_split(module, argv, flag, nothing_loaded
     assert flag in line and "training split" in line and "1..4" in line
 
 
-@pytest.mark.parametrize("module, argv", [
-    (bench_input, ["--dataset", "digits", "--batch", "8", "--steps", "1", "--out", "{dir}"]),
-    (bench_overlap, ["--batch", "8", "--steps", "1", "--repeats", "1", "--out", "{dir}"]),
-    (bench_torch, ["--model", "vgg16", "--bits", "32", "--batch", "2", "--no-malloc-tuning", "--out", "{dir}"]),
-    (runtime_table, ["--model", "vgg16", "--bits", "2", "16", "--out", "{dir}"]),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        (bench_input, ["--dataset", "digits", "--batch", "8", "--steps", "1", "--out", "{dir}"]),
+        (bench_overlap, ["--batch", "8", "--steps", "1", "--repeats", "1", "--out", "{dir}"]),
+        (bench_torch, ["--model", "vgg16", "--bits", "32", "--batch", "2", "--no-malloc-tuning", "--out", "{dir}"]),
+        (runtime_table, ["--model", "vgg16", "--bits", "2", "16", "--out", "{dir}"]),
+    ],
+)
 def test_valid_arguments_pass_the_checks(module, argv, nothing_loaded, tmp_path, capsys):
     """Valid arguments get as far as loading data or building a model, with the output directory made."""
     out = tmp_path / "deep" / "out"

@@ -14,8 +14,17 @@ from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
 from hier_jax.errors import ResumeMismatchError, UserError
 
-CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4, batch_size=32,
-                          max_steps=6, head_channels=8, queue_size=1)
+CONFIG = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=4,
+    batch_size=32,
+    max_steps=6,
+    head_channels=8,
+    queue_size=1,
+)
 
 
 def test_iid_shards_are_disjoint_near_equal_and_cover_everything():
@@ -35,20 +44,24 @@ def test_dirichlet_shards_skew_the_labels_and_still_cover_everything():
 
     def top_class_share(parts):  # the share of each edge's examples that its most common class has
         return np.mean([np.bincount(labels[p], minlength=10).max() / max(len(p), 1) for p in parts if len(p)])
+
     assert top_class_share(iid) < 0.15 and top_class_share(skewed) > 0.3  # IID: about 1/10
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"edges": 0}, "--edges 0 is invalid"),
-    ({"flow": "eager"}, "--flow 'eager' is invalid; valid: pipelined, sequential"),
-    ({"order": "random"}, "--order 'random' is invalid; valid: async, round_robin"),
-    ({"links": ("3g", "wifi", "3g")}, "--links '3g,wifi,3g' is invalid; valid: one preset, or one per edge (2)"),
-    ({"links": ("carrier-pigeon",)}, "--links 'carrier-pigeon' is invalid"),
-    ({"dirichlet": -1.0}, "--dirichlet -1.0 is invalid"),
-    ({"kill_edges": ((2, 0),)}, "--kill-edges '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
-    ({"timeout_s": 0}, "--timeout-s 0 is invalid"),
-    ({"max_restarts": -1}, "--max-restarts -1 is invalid; valid: an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"edges": 0}, "--edges 0 is invalid"),
+        ({"flow": "eager"}, "--flow 'eager' is invalid; valid: pipelined, sequential"),
+        ({"order": "random"}, "--order 'random' is invalid; valid: async, round_robin"),
+        ({"links": ("3g", "wifi", "3g")}, "--links '3g,wifi,3g' is invalid; valid: one preset, or one per edge (2)"),
+        ({"links": ("carrier-pigeon",)}, "--links 'carrier-pigeon' is invalid"),
+        ({"dirichlet": -1.0}, "--dirichlet -1.0 is invalid"),
+        ({"kill_edges": ((2, 0),)}, "--kill-edges '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
+        ({"timeout_s": 0}, "--timeout-s 0 is invalid"),
+        ({"max_restarts": -1}, "--max-restarts -1 is invalid; valid: an integer >= 0"),
+    ],
+)
 def test_bad_cluster_settings_fail_before_anything_starts(change, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cluster.validate_cluster(dataclasses.replace(cluster.ClusterConfig(edges=2), **change))
@@ -56,8 +69,7 @@ def test_bad_cluster_settings_fail_before_anything_starts(change, message):
 
 def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts():
     with pytest.raises(UserError, match="edge .'s shard has .* fewer than one batch of 512"):
-        cluster.run(dataclasses.replace(CONFIG, batch_size=512), load_dataset("digits"),
-                    cluster.ClusterConfig(edges=3))
+        cluster.run(dataclasses.replace(CONFIG, batch_size=512), load_dataset("digits"), cluster.ClusterConfig(edges=3))
 
 
 # --- real workers ------------------------------------------------------------------------------------
@@ -126,7 +138,9 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
     assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
     assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
     assert (result.edges[0].edge_accuracy, result.edges[0].cloud_accuracy) == (
-        accuracy["edge_accuracy"], accuracy["cloud_accuracy"])
+        accuracy["edge_accuracy"],
+        accuracy["cloud_accuracy"],
+    )
     report = result.edges[0]
     assert (report.sent, report.delivered, report.dropped, report.lost) == (6, 6, 0, False)
     assert report.max_in_flight <= CONFIG.queue_size + 1  # backpressure: the edge is never further ahead
@@ -146,8 +160,9 @@ def two_edges_uninterrupted(local_ray, digits):
 
 
 @needs_ray
-def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(two_edges_uninterrupted, digits,
-                                                                                tmp_path):
+def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(
+    two_edges_uninterrupted, digits, tmp_path
+):
     """Two edges, models averaged every 3 steps, checkpoints every 3: a run whose cloud dies at its
     step 8 (after the checkpoint at edge step 3, cloud step 6), resumed from that checkpoint, ends
     exactly as the run that was never stopped."""
@@ -160,8 +175,9 @@ def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(
     assert (first.resumed_cloud_steps, again.resumed_cloud_steps) == (0, 6)
     assert again.cloud_steps_per_s == pytest.approx(6 / again.wall_s)
     assert first.cloud_losses == again.cloud_losses
-    assert [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in first.edges] == \
-        [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in again.edges]
+    assert [(e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in first.edges] == [
+        (e.edge_accuracy, e.cloud_accuracy, e.delivered) for e in again.edges
+    ]
     with pytest.raises(ResumeMismatchError, match="--edge-sync 3, not 2"):
         cluster.run(config, digits, dataclasses.replace(settings, edge_sync=2), checkpoint_dir=tmp_path, resume=True)
     # Averaged at steps 3 and 6 (the last): both edges end with one model, so the same exits.
@@ -186,18 +202,24 @@ def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digit
 
 @needs_ray
 def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_never_died(
-        two_edges_uninterrupted, digits, tmp_path):
+    two_edges_uninterrupted, digits, tmp_path
+):
     """Edge 1 dies at its step 4 and comes back from the checkpoint at step 3 (taken after the
     models were averaged there), recomputing the steps the cloud already has without sending them
     again; in round-robin order every loss and accuracy then equals the run without the fault."""
     clean = two_edges_uninterrupted
-    faulty = cluster.run(TWO_EDGES, digits, dataclasses.replace(TWO_EDGES_SYNCED, kill_edges=((1, 4),),
-                                                                  max_restarts=1), checkpoint_dir=tmp_path)
+    faulty = cluster.run(
+        TWO_EDGES,
+        digits,
+        dataclasses.replace(TWO_EDGES_SYNCED, kill_edges=((1, 4),), max_restarts=1),
+        checkpoint_dir=tmp_path,
+    )
     assert faulty.cloud_order == clean.cloud_order
     assert faulty.cloud_losses == clean.cloud_losses
     assert [e.losses for e in faulty.edges] == [e.losses for e in clean.edges]
-    assert [(e.edge_accuracy, e.cloud_accuracy) for e in faulty.edges] == \
-        [(e.edge_accuracy, e.cloud_accuracy) for e in clean.edges]
+    assert [(e.edge_accuracy, e.cloud_accuracy) for e in faulty.edges] == [
+        (e.edge_accuracy, e.cloud_accuracy) for e in clean.edges
+    ]
     back = faulty.edges[1]
     assert (back.restarts, back.lost, back.sent, back.delivered, back.dropped) == (1, False, 6, 6, 0)
     assert faulty.edges[0].restarts == 0
@@ -218,8 +240,9 @@ def test_without_a_checkpoint_a_restarted_edge_replays_from_its_initial_state(lo
 
 
 @needs_ray
-def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_it(local_ray, digits, tmp_path,
-                                                                                   monkeypatch):
+def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_it(
+    local_ray, digits, tmp_path, monkeypatch
+):
     """Ctrl-C arriving just after the checkpoint at step 2 (KeyboardInterrupt in the driver, as the
     SIGINT handler raises it): one RunInterrupted naming that checkpoint, no worker left running, and
     --resume then ends exactly as the in-process run that was never stopped."""
@@ -229,6 +252,7 @@ def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_
     def save_then_interrupt(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(cluster, "_save", save_then_interrupt)
     before = processes_with_token(os.environ["RAY_AUTH_TOKEN"])
     with pytest.raises(cluster.RunInterrupted, match=f"interrupted after step 2; saved {tmp_path / '2'}"):
@@ -241,26 +265,31 @@ def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_
     assert resumed.cloud_losses == local.cloud_metrics["loss"].tolist()
 
 
-@pytest.mark.parametrize("module_name, argv, expected", [
-    ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
-    ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
-    ("cluster", ["--links", "3g,wifi,3g", "--edges", "2"], "one preset, or one per edge (2)"),
-    ("cluster", ["--kill-edge", "x"], "--kill-edge 'x' is invalid; valid: EDGE:STEP"),
-    ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
-    ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
-    ("cluster", ["--resume"], "--resume needs the --out of the run to continue"),
-    ("cluster", ["--max-restarts", "-1"], "--max-restarts -1 is invalid"),
-    ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
-    ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
-])
-def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(monkeypatch, capsys, module_name,
-                                                                             argv, expected):
+@pytest.mark.parametrize(
+    "module_name, argv, expected",
+    [
+        ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
+        ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
+        ("cluster", ["--links", "3g,wifi,3g", "--edges", "2"], "one preset, or one per edge (2)"),
+        ("cluster", ["--kill-edge", "x"], "--kill-edge 'x' is invalid; valid: EDGE:STEP"),
+        ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
+        ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
+        ("cluster", ["--resume"], "--resume needs the --out of the run to continue"),
+        ("cluster", ["--max-restarts", "-1"], "--max-restarts -1 is invalid"),
+        ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
+        ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
+    ],
+)
+def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(
+    monkeypatch, capsys, module_name, argv, expected
+):
     import importlib
 
     module = importlib.import_module(f"experiments.{module_name}")
 
     def refuse(*args, **kwargs):
         raise AssertionError("loaded data or started workers before checking the arguments")
+
     monkeypatch.setattr(module, "load_dataset", refuse)
     monkeypatch.setattr(cluster, "run", refuse)
     with pytest.raises(SystemExit) as stopped:
@@ -273,8 +302,10 @@ def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(mo
 @needs_ray
 def test_the_experiment_writes_its_tables_and_figure(local_ray, tmp_path):
     from experiments import cluster as experiment
-    summary = experiment.main(["--edges", "1", "--max-steps", "3", "--width", "4", "--head-channels", "8",
-                               "--out", str(tmp_path)])
+
+    summary = experiment.main(
+        ["--edges", "1", "--max-steps", "3", "--width", "4", "--head-channels", "8", "--out", str(tmp_path)]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoints", *experiment.OUTPUTS])
     assert summary["cloud_steps"] == 3 and summary["edges"][0]["delivered"] == 3
     assert len((tmp_path / "edge_steps.csv").read_text().splitlines()) == 1 + 3

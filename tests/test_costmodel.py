@@ -11,9 +11,19 @@ from hier_jax.profiler import Profile, SplitProfile, Timing
 
 # 1 Mbit/s up, 2 Mbit/s down, 10 ms one way: 1,000 bytes take 8 ms to serialize up.
 LINK = Link("test", 1e6, 2e6, 0.010)
-W = cm.Workload(edge_fwd_s=0.1, edge_bwd_s=0.2, head_fwd_s=0.01, head_bwd_s=0.02, cloud_train_s=0.3,
-                full_train_s=0.5, payload_bytes=1000, activation_bytes=8000, gradient_bytes=8000, raw_bytes=3000,
-                batches_per_epoch=10)
+W = cm.Workload(
+    edge_fwd_s=0.1,
+    edge_bwd_s=0.2,
+    head_fwd_s=0.01,
+    head_bwd_s=0.02,
+    cloud_train_s=0.3,
+    full_train_s=0.5,
+    payload_bytes=1000,
+    activation_bytes=8000,
+    gradient_bytes=8000,
+    raw_bytes=3000,
+    batches_per_epoch=10,
+)
 
 
 def test_link_transfer_times():
@@ -49,8 +59,10 @@ def test_epochs_and_one_time_upload_by_hand():
 
 @pytest.mark.parametrize("scheme", cm.SCHEMES)
 def test_faster_link_is_never_slower(scheme):
-    times = [cm.training_time(scheme, W, custom_link(mbps, latency_ms=ms))
-             for mbps, ms in [(0.1, 100), (1.1, 30), (5.85, 30), (5.85, 5), (100, 5), (1000, 0)]]
+    times = [
+        cm.training_time(scheme, W, custom_link(mbps, latency_ms=ms))
+        for mbps, ms in [(0.1, 100), (1.1, 30), (5.85, 30), (5.85, 5), (100, 5), (1000, 0)]
+    ]
     assert all(a >= b for a, b in zip(times, times[1:]))
 
 
@@ -58,8 +70,10 @@ def test_scheme_ordering():
     # The paper's per-batch time is at least every pipeline stage and at least the edge's own work, so
     # pipelining can only lose the fill's edge backward; on this workload split learning is slowest.
     for link in LINKS.values():
-        assert (cm.training_time("hierarchical_pipelined", W, link)
-                <= cm.training_time("hierarchical_paper", W, link) + W.edge_bwd_s + W.head_bwd_s)
+        assert (
+            cm.training_time("hierarchical_pipelined", W, link)
+            <= cm.training_time("hierarchical_paper", W, link) + W.edge_bwd_s + W.head_bwd_s
+        )
         assert cm.training_time("hierarchical_paper", W, link) <= cm.training_time("split_learning", W, link)
 
 
@@ -86,10 +100,21 @@ def _profile(batch: int = 2) -> Profile:
     """Three stages of known cost; payload shrinks with depth, edge memory grows with it."""
     t = Timing(fwd_s=1.0, train_s=3.0, fwd_flops=1.0, train_flops=3.0)
     head = Timing(fwd_s=0.0, train_s=0.0, fwd_flops=0.0, train_flops=0.0)
-    splits = tuple(SplitProfile(f"s{i}", i, (1, 1, 1), head, {4: payload}, 4 * payload, 4 * payload,
-                                edge_param_bytes=100 * (i + 1), edge_stat_bytes=0,
-                                edge_residual_bytes_per_example=1000 * (i + 1))
-                   for i, payload in enumerate((8000, 4000, 500)))
+    splits = tuple(
+        SplitProfile(
+            f"s{i}",
+            i,
+            (1, 1, 1),
+            head,
+            {4: payload},
+            4 * payload,
+            4 * payload,
+            edge_param_bytes=100 * (i + 1),
+            edge_stat_bytes=0,
+            edge_residual_bytes_per_example=1000 * (i + 1),
+        )
+        for i, payload in enumerate((8000, 4000, 500))
+    )
     return Profile("toy", (1, 1, 1), 2, "test", batch, ("s0", "s1", "s2"), (t, t, t), t, splits, batch, 1000, None)
 
 
@@ -115,12 +140,14 @@ def test_selection_accuracy_tolerance():
     p = _profile()
     link = Link("1 kB/s", 8e3, 8e3, 0.0)
     acc = {"s0": 0.90, "s1": 0.85, "s2": 0.895}
-    sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
-                                 accuracy=acc, max_accuracy_drop=0.01)
+    sel = selection.select_split(
+        p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9, accuracy=acc, max_accuracy_drop=0.01
+    )
     # s0 and s2 are within 0.01 of the best; both bottleneck at 9 s, s2 has the shorter fill (12.5 s vs 20 s)
     assert sel.best.split == "s2" and not next(c for c in sel.candidates if c.split == "s1").eligible
-    loose = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
-                                   accuracy=acc, max_accuracy_drop=0.1)
+    loose = selection.select_split(
+        p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9, accuracy=acc, max_accuracy_drop=0.1
+    )
     assert loose.best.split == "s1"
 
 
@@ -130,13 +157,31 @@ def test_selection_tolerance_from_a_reference_accuracy():
     p = _profile()
     link = Link("1 kB/s", 8e3, 8e3, 0.0)
     acc = {"s0": 0.90, "s1": 0.85, "s2": 0.894}
-    sel = selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
-                                 accuracy=acc, max_accuracy_drop=0.01, reference_accuracy=0.905)
+    sel = selection.select_split(
+        p,
+        p,
+        link,
+        batch=2,
+        num_examples=20,
+        memory_budget_bytes=10**9,
+        accuracy=acc,
+        max_accuracy_drop=0.01,
+        reference_accuracy=0.905,
+    )
     assert sel.best.split == "s0"
     assert [c.split for c in sel.candidates if c.eligible] == ["s0"]
     with pytest.raises(ValueError, match=r"reference accuracy 0\.9500 \(best measured: 0\.9000\)"):
-        selection.select_split(p, p, link, batch=2, num_examples=20, memory_budget_bytes=10**9,
-                               accuracy=acc, max_accuracy_drop=0.01, reference_accuracy=0.95)
+        selection.select_split(
+            p,
+            p,
+            link,
+            batch=2,
+            num_examples=20,
+            memory_budget_bytes=10**9,
+            accuracy=acc,
+            max_accuracy_drop=0.01,
+            reference_accuracy=0.95,
+        )
 
 
 def test_workload_checks_batch_and_bits():

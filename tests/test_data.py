@@ -295,9 +295,7 @@ def tiny_manual_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 @pytest.mark.parametrize("form", ["zip", "extracted"])
-def test_tiny_imagenet_builds_from_archive(
-    form: str, tiny_manual_dirs: dict[str, Path], tmp_path: Path
-) -> None:
+def test_tiny_imagenet_builds_from_archive(form: str, tiny_manual_dirs: dict[str, Path], tmp_path: Path) -> None:
     ds = load_dataset("tiny_imagenet", data_dir=tmp_path, download=True, manual_dir=tiny_manual_dirs[form])
     assert ds.class_names == ("goldfish, Carassius auratus", "tabby, tabby cat", "school bus")  # sorted wnids
     assert (ds.num_train, ds.num_test, ds.image_shape) == (9, 5, (64, 64, 3))
@@ -330,9 +328,7 @@ def test_tiny_imagenet_not_prepared_or_missing_archive(tmp_path: Path) -> None:
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "README").write_text("not the archive")
     with pytest.raises(FileNotFoundError, match="tiny-imagenet-200.zip") as error:
-        load_dataset(
-            "tiny_imagenet", data_dir=tmp_path / "data", download=True, manual_dir=tmp_path / "manual"
-        )
+        load_dataset("tiny_imagenet", data_dir=tmp_path / "data", download=True, manual_dir=tmp_path / "manual")
     assert str(tmp_path / "manual") in str(error.value)
 
 
@@ -341,9 +337,7 @@ def test_tiny_imagenet_not_prepared_or_missing_archive(tmp_path: Path) -> None:
 FOLDER_CLASSES = ("cat", "ant", "bee")  # created unsorted; labels follow sorted names
 
 
-def make_folder(
-    root: Path, per_class: dict[str, int], size: int = 16
-) -> dict[str, list[tuple[np.ndarray, str, str]]]:
+def make_folder(root: Path, per_class: dict[str, int], size: int = 16) -> dict[str, list[tuple[np.ndarray, str, str]]]:
     """train/ and test/ trees of PNGs (lossless) and JPEGs; returns what was written per split."""
     rng = np.random.default_rng(1)
     written: dict[str, list[tuple[np.ndarray, str]]] = {}

@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from golden import trajectory
 
 from backend import tolerance
-from golden import trajectory
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "cpu.json").read_text())
 ACCURACY_SLACK_EXAMPLES = 2  # a loss this close can still flip the argmax of a borderline test image
@@ -54,11 +54,17 @@ def test_the_run_reproduces_the_golden_trajectory(runs, record_property):
     here, there = trajectory.machine(), GOLDEN["machine"]
     same_build = all(here[k] == there[k] for k in ("backend", "jax", "jaxlib", "cpu"))
     tol = tolerance("golden", here["backend"])
-    worst = {k: max(deviation(runs[m], w)[k] for m, w in GOLDEN["runs"].items())
-             for k in ("edge_loss", "cloud_loss", "edge_accuracy", "cloud_accuracy")}
-    record_property("golden_build", "same as the golden's: compared bit for bit" if same_build else
-                    f"{here['backend']} {here['device']} jax {here['jax']} on {here['cpu']} (golden: "
-                    f"{there['backend']} jax {there['jax']} on {there['cpu']}): rtol {tol.rtol:g}")
+    worst = {
+        k: max(deviation(runs[m], w)[k] for m, w in GOLDEN["runs"].items())
+        for k in ("edge_loss", "cloud_loss", "edge_accuracy", "cloud_accuracy")
+    }
+    record_property(
+        "golden_build",
+        "same as the golden's: compared bit for bit"
+        if same_build
+        else f"{here['backend']} {here['device']} jax {here['jax']} on {here['cpu']} (golden: "
+        f"{there['backend']} jax {there['jax']} on {there['cpu']}): rtol {tol.rtol:g}",
+    )
     record_property("golden_loss_max_rel_deviation", f"{max(worst['edge_loss'], worst['cloud_loss']):.3g}")
     record_property("golden_accuracy_max_change_examples", max(worst["edge_accuracy"], worst["cloud_accuracy"]))
     for mode, want in GOLDEN["runs"].items():
@@ -75,6 +81,8 @@ def test_the_run_reproduces_the_golden_trajectory(runs, record_property):
 
 def test_the_checksum_sees_one_changed_bit():
     state = {"params": {"w": jax.numpy.ones((3,), jax.numpy.float32)}}
-    flipped = {"params": {"w": jax.numpy.asarray(np.array([1.0, 1.0, np.nextafter(np.float32(1), np.float32(2))], np.float32))}}
+    flipped = {
+        "params": {"w": jax.numpy.asarray(np.array([1.0, 1.0, np.nextafter(np.float32(1), np.float32(2))], np.float32))}
+    }
     assert trajectory.state_sha256(state, {}) != trajectory.state_sha256(flipped, {})
     assert trajectory.state_sha256(state, {}) == trajectory.state_sha256(jax.tree.map(np.asarray, state), {})

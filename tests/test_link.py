@@ -65,8 +65,10 @@ def test_time_scale_compresses_delays():
 def test_outage_buffers_then_drops_oldest_and_keeps_alignment():
     channel, stop = SimulatedLink(custom_link(1000.0), capacity=4, outages=[(3, 9)]), threading.Event()
     received = []
-    consumer = threading.Thread(target=lambda: received.extend(
-        (t, np.asarray(p.labels)) for t, p in iter(lambda: channel.receive(stop), None)), daemon=True)
+    consumer = threading.Thread(
+        target=lambda: received.extend((t, np.asarray(p.labels)) for t, p in iter(lambda: channel.receive(stop), None)),
+        daemon=True,
+    )
     consumer.start()
     for t in range(12):
         if t == 3:  # everything before the outage has crossed
@@ -141,8 +143,13 @@ def hierarchy():
     return h, lambda: (jax.device_put(host[0], h.edge_device), jax.device_put(host[1], h.cloud_device))
 
 
-BATCHES = [(np.random.default_rng(t).normal(size=(4, 16, 16, 3)).astype(np.float32),
-            np.random.default_rng(t).integers(0, 4, 4).astype(np.int32)) for t in range(10)]
+BATCHES = [
+    (
+        np.random.default_rng(t).normal(size=(4, 16, 16, 3)).astype(np.float32),
+        np.random.default_rng(t).integers(0, 4, 4).astype(np.int32),
+    )
+    for t in range(10)
+]
 
 
 def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
@@ -191,8 +198,9 @@ def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(
     h, fresh = hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
     snapshots = []
-    result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2,
-                                   on_snapshot=snapshots.append)
+    result = runner.run_overlapped(
+        h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2, on_snapshot=snapshots.append
+    )
     dropped = set(link.stats().dropped_steps)
     assert dropped and [s.step for s in snapshots] == [2, 4, 6, 8, 10]
     for snap in snapshots:

@@ -41,8 +41,17 @@ def test_stage_names():
     assert vgg.stage_names[:3] == ("conv1_1", "conv1_2", "pool1") and vgg.stage_names[-1] == "pool5"
     assert len(vgg.stage_names) == 13 + 5
     resnet = build_model("resnet18", num_classes=10, input_shape=(32, 32, 3), width=4)
-    assert resnet.stage_names == ("stem", "layer1_0", "layer1_1", "layer2_0", "layer2_1", "layer3_0", "layer3_1",
-                                  "layer4_0", "layer4_1")
+    assert resnet.stage_names == (
+        "stem",
+        "layer1_0",
+        "layer1_1",
+        "layer2_0",
+        "layer2_1",
+        "layer3_0",
+        "layer3_1",
+        "layer4_0",
+        "layer4_1",
+    )
     tv = build_model("resnet18_tv", num_classes=10, input_shape=(32, 32, 3), width=4)
     assert tv.stage_names[:2] == ("stem", "maxpool")
 
@@ -67,8 +76,9 @@ def test_split_train_mode_matches_unsplit(name):
         model = build_model(name, num_classes=10, input_shape=(32, 32, 3), width=4)
         twin = build_model(name, num_classes=10, input_shape=(32, 32, 3), width=4)
         parts = split(twin, point)
-        np.testing.assert_array_equal(np.asarray(model(images, train=True)),
-                                      np.asarray(parts.cloud(parts.edge.features(images, True), True)))
+        np.testing.assert_array_equal(
+            np.asarray(model(images, train=True)), np.asarray(parts.cloud(parts.edge.features(images, True), True))
+        )
 
 
 def test_split_shapes_and_head():
@@ -126,6 +136,7 @@ def test_xla_cpu_convolution_option():
     the explicit default options must bring YNNPACK back, or bench_torch's "before" variants would
     measure the wrong thing."""
     from hier_jax.models import xla_cpu
+
     if jax.default_backend() != "cpu" or "xla_cpu_experimental_ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
         pytest.skip("needs XLA:CPU with the YNNPACK fusion option (jaxlib 0.9 / 0.10)")
     assert not xla_cpu.ynn_takes_convolutions()
@@ -142,12 +153,14 @@ def test_cpu_weight_gradients_read_activations_instead_of_recomputing_them():
     import re
 
     from hier_jax.models import xla_cpu
+
     if jax.default_backend() != "cpu":
         pytest.skip("XLA:CPU's fusion")
 
     def conv(a, k):
-        return xla_cpu.conv_general_dilated(a, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            impl="cpu")
+        return xla_cpu.conv_general_dilated(
+            a, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), impl="cpu"
+        )
 
     def loss(kernels, x):  # a residual block's shape: conv, affine, ReLU, conv, residual add, ReLU, conv
         h = jax.nn.relu(conv(x, kernels[0]) * 1.5 + 0.1)
@@ -177,6 +190,7 @@ def test_the_formulation_is_fixed_when_the_model_is_built():
     from flax import nnx
 
     from hier_jax.models import xla_cpu
+
     images = jnp.zeros((2, 32, 32, 3))
 
     def build(impl):
@@ -203,6 +217,7 @@ def test_a_slow_xla_cpu_is_warned_about_once(monkeypatch):
     """Where the Eigen option cannot be set and YNNPACK runs the convolutions, resolving "auto" on CPU
     warns once, naming the cause and the cost; it still resolves to the YNNPACK-friendly path."""
     from hier_jax.models import xla_cpu
+
     if jax.default_backend() != "cpu":
         pytest.skip("the warning concerns XLA:CPU")
     monkeypatch.setattr(xla_cpu, "ynn_takes_convolutions", lambda: True)
@@ -219,17 +234,25 @@ def test_a_slow_xla_cpu_is_warned_about_once(monkeypatch):
 def test_process_setup_runs_only_when_called():
     """Importing the experiments and the library starts no JAX backend and sets no flag; the process
     set-up is each main's first call (here: a fresh interpreter, so conftest's set-up does not count)."""
-    code = ("import os, experiments, experiments.train, experiments.paper, experiments.bench_torch\n"
-            "from jax._src import xla_bridge\n"
-            "assert not xla_bridge.backends_are_initialized()\n"
-            "assert 'xla_force_host' not in os.environ.get('XLA_FLAGS', ''), os.environ.get('XLA_FLAGS')\n"
-            "from hier_jax import process\n"
-            "process.setup()\n"
-            "import jax\n"
-            "print(len(jax.devices('cpu')), os.environ['XLA_FLAGS'])\n")
+    code = (
+        "import os, experiments, experiments.train, experiments.paper, experiments.bench_torch\n"
+        "from jax._src import xla_bridge\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+        "assert 'xla_force_host' not in os.environ.get('XLA_FLAGS', ''), os.environ.get('XLA_FLAGS')\n"
+        "from hier_jax import process\n"
+        "process.setup()\n"
+        "import jax\n"
+        "print(len(jax.devices('cpu')), os.environ['XLA_FLAGS'])\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     count, flags = out.stdout.split(maxsplit=1)
     assert count == "2" and "xla_force_host_platform_device_count=2" in flags

@@ -48,10 +48,16 @@ def test_the_smoke_grid_writes_every_cell_the_csv_the_report_and_the_figures(smo
     rows = read_csv(out / "results.csv")
     assert list(rows[0]) == list(paper.CSV_COLUMNS)
     cells = by_cell(rows)
-    assert set(cells) == {("layer1_1", "2", "hierarchical"), ("layer1_1", "4", "hierarchical"),
-                          ("layer1_1", "32", "hierarchical"), ("layer2_1", "4", "hierarchical"),
-                          ("layer2_1", "32", "hierarchical"), ("layer1_1", "32", "split_learning"),
-                          ("layer1_1", "4", "hierarchical_outage"), ("", "32", "end_to_end")}
+    assert set(cells) == {
+        ("layer1_1", "2", "hierarchical"),
+        ("layer1_1", "4", "hierarchical"),
+        ("layer1_1", "32", "hierarchical"),
+        ("layer2_1", "4", "hierarchical"),
+        ("layer2_1", "32", "hierarchical"),
+        ("layer1_1", "32", "split_learning"),
+        ("layer1_1", "4", "hierarchical_outage"),
+        ("", "32", "end_to_end"),
+    }
     assert all(r["status"] == "done" and r["profile"] == "smoke" and r["steps"] == "20" for r in rows)
     e2e = float(cells[("", "32", "end_to_end")]["cloud_accuracy"])
     for r in rows:
@@ -60,8 +66,13 @@ def test_the_smoke_grid_writes_every_cell_the_csv_the_report_and_the_figures(smo
         assert r["raw_bytes_per_image"] == str(32 * 32 * 3 + 1)
     # resnet18_tv width 4 on 32x32: stride-2 stem and max-pool leave 8x8x4 features at layer1_1, 4x4x8 at
     # layer2_1. Per image: the packed codes and a uint8 label; per batch of 32: a float32 scale and offset.
-    expected = {("layer1_1", 2): 256 / 4 + 1 + 8 / 32, ("layer1_1", 4): 256 / 2 + 1 + 8 / 32,
-                ("layer1_1", 32): 256 * 4 + 1, ("layer2_1", 4): 128 / 2 + 1 + 8 / 32, ("layer2_1", 32): 128 * 4 + 1}
+    expected = {
+        ("layer1_1", 2): 256 / 4 + 1 + 8 / 32,
+        ("layer1_1", 4): 256 / 2 + 1 + 8 / 32,
+        ("layer1_1", 32): 256 * 4 + 1,
+        ("layer2_1", 4): 128 / 2 + 1 + 8 / 32,
+        ("layer2_1", 32): 128 * 4 + 1,
+    }
     for (cut, bits), value in expected.items():
         assert float(cells[(cut, str(bits), "hierarchical")]["payload_bytes_per_image"]) == value
     # Split learning: float32 features and the label up, their gradient down; cloud-only: the raw image.
@@ -72,11 +83,17 @@ def test_the_smoke_grid_writes_every_cell_the_csv_the_report_and_the_figures(smo
         assert len({cells[(cut, b, "hierarchical")]["edge_accuracy"] for b in widths}) == 1
     # The 4-bit hand-off sends 8x less than the float32 one over the same link: a larger modeled saving.
     for lk in paper.REPORT_LINKS:
-        assert (float(cells[("layer1_1", "4", "hierarchical")][f"reduction_vs_cloud_only_{lk}"])
-                > float(cells[("layer1_1", "32", "hierarchical")][f"reduction_vs_cloud_only_{lk}"]))
+        assert float(cells[("layer1_1", "4", "hierarchical")][f"reduction_vs_cloud_only_{lk}"]) > float(
+            cells[("layer1_1", "32", "hierarchical")][f"reduction_vs_cloud_only_{lk}"]
+        )
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Accuracy per cut and bit width", "## Baselines at the same budget", "## The chosen cut",
-                    "## Link outage", "## Payload and modeled runtime per cut"):
+    for heading in (
+        "## Accuracy per cut and bit width",
+        "## Baselines at the same budget",
+        "## The chosen cut",
+        "## Link outage",
+        "## Payload and modeled runtime per cut",
+    ):
         assert heading in report
     for figure in ("accuracy_vs_cut.png", "accuracy_vs_bits.png", "accuracy_vs_reduction.png"):
         assert f"]({figure})" in report
@@ -119,14 +136,12 @@ def test_a_second_run_skips_every_finished_cell(smoke_grid, monkeypatch, capsys)
     assert len(rows) == 8 and (out / "results.csv").read_text() == table
 
 
-def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smoke_grid, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smoke_grid, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of the second cell; the rerun skips the first and resumes the second from its
     checkpoint; every result equals the uninterrupted grid's."""
     reference, _ = smoke_grid
     out = with_profiles(reference, tmp_path / "grid")
-    narrow = SMOKE + ["--out", str(out), "--cuts", "layer1_1", "--bits", "4", "--schemes", "hierarchical",
-                      "end_to_end"]
+    narrow = SMOKE + ["--out", str(out), "--cuts", "layer1_1", "--bits", "4", "--schemes", "hierarchical", "end_to_end"]
     steps_seen = []
     update = runner._Progress.update
 
@@ -150,8 +165,11 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smok
     assert "2 cells, 1 already done, 1 to run" in capsys.readouterr().out
     resumed = json.loads((e2e_dir / "result.json").read_text())
     assert 5 <= resumed["resumed_from_step"] < 20
-    expected = {(r["cut"], r["bits"], r["scheme"]): r for r in paper.load_rows(reference)
-                if (r["cut"], r["bits"], r["scheme"]) in (("layer1_1", 4, "hierarchical"), ("", 32, "end_to_end"))}
+    expected = {
+        (r["cut"], r["bits"], r["scheme"]): r
+        for r in paper.load_rows(reference)
+        if (r["cut"], r["bits"], r["scheme"]) in (("layer1_1", 4, "hierarchical"), ("", 32, "end_to_end"))
+    }
     assert len(rows) == len(expected) == 2
     for r in rows:
         want = expected[(r["cut"], r["bits"], r["scheme"])]
@@ -183,19 +201,25 @@ def refuse(*args, **kwargs):
     raise AssertionError("loaded data or trained before checking the arguments")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--profile", "huge"], "--profile 'huge' is invalid; valid: smoke, cpu, full"),
-    (SMOKE + ["--models", "alexnet"], "--models alexnet is invalid for the smoke profile; valid: resnet18_tv"),
-    (SMOKE + ["--cuts", "layer4_1"], "--cuts layer4_1 is invalid; valid for resnet18_tv: layer1_1, layer2_1"),
-    (SMOKE + ["--bits", "12"], "--bits 12 is invalid; valid: 1, 2, 3"),
-    (SMOKE + ["--bits", "8"], "--bits 8 is not in the smoke grid; valid: 2, 4, 32"),
-    (SMOKE + ["--edge-device", "tpu:7"], "--edge-device: device 'tpu:7' does not exist"),
-    (SMOKE + ["--schemes", "federated"], "--schemes federated is invalid; valid: hierarchical, end_to_end"),
-    (SMOKE + ["--seeds", "0"], "--seeds 0 is invalid; valid: an integer >= 1"),
-    (SMOKE + ["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet"),
-    (SMOKE + ["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
-    (SMOKE + ["--bits", "32", "--schemes", "split_learning", "--cuts", "layer2_1"], "the flags leave no cell to run"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--profile", "huge"], "--profile 'huge' is invalid; valid: smoke, cpu, full"),
+        (SMOKE + ["--models", "alexnet"], "--models alexnet is invalid for the smoke profile; valid: resnet18_tv"),
+        (SMOKE + ["--cuts", "layer4_1"], "--cuts layer4_1 is invalid; valid for resnet18_tv: layer1_1, layer2_1"),
+        (SMOKE + ["--bits", "12"], "--bits 12 is invalid; valid: 1, 2, 3"),
+        (SMOKE + ["--bits", "8"], "--bits 8 is not in the smoke grid; valid: 2, 4, 32"),
+        (SMOKE + ["--edge-device", "tpu:7"], "--edge-device: device 'tpu:7' does not exist"),
+        (SMOKE + ["--schemes", "federated"], "--schemes federated is invalid; valid: hierarchical, end_to_end"),
+        (SMOKE + ["--seeds", "0"], "--seeds 0 is invalid; valid: an integer >= 1"),
+        (SMOKE + ["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet"),
+        (SMOKE + ["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
+        (
+            SMOKE + ["--bits", "32", "--schemes", "split_learning", "--cuts", "layer2_1"],
+            "the flags leave no cell to run",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(paper, "load_dataset", refuse)
     monkeypatch.setattr(paper, "run_cell", refuse)
@@ -216,8 +240,9 @@ def test_a_grid_of_another_profile_or_a_foreign_directory_is_refused(tmp_path, m
         paper.main.__wrapped__(SMOKE + ["--out", str(tmp_path / "cpu_grid")])
     recorded = dataclasses.asdict(paper.grid_profiles()["smoke"].config)
     (tmp_path / "old_smoke").mkdir()
-    (tmp_path / "old_smoke" / "grid.json").write_text(json.dumps(
-        {"profile": "smoke", "config": {**recorded, "learning_rate": 0.1, "edge_device": "cpu:1"}}))
+    (tmp_path / "old_smoke" / "grid.json").write_text(
+        json.dumps({"profile": "smoke", "config": {**recorded, "learning_rate": 0.1, "edge_device": "cpu:1"}})
+    )
     with pytest.raises(UserError, match=r"made with other settings: learning_rate \(0\.1 there, 0\.05 now\); use"):
         paper.main.__wrapped__(SMOKE + ["--out", str(tmp_path / "old_smoke")])
     (tmp_path / "other").mkdir()

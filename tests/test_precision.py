@@ -19,8 +19,9 @@ from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
 
 NUM_CLASSES = 10
-SMALL = ExperimentConfig(model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3,
-                         head_channels=8)
+SMALL = ExperimentConfig(
+    model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3, head_channels=8
+)
 
 
 def tiny_split(policy: str, point: str = "layer1_1"):
@@ -43,8 +44,11 @@ def float_dtypes(tree) -> set[str]:
 
 def layer_dtypes(module: nnx.Module) -> set[str]:
     """The compute dtype of every conv, linear and BatchNorm layer in `module`."""
-    return {str(np.dtype(m.dtype)) for _, m in nnx.iter_graph(module)
-            if isinstance(m, (nnx.Conv, nnx.Linear, nnx.BatchNorm))}
+    return {
+        str(np.dtype(m.dtype))
+        for _, m in nnx.iter_graph(module)
+        if isinstance(m, (nnx.Conv, nnx.Linear, nnx.BatchNorm))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +58,17 @@ def digits():
 
 # --- resolution -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend, name", [("cpu", "fp32"), ("gpu", "fp32"), ("tpu", "bf16")])
 def test_auto_resolves_per_backend(backend, name):
     assert precision.resolve("auto", backend).name == name
     assert precision.resolve("auto").name == precision.AUTO[jax.default_backend()]
 
 
-@pytest.mark.parametrize("policy, dtype, matmul", [("fp32", jnp.float32, "highest"),
-                                                   ("tf32", jnp.float32, "tensorfloat32"),
-                                                   ("bf16", jnp.bfloat16, "default")])
+@pytest.mark.parametrize(
+    "policy, dtype, matmul",
+    [("fp32", jnp.float32, "highest"), ("tf32", jnp.float32, "tensorfloat32"), ("bf16", jnp.bfloat16, "default")],
+)
 def test_each_policy_has_its_dtype_and_matmul_precision(policy, dtype, matmul):
     for backend in ("cpu", "gpu", "tpu"):  # an explicit policy means the same everywhere
         resolved = precision.resolve(policy, backend)
@@ -99,6 +105,7 @@ def test_the_policy_is_fixed_at_build_time():
 
 # --- bf16 computes in bfloat16, stores float32 -----------------------------------------------------
 
+
 def test_bf16_activations_are_bfloat16_and_parameters_float32():
     model, parts = tiny_split("bf16")
     images, _ = batch()
@@ -128,8 +135,9 @@ def test_bf16_hierarchical_steps_train_with_float32_state():
         assert float_dtypes(state["batch_stats"]) == {"float32"}
     # The BatchNorm running statistics moved (they are updated, in float32).
     initial = runner.build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())[1]["batch_stats"]
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial),
-                                                        jax.tree.leaves(edge_state["batch_stats"])))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(edge_state["batch_stats"]))
+    )
 
 
 def test_batchnorm_normalizes_in_float32_from_float32_statistics():
@@ -138,6 +146,7 @@ def test_batchnorm_normalizes_in_float32_from_float32_statistics():
     rngs = nnx.Rngs(0)
     with precision.building("bf16"):
         from hier_jax.models.layers import batch_norm
+
         bn = batch_norm(3, rngs)
     bn.mean[...] = jnp.asarray([100.2, -3.3, 0.1234567])  # 100.2 is 100.0 in bfloat16
     bn.var[...] = jnp.asarray([1e-3, 2.0, 7.7])
@@ -153,12 +162,17 @@ def test_batchnorm_normalizes_in_float32_from_float32_statistics():
 
 # --- the CPU formulations in bfloat16 ---------------------------------------------------------------
 
-@pytest.mark.parametrize("case", [
-    (4, 16, 16, 3, 8, 3, 1),      # Eigen / lax
-    (2, 32, 32, 4, 8, 3, 2),      # polyphase input gradient
-    (16, 32, 32, 32, 32, 3, 1),   # cpu-ynn's chunked im2col weight gradient
-    (4, 8, 8, 8, 16, 1, 2),       # 1x1 strided: slice + matmul
-    (4, 2, 2, 16, 32, 3, 2)])     # dense product
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (4, 16, 16, 3, 8, 3, 1),  # Eigen / lax
+        (2, 32, 32, 4, 8, 3, 2),  # polyphase input gradient
+        (16, 32, 32, 32, 32, 3, 1),  # cpu-ynn's chunked im2col weight gradient
+        (4, 8, 8, 8, 16, 1, 2),  # 1x1 strided: slice + matmul
+        (4, 2, 2, 16, 32, 3, 2),
+    ],
+)  # dense product
 def test_cpu_convolution_paths_in_bf16_round_the_float32_result_once(case):
     """bf16 inputs: each formulation's output and gradients are bfloat16 and equal the float32
     computation on the same (bf16) values, rounded once: float32 accumulation, as lax does on CPU."""
@@ -174,6 +188,7 @@ def test_cpu_convolution_paths_in_bf16_round_the_float32_result_once(case):
     def results(impl, dtype):
         def conv(x_, k_):
             return xla_cpu.conv_general_dilated(x_, k_, (s, s), ((p, p), (p, p)), dimension_numbers=dn, impl=impl)
+
         y, vjp = jax.vjp(conv, x.astype(dtype), kern.astype(dtype))
         return (y, *vjp(ct.astype(dtype)))
 
@@ -183,8 +198,9 @@ def test_cpu_convolution_paths_in_bf16_round_the_float32_result_once(case):
         for what, a, e in zip(("output", "input grad", "kernel grad"), got, want):
             assert a.dtype == jnp.bfloat16, (impl, what)
             e = np.asarray(e)
-            np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=2**-8, atol=1e-5 * np.abs(e).max(),
-                                       err_msg=f"{impl} {what}")
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), e, rtol=2**-8, atol=1e-5 * np.abs(e).max(), err_msg=f"{impl} {what}"
+            )
 
 
 def test_block_max_pool_keeps_bf16_exactly():
@@ -200,6 +216,7 @@ def test_block_max_pool_keeps_bf16_exactly():
 
 
 # --- the policy reaches both sides and every mode ------------------------------------------------
+
 
 def test_train_build_gives_both_sides_and_the_baselines_the_policy(digits):
     setup = train.build(dataclasses.replace(SMALL, precision="bf16"), digits)
@@ -218,7 +235,8 @@ def test_train_build_gives_both_sides_and_the_baselines_the_policy(digits):
     baseline, edge_state, _ = train.build_baseline(setup, "split_learning")
     assert baseline.edge_eval(edge_state, images).dtype == jnp.float32
     assert train.payload_nbytes(setup, "split_learning") == train.payload_nbytes(
-        train.build(SMALL, digits), "split_learning")
+        train.build(SMALL, digits), "split_learning"
+    )
 
 
 def matmul_precisions(jaxpr_text: str) -> set[str]:
@@ -235,18 +253,26 @@ def test_the_matmul_precision_reaches_every_dot_and_convolution_of_a_step(policy
     edge_graphdef, edge_state = steps.init_state(parts.edge, opt)
     graphdef, state = steps.init_state(model, opt)
     pol = model.precision
-    traced = [jax.make_jaxpr(steps.make_edge_step(edge_graphdef, opt, bits=4, num_classes=NUM_CLASSES,
-                                                  precision=pol))(edge_state, images, labels),
-              jax.make_jaxpr(steps.make_train_step(graphdef, opt, precision=pol))(state, images, labels),
-              jax.make_jaxpr(steps.make_eval(graphdef, precision=pol))(state, images)]
+    traced = [
+        jax.make_jaxpr(steps.make_edge_step(edge_graphdef, opt, bits=4, num_classes=NUM_CLASSES, precision=pol))(
+            edge_state, images, labels
+        ),
+        jax.make_jaxpr(steps.make_train_step(graphdef, opt, precision=pol))(state, images, labels),
+        jax.make_jaxpr(steps.make_eval(graphdef, precision=pol))(state, images),
+    ]
     for jaxpr in traced:
         assert matmul_precisions(str(jaxpr)) == want
     with jax.default_matmul_precision("bfloat16"):  # a process default never leaks into the step
-        assert matmul_precisions(str(jax.make_jaxpr(steps.make_train_step(graphdef, opt, precision=pol))(
-            state, images, labels))) == want
+        assert (
+            matmul_precisions(
+                str(jax.make_jaxpr(steps.make_train_step(graphdef, opt, precision=pol))(state, images, labels))
+            )
+            == want
+        )
 
 
 # --- the payload does not depend on the policy ---------------------------------------------------
+
 
 @pytest.mark.parametrize("bits", [4, 16, 32])
 def test_the_payload_has_the_same_bytes_and_dtypes_in_every_precision(bits):
@@ -257,8 +283,12 @@ def test_the_payload_has_the_same_bytes_and_dtypes_in_every_precision(bits):
         hierarchy, edge_state, _ = runner.build_hierarchy(parts, bits=bits, edge_tx=tx(), cloud_tx=tx())
         _, payload, _ = hierarchy.edge_step(edge_state, images, labels)
         arrays = (payload.data, payload.scale, payload.offset, payload.labels)
-        seen[policy] = (sum(np.asarray(a).nbytes for a in arrays), tuple(str(a.dtype) for a in arrays),
-                        tuple(a.shape for a in arrays), payload.shape)
+        seen[policy] = (
+            sum(np.asarray(a).nbytes for a in arrays),
+            tuple(str(a.dtype) for a in arrays),
+            tuple(a.shape for a in arrays),
+            payload.shape,
+        )
         assert seen[policy][0] == payload.nbytes
     assert seen["fp32"] == seen["tf32"] == seen["bf16"], seen
     assert seen["bf16"][1][0] == {4: "uint8", 16: "bfloat16", 32: "float32"}[bits]
@@ -282,8 +312,9 @@ def test_the_round_trip_bound_holds_for_bf16_features(bits):
 
 # --- resume ----------------------------------------------------------------------------------------
 
+
 def test_a_checkpoint_of_another_resolved_policy_is_not_resumed(digits, tmp_path, monkeypatch):
-    """"auto" resolved elsewhere (say a TPU: bf16) cannot continue a run that "auto" trained in fp32 here."""
+    """ "auto" resolved elsewhere (say a TPU: bf16) cannot continue a run that "auto" trained in fp32 here."""
     config = dataclasses.replace(SMALL, max_steps=2)
     train.train(train.build(config, digits), "sequential", progress=False, checkpoint_dir=tmp_path)
     monkeypatch.setitem(precision.AUTO, jax.default_backend(), "bf16")

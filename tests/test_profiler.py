@@ -16,8 +16,9 @@ from hier_jax.models import build_model, param_count, split
 @pytest.fixture(scope="module")
 def tiny():
     model = build_model("resnet18_tv", num_classes=5, input_shape=(16, 16, 3), width=4)
-    return model, profiler.profile_model(model, batch=2, repeats=1, payload_batch=4, progress=False,
-                                         measure_whole=False)
+    return model, profiler.profile_model(
+        model, batch=2, repeats=1, payload_batch=4, progress=False, measure_whole=False
+    )
 
 
 def test_profile_covers_every_stage_head_and_classifier(tiny):
@@ -62,14 +63,21 @@ def test_edge_memory_is_the_sum_of_its_parts(tiny):
             def loss(params):
                 (logits, _), _ = steps.apply(graphdef, params, stats, x, train=True)
                 return steps.cross_entropy(logits, y)
+
             return jax.vjp(loss, params)[1]
-        out = jax.eval_shape(backward, params, jax.ShapeDtypeStruct((batch, 16, 16, 3), jnp.float32),
-                             jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+        out = jax.eval_shape(
+            backward,
+            params,
+            jax.ShapeDtypeStruct((batch, 16, 16, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out))
 
     assert s.edge_residual_bytes_per_example == residual_bytes(2) - residual_bytes(1)
-    assert s.edge_memory_bytes(10) == (3 * s.edge_param_bytes + s.edge_stat_bytes
-                                       + 10 * s.edge_residual_bytes_per_example)
+    assert s.edge_memory_bytes(10) == (
+        3 * s.edge_param_bytes + s.edge_stat_bytes + 10 * s.edge_residual_bytes_per_example
+    )
 
 
 def test_json_round_trip_and_device_transforms(tiny, tmp_path):
@@ -110,7 +118,7 @@ def test_edge_footprint_matches_hand_count():
     model = build_model("vgg16", num_classes=10, input_shape=(8, 8, 3), width=4)
     parts = split(model, "conv1_1", ExitHeadConfig(convs=0, grid=1))
     fp = edge_footprint(parts, batch=16, bits=4)
-    conv_params = 3 * 3 * 3 * 4 + 4 + 2 * 4          # kernel + bias + BN scale/bias
+    conv_params = 3 * 3 * 3 * 4 + 4 + 2 * 4  # kernel + bias + BN scale/bias
     head_params = 4 * 10 + 10
     assert fp.params == conv_params + head_params
     # 8x8x4 features per image at 4 bits: 128 B each; + float32 scale and offset + uint8 labels.

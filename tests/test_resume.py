@@ -12,15 +12,25 @@ import jax
 import numpy as np
 import pytest
 
-from backend import tolerance
 from hier_jax import runner, train
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset, num_train_steps
 from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchError, RunInterrupted
 
-CONFIG = ExperimentConfig(model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=12,
-                          head_channels=8, checkpoint_every=4, keep_checkpoints=2)
+from backend import tolerance
+
+CONFIG = ExperimentConfig(
+    model="vgg16",
+    dataset="digits",
+    split="pool2",
+    width=4,
+    batch_size=32,
+    max_steps=12,
+    head_channels=8,
+    checkpoint_every=4,
+    keep_checkpoints=2,
+)
 RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link", "hier-checkpoint")
 
 
@@ -36,8 +46,9 @@ def reference(setup):
 
 
 def assert_same_run(a: runner.RunResult, b: runner.RunResult) -> None:
-    for x, y in zip(jax.tree.leaves((a.edge_state, a.cloud_state)), jax.tree.leaves((b.edge_state, b.cloud_state)),
-                    strict=True):
+    for x, y in zip(
+        jax.tree.leaves((a.edge_state, a.cloud_state)), jax.tree.leaves((b.edge_state, b.cloud_state)), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
     for k in ("loss", "accuracy"):
         np.testing.assert_array_equal(a.edge_metrics[k], b.edge_metrics[k])
@@ -91,8 +102,12 @@ def test_checkpoint_records_step_data_position_rng_and_config(setup, reference, 
         meta = checkpoints.read_meta(8)
     per_epoch = num_train_steps(setup.dataset, CONFIG.batch_size)
     assert meta["step"] == 8 and meta["config"] == dataclasses.asdict(CONFIG)
-    assert meta["data"] == {"epoch": 8 // per_epoch, "batch_in_epoch": 8 % per_epoch, "steps_per_epoch": per_epoch,
-                            "order": "epoch_permutation(seed, epoch)"}
+    assert meta["data"] == {
+        "epoch": 8 // per_epoch,
+        "batch_in_epoch": 8 % per_epoch,
+        "steps_per_epoch": per_epoch,
+        "order": "epoch_permutation(seed, epoch)",
+    }
     assert meta["rng"]["seed"] == CONFIG.seed
     np.testing.assert_array_equal(np.float32(meta["metrics"]["edge_loss"]), reference.edge_metrics["loss"][:8])
     np.testing.assert_array_equal(meta["metrics"]["cloud_steps"], np.arange(8))
@@ -106,8 +121,9 @@ def test_resume_from_a_periodic_checkpoint_in_the_other_mode(setup, reference, t
     assert_same_run(resumed, reference)
 
 
-@pytest.mark.parametrize("change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1},
-                                    {"precision": "bf16"}])
+@pytest.mark.parametrize(
+    "change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1}, {"precision": "bf16"}]
+)
 def test_resume_with_another_config_is_refused_naming_the_field(setup, tmp_path, change):
     train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
     recorded = dataclasses.asdict(CONFIG)
@@ -130,6 +146,7 @@ def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, sid
             *rest, metrics = step_fn(*args)
             nan = jax.numpy.where(rest[0]["step"] == loss_at + 1, jax.numpy.nan, metrics["loss"])
             return (*rest, {**metrics, "loss": nan})
+
         return step
 
     name = f"{side}_step"
@@ -148,8 +165,7 @@ def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, sid
 def test_a_real_divergence_is_caught(tmp_path):
     config = dataclasses.replace(CONFIG, learning_rate=1e3, checkpoint_every=2)
     with pytest.raises(DivergenceError, match="training diverged: the (edge|cloud) loss is (nan|inf)"):
-        train.train(train.build(config, load_dataset("digits")), "overlapped", progress=False,
-                    checkpoint_dir=tmp_path)
+        train.train(train.build(config, load_dataset("digits")), "overlapped", progress=False, checkpoint_dir=tmp_path)
 
 
 def test_damaged_checkpoints_name_the_file_and_the_side(setup, tmp_path):
@@ -287,5 +303,7 @@ def test_split_learning_trains_what_end_to_end_trains(setup):
     # 32 x float32 features of pool2 (width 4: 8 x 8 x 8) and the labels up, the features' gradient down.
     assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 + 32 and e2e.payload_bytes == 0  # + uint8 labels
     first_stage = lambda params: np.asarray(jax.tree.leaves(params["stages"][0])[0])  # noqa: E731
-    np.testing.assert_array_equal(first_stage(train.fresh_states(setup)[0]["params"]),
-                                  first_stage(train.build_baseline(setup, "end_to_end")[2]["params"]))
+    np.testing.assert_array_equal(
+        first_stage(train.fresh_states(setup)[0]["params"]),
+        first_stage(train.build_baseline(setup, "end_to_end")[2]["params"]),
+    )

@@ -22,8 +22,9 @@ def hierarchy():
     model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
     parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
     tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
-    h, edge_state, cloud_state = runner.build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx,
-                                                        edge_device="cpu:0", cloud_device="cpu:1")
+    h, edge_state, cloud_state = runner.build_hierarchy(
+        parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device="cpu:0", cloud_device="cpu:1"
+    )
     return h, edge_state, cloud_state
 
 
@@ -34,8 +35,10 @@ def fresh(hierarchy):
 
 def batches(n=STEPS, seed=0):
     rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(4, 16, 16, 3)).astype(np.float32), rng.integers(0, NUM_CLASSES, 4).astype(np.int32))
-            for _ in range(n)]
+    return [
+        (rng.normal(size=(4, 16, 16, 3)).astype(np.float32), rng.integers(0, NUM_CLASSES, 4).astype(np.int32))
+        for _ in range(n)
+    ]
 
 
 def leaves_equal(a, b):
@@ -68,8 +71,9 @@ def test_overlapped_equals_sequential_on_every_device_pair(device_pair):
     model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
     parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
     tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
-    built = runner.build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device,
-                                   cloud_device=cloud_device)
+    built = runner.build_hierarchy(
+        parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device, cloud_device=cloud_device
+    )
     data = batches(3)
     seq = runner.run_sequential(*fresh(built), data)
     ovl = runner.run_overlapped(*fresh(built), data, channel=QueueChannel(1))
@@ -151,8 +155,9 @@ def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
     # A queue of one and many steps: the edge would block forever on a full queue without the stop.
     before = set(threading.enumerate())
     with pytest.raises(Boom, match="cloud failed"):
-        runner.run_overlapped(dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state,
-                              batches(12), channel=QueueChannel(1))
+        runner.run_overlapped(
+            dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state, batches(12), channel=QueueChannel(1)
+        )
     assert not runner_threads_started_since(before)
 
 
@@ -228,10 +233,10 @@ def test_snapshots_are_the_states_of_a_run_cut_at_that_step(hierarchy, run):
     full = run(*fresh(hierarchy), data, snapshot_every=2, on_snapshot=snapshots.append)
     assert [s.step for s in snapshots] == [2, 4, 6]
     for snap in snapshots:
-        cut = runner.run_sequential(*fresh(hierarchy), data[:snap.step])
+        cut = runner.run_sequential(*fresh(hierarchy), data[: snap.step])
         assert leaves_equal(snap.edge_state, cut.edge_state) and leaves_equal(snap.cloud_state, cut.cloud_state)
-        np.testing.assert_array_equal(snap.edge_metrics["loss"], full.edge_metrics["loss"][:snap.step])
-        np.testing.assert_array_equal(snap.cloud_metrics["loss"], full.cloud_metrics["loss"][:snap.step])
+        np.testing.assert_array_equal(snap.edge_metrics["loss"], full.edge_metrics["loss"][: snap.step])
+        np.testing.assert_array_equal(snap.cloud_metrics["loss"], full.cloud_metrics["loss"][: snap.step])
 
 
 @pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
@@ -253,7 +258,7 @@ def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(
     assert not runner_threads_started_since(before)
     assert result.interrupted and 3 <= result.end_step < 12
     assert int(result.edge_state["step"]) == int(result.cloud_state["step"]) == result.end_step
-    cut = runner.run_sequential(*fresh(hierarchy), data[:result.end_step])
+    cut = runner.run_sequential(*fresh(hierarchy), data[: result.end_step])
     assert leaves_equal(result.edge_state, cut.edge_state) and leaves_equal(result.cloud_state, cut.cloud_state)
 
 
@@ -275,8 +280,14 @@ def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state
         time.sleep(0.2)
 
     data = batches(12)
-    run(dataclasses.replace(h, edge_step=counted_edge_step), edge_state, cloud_state, data, snapshot_every=1,
-        on_snapshot=slow_save)
+    run(
+        dataclasses.replace(h, edge_step=counted_edge_step),
+        edge_state,
+        cloud_state,
+        data,
+        snapshot_every=1,
+        on_snapshot=slow_save,
+    )
     assert len(lead) == 12  # every step's snapshot written
     # Without backpressure the edge finishes all 12 steps during the first 0.2 s save (lead 11).
     # With it: at most the writer's backlog of pairs, plus the steps the edge runs ahead of the cloud.

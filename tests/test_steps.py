@@ -6,10 +6,11 @@ import optax
 import pytest
 from flax import nnx
 
-from backend import tolerance
 from hier_jax import baselines, quantization, steps
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
+
+from backend import tolerance
 
 NUM_CLASSES = 10
 
@@ -40,7 +41,8 @@ def test_edge_update_is_the_early_exit_loss_alone():
     opt = tx()
     graphdef, state = steps.init_state(parts.edge, opt)
     new_state, payload, metrics = jax.jit(steps.make_edge_step(graphdef, opt, bits=4, num_classes=NUM_CLASSES))(
-        state, images, labels)
+        state, images, labels
+    )
 
     def exit_loss(edge):
         logits, _ = edge(images, train=True)
@@ -53,7 +55,9 @@ def test_edge_update_is_the_early_exit_loss_alone():
     assert_trees_close(new_state["params"], expected, **tolerance("step").kwargs())
     assert int(new_state["step"]) == 1
     # Train-mode BatchNorm moved its running statistics, identically on both paths.
-    assert_trees_close(new_state["batch_stats"], nnx.state(parts.edge, nnx.BatchStat), **tolerance("reordered").kwargs())
+    assert_trees_close(
+        new_state["batch_stats"], nnx.state(parts.edge, nnx.BatchStat), **tolerance("reordered").kwargs()
+    )
     assert payload.shape == (4, 16, 16, 4) and payload.bits == 4
 
 
@@ -119,18 +123,27 @@ def test_vanilla_split_learning_equals_end_to_end_training():
     near = tolerance("trajectory").kwargs()
     np.testing.assert_allclose(result.cloud_metrics["loss"], metrics["loss"], **near)
     full = nnx.merge(*nnx.split(twin, nnx.Param, nnx.BatchStat)[:1], state["params"], state["batch_stats"])
-    edge = nnx.merge(*nnx.split(parts.edge, nnx.Param, nnx.BatchStat)[:1], result.edge_state["params"],
-                     result.edge_state["batch_stats"])
-    np.testing.assert_allclose(np.asarray(edge.stages[0].conv.kernel[...]), np.asarray(full.stages[0].conv.kernel[...]),
-                               **near)
-    cloud = nnx.merge(*nnx.split(parts.cloud, nnx.Param, nnx.BatchStat)[:1], result.cloud_state["params"],
-                      result.cloud_state["batch_stats"])
-    np.testing.assert_allclose(np.asarray(cloud.classifier.linear.kernel[...]),
-                               np.asarray(full.classifier.linear.kernel[...]), **near)
+    edge = nnx.merge(
+        *nnx.split(parts.edge, nnx.Param, nnx.BatchStat)[:1],
+        result.edge_state["params"],
+        result.edge_state["batch_stats"],
+    )
+    np.testing.assert_allclose(
+        np.asarray(edge.stages[0].conv.kernel[...]), np.asarray(full.stages[0].conv.kernel[...]), **near
+    )
+    cloud = nnx.merge(
+        *nnx.split(parts.cloud, nnx.Param, nnx.BatchStat)[:1],
+        result.cloud_state["params"],
+        result.cloud_state["batch_stats"],
+    )
+    np.testing.assert_allclose(
+        np.asarray(cloud.classifier.linear.kernel[...]), np.asarray(full.classifier.linear.kernel[...]), **near
+    )
     # The edge did learn from the cloud (unlike hierarchical training): its stem moved.
     start = nnx.state(model, nnx.Param)
-    assert not np.allclose(np.asarray(start["stages"][0]["conv"]["kernel"][...]),
-                           np.asarray(edge.stages[0].conv.kernel[...]))
+    assert not np.allclose(
+        np.asarray(start["stages"][0]["conv"]["kernel"][...]), np.asarray(edge.stages[0].conv.kernel[...])
+    )
 
 
 def test_edge_step_rejects_bad_bits():

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402
 
-SAMPLE = '''
+SAMPLE = """
 import pytest
 
 def test_passes(record_property):
@@ -26,14 +26,29 @@ def test_skipped_a():
 @pytest.mark.skip(reason="needs two accelerators; this host has 0")
 def test_skipped_b():
     pass
-'''
+"""
 
 
 def test_the_summary_counts_a_real_junit_file(tmp_path):
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     junit = tmp_path / "junit.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                    "-o", "junit_family=xunit1", "test_sample.py"], cwd=tmp_path, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            "-o",
+            "junit_family=xunit1",
+            "test_sample.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
     summary = tasks.summarize(junit, "gpu", {"JAX_PLATFORMS": "cuda,cpu", "XLA_FLAGS": "--x"})
     assert "# hier-jax tests on gpu" in summary and "JAX_PLATFORMS=cuda,cpu  XLA_FLAGS=--x" in summary
     assert "**1 passed, 1 failed, 2 skipped** (4 tests)" in summary
@@ -42,11 +57,14 @@ def test_the_summary_counts_a_real_junit_file(tmp_path):
     assert "- loss_max_rel_deviation: 2.5e-07" in summary
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--backend", "xpu"], "--backend 'xpu' is not one of cpu, gpu, tpu"),
-    (["--backend"], "--backend needs a value"),
-    (["--out", "dir"], "--out goes with --backend"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "xpu"], "--backend 'xpu' is not one of cpu, gpu, tpu"),
+        (["--backend"], "--backend needs a value"),
+        (["--out", "dir"], "--out goes with --backend"),
+    ],
+)
 def test_bad_options_are_one_line(args, message):
     with pytest.raises(SystemExit, match=message.replace("'", ".")):
         tasks.split_test_options(args)

@@ -5,7 +5,6 @@ forward outputs 1e-4, gradients and updated parameters 1e-3 of their scale (trai
 divides by batch statistics of tiny batches, which amplifies fp32 rounding differences).
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +18,19 @@ from hier_jax.optim import OptimConfig, make_optimizer
 NUM_CLASSES = 10
 CIFAR = (32, 32, 3)
 # (model, input shape, separation point): every arch, both ResNet stems, a Tiny ImageNet shape.
-CASES = [("resnet18", CIFAR, "layer2_0"), ("resnet18_tv", CIFAR, "layer1_1"), ("vgg16", CIFAR, "pool3"),
-         ("resnet18_tv", (64, 64, 3), "layer2_1")]
+CASES = [
+    ("resnet18", CIFAR, "layer2_0"),
+    ("resnet18_tv", CIFAR, "layer1_1"),
+    ("vgg16", CIFAR, "pool3"),
+    ("resnet18_tv", (64, 64, 3), "layer2_1"),
+]
 
 
 @pytest.fixture(scope="module")
 def tr():
     pytest.importorskip("torch")
     import hier_jax.torch_ref as tr
+
     return tr
 
 
@@ -67,8 +71,11 @@ def labels(n=3, seed=0):
 def test_full_width_parameter_counts(tr):
     assert tr.param_count(tr.build_model("resnet18", num_classes=10, input_shape=CIFAR)) == 11_173_962
     assert tr.param_count(tr.build_model("vgg16", num_classes=10, input_shape=CIFAR)) == 14_728_266
-    for name, shape, classes in [("resnet18_tv", CIFAR, 10), ("resnet18", (64, 64, 3), 200),
-                                 ("vgg16", (64, 64, 3), 200)]:
+    for name, shape, classes in [
+        ("resnet18_tv", CIFAR, 10),
+        ("resnet18", (64, 64, 3), 200),
+        ("vgg16", (64, 64, 3), 200),
+    ]:
         abstract = nnx.eval_shape(lambda: build_model(name, num_classes=classes, input_shape=shape))
         assert tr.param_count(tr.build_model(name, num_classes=classes, input_shape=shape)) == param_count(abstract)
 
@@ -76,6 +83,7 @@ def test_full_width_parameter_counts(tr):
 @pytest.mark.parametrize("name,shape,point", CASES)
 def test_ported_model_and_split_parts_give_the_same_outputs(tr, name, shape, point):
     import torch
+
     model = build_model(name, num_classes=NUM_CLASSES, input_shape=shape, width=8, seed=1)
     parts = split(model, point, ExitHeadConfig(channels=16))
     t_model, t_parts = tr.torch_split_like(parts, model)
@@ -91,8 +99,7 @@ def test_ported_model_and_split_parts_give_the_same_outputs(tr, name, shape, poi
         t_logits, t_features = t_parts.edge(xt)
         close(tr.to_jax_images(t_features), features, 1e-4, "edge features")
         close(t_logits.numpy(), logits, 1e-4, "exit head")
-        close(t_parts.cloud(tr.to_torch_images(features)).numpy(), forward(parts.cloud, features, False), 1e-4,
-              "cloud")
+        close(t_parts.cloud(tr.to_torch_images(features)).numpy(), forward(parts.cloud, features, False), 1e-4, "cloud")
     # Training mode: batch statistics.
     t_model.train()
     with torch.no_grad():
@@ -110,12 +117,14 @@ def test_round_trip_is_exact(tr):
 
 def test_payload_bytes_match(tr):
     import torch
+
     feats = np.random.RandomState(4).randn(3, 4, 4, 5).astype(np.float32) * 3
     y = labels()
     for bits in (1, 2, 3, 4, 5, 8, 16, 32):
         jp = quantization.encode(jnp.asarray(feats), jnp.asarray(y), bits, NUM_CLASSES)
-        tp = tr.quantization.encode(torch.from_numpy(feats.transpose(0, 3, 1, 2)), torch.from_numpy(y), bits,
-                                    NUM_CLASSES)
+        tp = tr.quantization.encode(
+            torch.from_numpy(feats.transpose(0, 3, 1, 2)), torch.from_numpy(y), bits, NUM_CLASSES
+        )
         assert tp.shape == jp.shape and tp.nbytes == jp.nbytes, bits
         if bits <= 8:
             np.testing.assert_array_equal(tp.data.numpy(), np.asarray(jp.data))
@@ -130,6 +139,7 @@ def test_bf16_features_give_the_float32_payload_on_both_sides(tr):
     """Under autocast (bench_torch --precision bf16) the edge's features are bfloat16: both encoders
     take them as float32 first, so the payload is the one the float32 values give."""
     import torch
+
     feats = (np.random.RandomState(5).randn(3, 4, 4, 5) * 3).astype(jnp.bfloat16).astype(np.float32)
     y = labels()
     for bits in (4, 16, 32):
@@ -150,7 +160,7 @@ def test_schedules_match_optax(tr):
         state = tx.init({"w": jnp.zeros(())})
         for t in range(12):
             updates, state_next = tx.update({"w": jnp.ones(())}, state, {"w": jnp.zeros(())})
-            momentum_buffer = sum(config.momentum ** k for k in range(t + 1))
+            momentum_buffer = sum(config.momentum**k for k in range(t + 1))
             lr = -float(updates["w"]) / momentum_buffer
             np.testing.assert_allclose(lr, config.learning_rate * fn(t), rtol=1e-5, atol=1e-8, err_msg=str(t))
             state = state_next
@@ -161,13 +171,17 @@ LR, WD = 1.0, 5e-4  # a large step keeps the gradient recovered from the update 
 
 def grads_from_update(old, new):
     """First SGD step from a zero momentum buffer: new = old - LR * (grad + WD * old)."""
-    return jax.tree.map(lambda o, n: (np.asarray(o, np.float64) - np.asarray(n, np.float64)) / LR
-                        - WD * np.asarray(o, np.float64), old, new)
+    return jax.tree.map(
+        lambda o, n: (np.asarray(o, np.float64) - np.asarray(n, np.float64)) / LR - WD * np.asarray(o, np.float64),
+        old,
+        new,
+    )
 
 
 def torch_grads_as_jax(tr, t_module, j_module):
     """The .grad of every PyTorch parameter, in hier-jax layout, as an nnx Param state."""
     import torch
+
     with torch.no_grad():
         saved = [p.detach().clone() for p in t_module.parameters()]
         for p in t_module.parameters():
@@ -186,6 +200,7 @@ def compare_states(tr, j_module, t_module, rel, what):
     PyTorch moves running_var toward the unbiased batch variance, Flax toward the biased one; undo
     the factor n / (n - 1) on the batch part before comparing (see torch_ref/models.py)."""
     from torch import nn
+
     ported = tr.torch_to_jax(t_module, nnx.clone(j_module))
     close_trees(nnx.state(ported, nnx.Param), nnx.state(j_module, nnx.Param), rel, f"{what} param")
     for path, node in nnx.iter_graph(j_module):
@@ -209,6 +224,7 @@ def compare_states(tr, j_module, t_module, rel, what):
 def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
     """Edge, cloud and end-to-end steps: loss, gradients, parameters and BN statistics after one step."""
     import torch
+
     config = OptimConfig(learning_rate=LR, weight_decay=WD, schedule="constant")
     tx = make_optimizer(config, total_steps=10)
     x, y = images(shape, n=4, seed=5), labels(n=4, seed=5)
@@ -223,7 +239,8 @@ def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
     e_graphdef, e_state = steps.init_state(parts.edge, tx)
     c_graphdef, c_state = steps.init_state(parts.cloud, tx)
     e_new, payload, e_metrics = jax.jit(steps.make_edge_step(e_graphdef, tx, bits=32, num_classes=NUM_CLASSES))(
-        e_state, jnp.asarray(x), jnp.asarray(y))
+        e_state, jnp.asarray(x), jnp.asarray(y)
+    )
     features, _ = quantization.decode(payload)
     c_new, c_metrics = jax.jit(steps.make_cloud_step(c_graphdef, tx))(c_state, payload)
     e_grads = grads_from_update(e_state["params"], e_new["params"])
@@ -231,8 +248,9 @@ def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
 
     e_opt, e_sched = tr.make_optimizer(t_parts.edge, config, 10)
     c_opt, c_sched = tr.make_optimizer(t_parts.cloud, config, 10)
-    edge_step = tr.EdgeStep(t_parts.edge, e_opt, e_sched, bits=32, num_classes=NUM_CLASSES,
-                            feature_shape=t_parts.feature_shape)
+    edge_step = tr.EdgeStep(
+        t_parts.edge, e_opt, e_sched, bits=32, num_classes=NUM_CLASSES, feature_shape=t_parts.feature_shape
+    )
     cloud_step = tr.CloudStep(t_parts.cloud, c_opt, c_sched)
     t_payload, te_metrics = edge_step(xt, yt)
     close(te_metrics["loss"].item(), e_metrics["loss"], 1e-5, "edge loss")
@@ -267,6 +285,7 @@ def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
 def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     """At 4 bits the edge payloads are equal byte for byte, so the cloud losses agree too."""
     import torch
+
     model = build_model("resnet18_tv", num_classes=NUM_CLASSES, input_shape=CIFAR, width=8, seed=9)
     parts = split(model, "layer1_1", ExitHeadConfig(channels=16))
     t_model, t_parts = tr.torch_split_like(parts, model)
@@ -276,10 +295,12 @@ def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     x, y = images(CIFAR, n=4, seed=10), labels(n=4, seed=10)
     e_graphdef, e_state = steps.init_state(parts.edge, tx)
     _, payload, _ = jax.jit(steps.make_edge_step(e_graphdef, tx, bits=4, num_classes=NUM_CLASSES))(
-        e_state, jnp.asarray(x), jnp.asarray(y))
+        e_state, jnp.asarray(x), jnp.asarray(y)
+    )
     opt, sched = tr.make_optimizer(t_parts.edge, OptimConfig(), 10)
-    t_payload, _ = tr.EdgeStep(t_parts.edge, opt, sched, bits=4, num_classes=NUM_CLASSES,
-                               feature_shape=t_parts.feature_shape)(tr.to_torch_images(x), torch.from_numpy(y))
+    t_payload, _ = tr.EdgeStep(
+        t_parts.edge, opt, sched, bits=4, num_classes=NUM_CLASSES, feature_shape=t_parts.feature_shape
+    )(tr.to_torch_images(x), torch.from_numpy(y))
     codes = np.asarray(quantization.unpack_bits(payload.data, 4, int(np.prod(payload.shape))))
     t_codes = tr.quantization.unpack_bits(t_payload.data, 4, int(np.prod(payload.shape))).numpy()
     # fp32 rounding may move a value sitting on a rounding boundary by one code; nothing more.
@@ -291,14 +312,21 @@ def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     close(tr.CloudStep(t_parts.cloud, opt, sched)(t_payload)["loss"].item(), c_metrics["loss"], 1e-4, "cloud loss")
 
 
-@pytest.mark.parametrize("case", [
-    (4, 32, 32, 3, 8, 3, 1),      # Eigen / lax
-    (2, 32, 32, 4, 8, 3, 2),      # strided on a 32x32 map: polyphase input gradient
-    (16, 32, 32, 32, 32, 3, 1),   # large enough for cpu-ynn's chunked im2col weight gradient (lax.scan)
-    (12, 16, 16, 8, 16, 3, 2), (4, 8, 8, 8, 16, 1, 2),  # 1x1 strided: slice + matmul
-    (3, 64, 64, 3, 8, 7, 2),      # the torchvision stem
-    (4, 2, 2, 16, 16, 3, 1), (4, 1, 1, 16, 16, 3, 1), (4, 2, 2, 16, 32, 3, 2),  # dense product
-    (3, 5, 7, 4, 6, 3, 2)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (4, 32, 32, 3, 8, 3, 1),  # Eigen / lax
+        (2, 32, 32, 4, 8, 3, 2),  # strided on a 32x32 map: polyphase input gradient
+        (16, 32, 32, 32, 32, 3, 1),  # large enough for cpu-ynn's chunked im2col weight gradient (lax.scan)
+        (12, 16, 16, 8, 16, 3, 2),
+        (4, 8, 8, 8, 16, 1, 2),  # 1x1 strided: slice + matmul
+        (3, 64, 64, 3, 8, 7, 2),  # the torchvision stem
+        (4, 2, 2, 16, 16, 3, 1),
+        (4, 1, 1, 16, 16, 3, 1),
+        (4, 2, 2, 16, 32, 3, 2),  # dense product
+        (3, 5, 7, 4, 6, 3, 2),
+    ],
+)
 def test_cpu_convolution_paths_match_lax(case):
     """hier_jax.models.xla_cpu's formulations: same values and gradients as lax.conv (no torch)."""
     b, h, w, ci, co, k, s = case
@@ -309,8 +337,10 @@ def test_cpu_convolution_paths_match_lax(case):
     dn = jax.lax.conv_dimension_numbers(x.shape, kern.shape, ("NHWC", "HWIO", "NHWC"))
     results = {}
     for impl in ("xla", "cpu", "cpu-ynn"):
+
         def conv(x_, k_, impl=impl):
             return xla_cpu.conv_general_dilated(x_, k_, (s, s), ((p, p), (p, p)), dimension_numbers=dn, impl=impl)
+
         y = jax.jit(conv)(x, kern)
         grads = jax.jit(jax.grad(lambda x_, k_, conv=conv: jnp.sum(conv(x_, k_) * ct), (0, 1)))(x, kern)
         results[impl] = (y, *grads)

@@ -21,8 +21,14 @@ def digits():
 def test_quickstart_trains_on_digits_and_writes_summary(tmp_path):
     summary = quickstart.main(["--epochs", "2", "--width", "8", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("edge_accuracy", "cloud_accuracy", "payload_bytes_per_batch", "raw_bytes_per_batch",
-                "wall_s_sequential", "wall_s_overlapped"):
+    for key in (
+        "edge_accuracy",
+        "cloud_accuracy",
+        "payload_bytes_per_batch",
+        "raw_bytes_per_batch",
+        "wall_s_sequential",
+        "wall_s_overlapped",
+    ):
         assert written[key] == summary[key]
     assert written["overlapped_bit_identical_to_sequential"] is True
     edge, cloud = (devices.device_name(devices.resolve_device("auto", role)) for role in devices.ROLES)
@@ -36,8 +42,17 @@ def test_quickstart_trains_on_digits_and_writes_summary(tmp_path):
 
 
 def test_both_losses_fall(digits):
-    config = ExperimentConfig(model="resnet18", dataset="digits", split="layer2_0", width=8, batch_size=32,
-                              epochs=1, max_steps=40, head_channels=16, learning_rate=0.1)
+    config = ExperimentConfig(
+        model="resnet18",
+        dataset="digits",
+        split="layer2_0",
+        width=8,
+        batch_size=32,
+        epochs=1,
+        max_steps=40,
+        head_channels=16,
+        learning_rate=0.1,
+    )
     setup = train.build(config, digits)
     result = train.train(setup, "overlapped", progress=False)
     for metrics in (result.edge_metrics, result.cloud_metrics):
@@ -47,17 +62,20 @@ def test_both_losses_fall(digits):
     assert acc["edge_accuracy"] > 0.3 and acc["cloud_accuracy"] > 0.3
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": "alexnet"}, "--model 'alexnet' is invalid; valid: vgg16, resnet18, resnet18_tv"),
-    ({"split": "layer9_9"}, "--split 'layer9_9' is invalid; valid: a stage of resnet18: stem, layer1_0"),
-    ({"bits": 9}, "--bits 9 is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8, 16, 32"),
-    ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
-    ({"edge_device": "gpu:64"}, "device 'gpu:64' does not exist"),
-    ({"edge_device": ":1"}, "device ':1' does not exist"),
-    ({"queue_size": 0}, "--queue-size 0 is invalid; valid: an integer >= 1"),
-    ({"learning_rate": -1.0}, "--learning-rate -1.0 is invalid; valid: a finite number > 0"),
-    ({"batch_size": 4000}, "--batch-size 4000 is larger than the training split of digits (1437 images)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "alexnet"}, "--model 'alexnet' is invalid; valid: vgg16, resnet18, resnet18_tv"),
+        ({"split": "layer9_9"}, "--split 'layer9_9' is invalid; valid: a stage of resnet18: stem, layer1_0"),
+        ({"bits": 9}, "--bits 9 is invalid; valid: 1, 2, 3, 4, 5, 6, 7, 8, 16, 32"),
+        ({"cloud_device": "cpu:5"}, "device 'cpu:5' does not exist"),
+        ({"edge_device": "gpu:64"}, "device 'gpu:64' does not exist"),
+        ({"edge_device": ":1"}, "device ':1' does not exist"),
+        ({"queue_size": 0}, "--queue-size 0 is invalid; valid: an integer >= 1"),
+        ({"learning_rate": -1.0}, "--learning-rate -1.0 is invalid; valid: a finite number > 0"),
+        ({"batch_size": 4000}, "--batch-size 4000 is larger than the training split of digits (1437 images)"),
+    ],
+)
 def test_bad_configs_fail_clearly(digits, change, message):
     config = dataclasses.replace(ExperimentConfig(dataset="digits", width=4), **change)
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -79,9 +97,26 @@ def test_training_schedule_length(digits):
 def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
     from experiments import train as train_experiment
 
-    summary = train_experiment.main(["--dataset", "digits", "--model", "vgg16", "--split", "pool2", "--width", "4",
-                                     "--batch-size", "32", "--max-steps", "6", "--head-channels", "8",
-                                     "--out", str(tmp_path)])
+    summary = train_experiment.main(
+        [
+            "--dataset",
+            "digits",
+            "--model",
+            "vgg16",
+            "--split",
+            "pool2",
+            "--width",
+            "4",
+            "--batch-size",
+            "32",
+            "--max-steps",
+            "6",
+            "--head-channels",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"] == 6
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,edge_loss") and len(rows) == 1 + 6
@@ -94,10 +129,34 @@ def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
 def test_train_experiment_over_a_simulated_link_with_an_outage(tmp_path):
     from experiments import train as train_experiment
 
-    summary = train_experiment.main(["--dataset", "digits", "--model", "vgg16", "--split", "pool2", "--width", "4",
-                                     "--batch-size", "32", "--max-steps", "10", "--head-channels", "8",
-                                     "--link", "4g", "--time-scale", "1e-3", "--outage", "3:8",
-                                     "--link-buffer", "2", "--out", str(tmp_path)])
+    summary = train_experiment.main(
+        [
+            "--dataset",
+            "digits",
+            "--model",
+            "vgg16",
+            "--split",
+            "pool2",
+            "--width",
+            "4",
+            "--batch-size",
+            "32",
+            "--max-steps",
+            "10",
+            "--head-channels",
+            "8",
+            "--link",
+            "4g",
+            "--time-scale",
+            "1e-3",
+            "--outage",
+            "3:8",
+            "--link-buffer",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     link = summary["link"]
     assert link["sent"] == 10 and link["delivered"] + link["dropped"] == 10
     # Down while the edge sends steps 3..7 (5 payloads) with room for 2: at least 3 dropped, oldest first

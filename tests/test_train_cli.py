@@ -17,13 +17,26 @@ from experiments import train as train_experiment
 from hier_jax import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--dataset", "digits", "--model", "vgg16", "--split", "pool2", "--width", "4", "--batch", "32",
-         "--head-channels", "8"]
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "vgg16",
+    "--split",
+    "pool2",
+    "--width",
+    "4",
+    "--batch",
+    "32",
+    "--head-channels",
+    "8",
+]
 
 
 @pytest.fixture
 def no_work(monkeypatch):
     """Any data loading or model building fails the test: errors must come before both."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("loaded data or built a model before validating the arguments")
 
@@ -39,36 +52,42 @@ def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("main", [train_experiment.main, quickstart.main], ids=["train", "quickstart"])
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "--batch-size 0 is invalid; valid: an integer >= 1"),
-    (["--queue-size", "0"], "--queue-size 0 is invalid"),
-    (["--model", "alexnet"], "--model 'alexnet' is invalid; valid: vgg16, resnet18, resnet18_tv"),
-    (["--split", "pool9"], "--split 'pool9' is invalid; valid: a stage of"),
-    (["--bits", "9"], "--bits 9 is invalid"),
-    (["--learning-rate", "nan"], "--learning-rate nan is invalid"),
-    (["--edge-device", "gpu:64"], "device 'gpu:64' does not exist"),
-    (["--cloud-device", ":1"], "device ':1' does not exist"),
-    (["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet, folder:PATH"),
-    (["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
-    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every -1 is invalid"),
-    (["--precision", "fp16"], "--precision 'fp16' is invalid; valid: auto, fp32, tf32, bf16"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "0"], "--batch-size 0 is invalid; valid: an integer >= 1"),
+        (["--queue-size", "0"], "--queue-size 0 is invalid"),
+        (["--model", "alexnet"], "--model 'alexnet' is invalid; valid: vgg16, resnet18, resnet18_tv"),
+        (["--split", "pool9"], "--split 'pool9' is invalid; valid: a stage of"),
+        (["--bits", "9"], "--bits 9 is invalid"),
+        (["--learning-rate", "nan"], "--learning-rate nan is invalid"),
+        (["--edge-device", "gpu:64"], "device 'gpu:64' does not exist"),
+        (["--cloud-device", ":1"], "device ':1' does not exist"),
+        (["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet, folder:PATH"),
+        (["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
+        (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1 is invalid"),
+        (["--precision", "fp16"], "--precision 'fp16' is invalid; valid: auto, fp32, tf32, bf16"),
+    ],
+)
 def test_bad_arguments_are_one_line_and_exit_2_before_any_work(no_work, capsys, main, argv, message):
     code, lines = run_cli(main, argv, capsys)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("experiments.") and message in lines[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--outage", "3", "--link", "3g"], "--outage takes A:B"),
-    (["--outage", "5:2", "--link", "3g"], "got '5:2'"),
-    (["--outage", "1:2"], "--outage needs --link"),
-    (["--link", "6g"], "--link '6g' is invalid; valid: 3g, 4g, 5g, wifi"),
-    (["--time-scale", "0", "--link", "3g"], "--time-scale 0.0 is invalid"),
-    (["--resume", "/no/such/run"], "no run to resume there"),
-    (["--resume", "a", "--out", "b"], "--out must be that directory or be left out"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--outage", "3", "--link", "3g"], "--outage takes A:B"),
+        (["--outage", "5:2", "--link", "3g"], "got '5:2'"),
+        (["--outage", "1:2"], "--outage needs --link"),
+        (["--link", "6g"], "--link '6g' is invalid; valid: 3g, 4g, 5g, wifi"),
+        (["--time-scale", "0", "--link", "3g"], "--time-scale 0.0 is invalid"),
+        (["--resume", "/no/such/run"], "no run to resume there"),
+        (["--resume", "a", "--out", "b"], "--out must be that directory or be left out"),
+    ],
+)
 def test_bad_link_and_resume_flags(no_work, capsys, argv, message):
     code, lines = run_cli(train_experiment.main, argv, capsys)
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
@@ -100,8 +119,9 @@ def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, cap
     code, lines = run_cli(train_experiment.main, SMALL + ["--batch", "5000", "--overwrite", "--out", str(out)], capsys)
     assert code == 2 and "--batch-size 5000 is larger than the training split" in lines[-1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
-    summary = train_experiment.main(SMALL + ["--max-steps", "3", "--checkpoint-every", "0", "--overwrite",
-                                             "--out", str(out)])
+    summary = train_experiment.main(
+        SMALL + ["--max-steps", "3", "--checkpoint-every", "0", "--overwrite", "--out", str(out)]
+    )
     # Nothing of the old run is left beside the new one: its checkpoints went with it.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3"]
     assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] == 3
@@ -149,8 +169,11 @@ def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_re
 
 def test_divergence_exits_1_with_one_line_and_writes_no_summary(tmp_path, capsys):
     out = tmp_path / "run"
-    code, lines = run_cli(train_experiment.main, SMALL + ["--max-steps", "12", "--learning-rate", "1000",
-                                                          "--checkpoint-every", "2", "--out", str(out)], capsys)
+    code, lines = run_cli(
+        train_experiment.main,
+        SMALL + ["--max-steps", "12", "--learning-rate", "1000", "--checkpoint-every", "2", "--out", str(out)],
+        capsys,
+    )
     # Above the error only the progress bar's lines (stderr); the error is the last line, no traceback.
     assert code == 1 and not any("Traceback" in line for line in lines), lines
     assert lines[-1].startswith("experiments.train: error: training diverged: the") and " at step " in lines[-1]
@@ -172,9 +195,27 @@ def test_a_signal_stops_the_cli_cleanly_with_exit_130_and_a_checkpoint(tmp_path,
     """The real process: before, Ctrl-C aborted it (exit 134, 'terminate called ...') and saved nothing."""
     out = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen([sys.executable, "-m", "experiments.train", *SMALL, "--epochs", "1000",
-                                "--max-steps", "40000", "--checkpoint-every", "20", "--out", str(out)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            *SMALL,
+            "--epochs",
+            "1000",
+            "--max-steps",
+            "40000",
+            "--checkpoint-every",
+            "20",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / "20").is_dir():

@@ -52,13 +52,11 @@ class ImageDataset:
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != np.uint8 or images.ndim != 4:
                 raise ValueError(
-                    f"{self.name}: {split}_images must be uint8 [N, H, W, C], "
-                    f"got {images.dtype} {images.shape}"
+                    f"{self.name}: {split}_images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
                 )
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
                 raise ValueError(
-                    f"{self.name}: {split}_labels must be int32 [{images.shape[0]}], "
-                    f"got {labels.dtype} {labels.shape}"
+                    f"{self.name}: {split}_labels must be int32 [{images.shape[0]}], got {labels.dtype} {labels.shape}"
                 )
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             raise ValueError(
@@ -66,9 +64,7 @@ class ImageDataset:
                 f"{self.train_images.shape[1:]} vs {self.test_images.shape[1:]}"
             )
         if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(
-                f"{self.name}: unknown augmentation {self.augmentation!r}; valid: {sorted(AUGMENTATIONS)}"
-            )
+            raise ValueError(f"{self.name}: unknown augmentation {self.augmentation!r}; valid: {sorted(AUGMENTATIONS)}")
         channels = self.train_images.shape[-1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"{self.name}: mean/std need {channels} entries")
@@ -184,9 +180,7 @@ def train_batches(
     skips the epoch's first batches (a resumed run), which are never gathered or transformed.
     """
     if batch_size <= 0 or batch_size > ds.num_train:
-        raise ValueError(
-            f"batch_size must be in 1..{ds.num_train} (train size of {ds.name}), got {batch_size}"
-        )
+        raise ValueError(f"batch_size must be in 1..{ds.num_train} (train size of {ds.name}), got {batch_size}")
     mean, inv_std = (tuple(float(v) for v in a) for a in normalization_constants(ds))
     pad = AUGMENTATIONS[ds.augmentation]
     order = epoch_permutation(ds.num_train, seed, epoch)

@@ -21,9 +21,7 @@ import tensorflow_datasets as tfds
 from hier_jax.data.core import ImageDataset, channel_stats
 from hier_jax.errors import UserError
 
-CIFAR10_CLASS_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
-)
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 """tfds cifar10's label order (that of the original release); tfds only knows the names once prepared."""
 
 _READ_BATCH = 8192

@@ -131,17 +131,14 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
         unknown = sorted({wnid for _, wnid in validation} - set(wnids))
         if unknown:
             raise ValueError(
-                f"val/val_annotations.txt in {tree.location} names wnids "
-                f"missing from wnids.txt: {unknown[:5]}"
+                f"val/val_annotations.txt in {tree.location} names wnids missing from wnids.txt: {unknown[:5]}"
             )
         return {
             "train": self._generate_examples(tree, train),
             "validation": self._generate_examples(tree, validation),
         }
 
-    def _generate_examples(
-        self, tree: _ArchiveTree, examples: list[tuple[str, str]]
-    ) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, tree: _ArchiveTree, examples: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
         for path, wnid in examples:
             data = tree.read(path)
             try:
@@ -151,8 +148,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
                 raise ValueError(f"corrupt image file {tree.describe(path)}: {error}") from error
             if size != (IMAGE_SIZE, IMAGE_SIZE) or image_format != "JPEG":
                 raise ValueError(
-                    f"{tree.describe(path)} is a {size} {image_format}, "
-                    f"expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG"
+                    f"{tree.describe(path)} is a {size} {image_format}, expected a {IMAGE_SIZE}x{IMAGE_SIZE} JPEG"
                 )
             yield path, {"image": data, "label": wnid, "file_name": path.rsplit("/", 1)[-1]}
 

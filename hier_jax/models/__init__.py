@@ -11,8 +11,16 @@ from flax import nnx
 from hier_jax import precision as _precision
 from hier_jax.models import xla_cpu
 from hier_jax.models.resnet import resnet18
-from hier_jax.models.split import (CloudNet, EdgeNet, ExitHead, ExitHeadConfig, Split, resolve_point,
-                                   split, stage_output_shape)
+from hier_jax.models.split import (
+    CloudNet,
+    EdgeNet,
+    ExitHead,
+    ExitHeadConfig,
+    Split,
+    resolve_point,
+    split,
+    stage_output_shape,
+)
 from hier_jax.models.staged import StagedNet, check_images
 from hier_jax.models.vgg import vgg16
 
@@ -23,8 +31,16 @@ MODELS: dict[str, Callable[..., StagedNet]] = {
 }
 
 
-def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64,
-                seed: int = 0, conv_impl: str | None = None, precision: str | None = None) -> StagedNet:
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    width: int = 64,
+    seed: int = 0,
+    conv_impl: str | None = None,
+    precision: str | None = None,
+) -> StagedNet:
     """Build a registered backbone; `width` 64 is the paper's size, smaller values narrow every layer.
 
     `conv_impl` (xla_cpu.CONV_IMPLS; default xla_cpu.default_impl(), normally "auto") fixes how its
@@ -46,8 +62,10 @@ def check_input_size(model: StagedNet) -> None:
     for index, stage in enumerate(model.stage_names):
         if 0 in stage_output_shape(model, index)[:2]:
             height, width = model.input_shape[:2]
-            raise ValueError(f"{height}x{width} images are too small for {model.arch}: stage {stage} would "
-                             f"output an empty feature map")
+            raise ValueError(
+                f"{height}x{width} images are too small for {model.arch}: stage {stage} would "
+                f"output an empty feature map"
+            )
 
 
 @functools.cache
@@ -64,6 +82,22 @@ def param_count(module: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-__all__ = ["MODELS", "CloudNet", "EdgeNet", "ExitHead", "ExitHeadConfig", "Split", "StagedNet", "build_model",
-           "check_images", "check_input_size", "param_count", "resolve_point", "resnet18", "split", "stage_names", "stage_output_shape",
-           "vgg16"]
+__all__ = [
+    "MODELS",
+    "CloudNet",
+    "EdgeNet",
+    "ExitHead",
+    "ExitHeadConfig",
+    "Split",
+    "StagedNet",
+    "build_model",
+    "check_images",
+    "check_input_size",
+    "param_count",
+    "resolve_point",
+    "resnet18",
+    "split",
+    "stage_names",
+    "stage_output_shape",
+    "vgg16",
+]

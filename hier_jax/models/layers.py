@@ -37,16 +37,32 @@ def _promote_input_only(args: tuple, dtype=None) -> tuple:
 
 
 def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                         dtype=precision.build_policy().compute_dtype, param_dtype=jnp.float32,
-                         promote_dtype=_promote_input_only, rngs=rngs)
+    return nnx.BatchNorm(
+        channels,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=precision.build_policy().compute_dtype,
+        param_dtype=jnp.float32,
+        promote_dtype=_promote_input_only,
+        rngs=rngs,
+    )
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
     pad = kernel // 2
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=bias, kernel_init=conv_init, conv_general_dilated=xla_cpu.Conv(xla_cpu.resolve_impl()),
-                    dtype=precision.build_policy().compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=bias,
+        kernel_init=conv_init,
+        conv_general_dilated=xla_cpu.Conv(xla_cpu.resolve_impl()),
+        dtype=precision.build_policy().compute_dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 def linear(cin: int, cout: int, *, rngs: nnx.Rngs) -> nnx.Linear:
@@ -76,8 +92,14 @@ class MaxPool(nnx.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train
         k = self.window
-        if (self.padding == 0 and self.stride == k and x.ndim == 4 and x.shape[1] % k == 0 and x.shape[2] % k == 0
-                and self.impl != "xla"):
+        if (
+            self.padding == 0
+            and self.stride == k
+            and x.ndim == 4
+            and x.shape[1] % k == 0
+            and x.shape[2] % k == 0
+            and self.impl != "xla"
+        ):
             return xla_cpu.block_max_pool(x, k)
         pad = ((self.padding, self.padding), (self.padding, self.padding))
         return nnx.max_pool(x, (self.window, self.window), (self.stride, self.stride), padding=pad)
@@ -103,8 +125,7 @@ class BasicBlock(nnx.Module):
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = self.bn2(self.conv2(y), use_running_average=ura)
-        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(
-            self.shortcut_conv(x), use_running_average=ura)
+        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), use_running_average=ura)
         return nnx.relu(y + shortcut)
 
 

@@ -19,8 +19,9 @@ from hier_jax.models.staged import StagedNet
 STEMS = ("cifar", "imagenet")
 
 
-def resnet18(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64,
-             stem: str = "cifar", rngs: nnx.Rngs) -> StagedNet:
+def resnet18(
+    num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64, stem: str = "cifar", rngs: nnx.Rngs
+) -> StagedNet:
     """ResNet-18; `width` is layer1's channel count (64 in the paper), later layers scale with it."""
     if stem not in STEMS:
         raise ValueError(f"unknown ResNet stem {stem!r}; valid stems: {', '.join(STEMS)}")
@@ -28,8 +29,7 @@ def resnet18(num_classes: int, input_shape: tuple[int, int, int], *, width: int 
     if stem == "cifar":
         stages = [("stem", ConvBNReLU(cin, width, 3, 1, bias=False, rngs=rngs))]
     else:
-        stages = [("stem", ConvBNReLU(cin, width, 7, 2, bias=False, rngs=rngs)),
-                  ("maxpool", MaxPool(3, 2, padding=1))]
+        stages = [("stem", ConvBNReLU(cin, width, 7, 2, bias=False, rngs=rngs)), ("maxpool", MaxPool(3, 2, padding=1))]
     cin = width
     for layer, multiple in enumerate((1, 2, 4, 8), start=1):
         cout = width * multiple

@@ -37,15 +37,18 @@ class ExitHeadConfig:
 
 def pool_grid(height: int, width: int, grid: int) -> tuple[int, int]:
     """Cells per side after pooling: the largest divisors of the map size that are <= grid."""
-    return (max(g for g in range(1, min(grid, height) + 1) if height % g == 0),
-            max(g for g in range(1, min(grid, width) + 1) if width % g == 0))
+    return (
+        max(g for g in range(1, min(grid, height) + 1) if height % g == 0),
+        max(g for g in range(1, min(grid, width) + 1) if width % g == 0),
+    )
 
 
 class ExitHead(nnx.Module):
     """Early-exit classifier: `convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear."""
 
-    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, config: ExitHeadConfig, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, feature_shape: tuple[int, int, int], num_classes: int, config: ExitHeadConfig, *, rngs: nnx.Rngs
+    ):
         if config.convs < 0 or config.channels < 1 or config.grid < 1:
             raise ValueError(f"invalid exit head {config}: need convs >= 0, channels >= 1, grid >= 1")
         height, width, cin = feature_shape
@@ -72,8 +75,13 @@ class EdgeNet(nnx.Module):
     `precision`: the policy its layers compute in (split() passes the backbone's; the steps' builders
     read it)."""
 
-    def __init__(self, stages: list[nnx.Module], head: ExitHead | None, input_shape: tuple[int, int, int],
-                 precision: str | None = None):
+    def __init__(
+        self,
+        stages: list[nnx.Module],
+        head: ExitHead | None,
+        input_shape: tuple[int, int, int],
+        precision: str | None = None,
+    ):
         self.stages = nnx.List(stages)
         self.head = head
         self.input_shape = tuple(input_shape)
@@ -95,8 +103,13 @@ class EdgeNet(nnx.Module):
 class CloudNet(nnx.Module):
     """Stages after the separation point plus the final classifier."""
 
-    def __init__(self, stages: list[nnx.Module], classifier: nnx.Module, feature_shape: tuple[int, ...],
-                 precision: str | None = None):
+    def __init__(
+        self,
+        stages: list[nnx.Module],
+        classifier: nnx.Module,
+        feature_shape: tuple[int, ...],
+        precision: str | None = None,
+    ):
         self.stages = nnx.List(stages)
         self.classifier = classifier
         self.feature_shape = tuple(feature_shape)
@@ -113,6 +126,7 @@ class CloudNet(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Split:
     """The two parts of a model cut after stage `point` (index `index` in model.stage_names)."""
+
     edge: EdgeNet
     cloud: CloudNet
     point: str
@@ -128,8 +142,10 @@ def resolve_point(model: StagedNet, point: str | int) -> int:
         return names.index(point)
     if isinstance(point, int) and not isinstance(point, bool) and 0 <= point < len(names):
         return point
-    raise ValueError(f"invalid separation point {point!r} for {model.arch}; valid points (the last edge "
-                     f"stage, by name or index 0..{len(names) - 1}): {', '.join(names)}")
+    raise ValueError(
+        f"invalid separation point {point!r} for {model.arch}; valid points (the last edge "
+        f"stage, by name or index 0..{len(names) - 1}): {', '.join(names)}"
+    )
 
 
 def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
@@ -139,16 +155,16 @@ def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
     return tuple(out.shape[1:])
 
 
-def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(),
-          *, seed: int = 0) -> Split:
+def split(
+    model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(), *, seed: int = 0
+) -> Split:
     """Cut `model` after stage `point`; `head=None` leaves the edge without an early exit."""
     index = resolve_point(model, point)
     feature_shape = stage_output_shape(model, index)
     stages = list(model.stages)
     # The head computes as the backbone does: same convolution formulation, same precision policy.
     with xla_cpu.conv_impl(model.conv_impl), _precision.building(model.precision):
-        exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head,
-                                                       rngs=nnx.Rngs(seed))
-    edge = EdgeNet(stages[:index + 1], exit_head, model.input_shape, model.precision)
-    cloud = CloudNet(stages[index + 1:], model.classifier, feature_shape, model.precision)
+        exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head, rngs=nnx.Rngs(seed))
+    edge = EdgeNet(stages[: index + 1], exit_head, model.input_shape, model.precision)
+    cloud = CloudNet(stages[index + 1 :], model.classifier, feature_shape, model.precision)
     return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)

@@ -21,14 +21,21 @@ def check_images(images: jax.Array, input_shape: tuple[int, int, int]) -> None:
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
         raise ValueError(
             f"images must have shape [batch, {', '.join(map(str, input_shape))}] (NHWC) for this model, "
-            f"got {tuple(images.shape)}")
+            f"got {tuple(images.shape)}"
+        )
 
 
 class StagedNet(nnx.Module):
     """stages[0] -> ... -> stages[-1] -> classifier, with stage names kept beside the stages."""
 
-    def __init__(self, arch: str, stages: Sequence[tuple[str, nnx.Module]], classifier: nnx.Module,
-                 input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(
+        self,
+        arch: str,
+        stages: Sequence[tuple[str, nnx.Module]],
+        classifier: nnx.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+    ):
         self.arch = arch
         self.stage_names = tuple(name for name, _ in stages)
         self.stages = nnx.List([module for _, module in stages])

@@ -57,13 +57,15 @@ IM2COL_MIN_MACS = 50_000_000  # cpu-ynn: smaller weight gradients keep XLA's (fa
 # YNNPACK): as XLA_FLAGS, set before JAX initialises its CPU backend ...
 XLA_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # ... or per executable: jax.jit(f, compiler_options=XLA_CPU_COMPILER_OPTIONS) (same fusion list).
-XLA_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                            "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+XLA_CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 # jaxlib 0.10's default list (convolutions to YNNPACK), to compile the stock way in a process whose
 # XLA_FLAGS carry XLA_CPU_FLAGS (benchmarks' "before" variants).
-XLA_CPU_DEFAULT_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
-                                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+XLA_CPU_DEFAULT_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+}
 FLAG_JAX_VERSIONS = ((0, 9), (0, 10))  # the jax/jaxlib minor versions whose XLA has the option
 SLOWDOWN = "train steps on XLA:CPU run about 1.3-1.4x slower (docs/speed.md)"
 
@@ -86,6 +88,7 @@ def configure_flags() -> bool:
         _flags_missing_because[0] = f"jax {jax.__version__} has no XLA:CPU option to move convolutions off YNNPACK"
         return False
     from jax._src import xla_bridge
+
     if xla_bridge.backends_are_initialized():
         _flags_missing_because[0] = "JAX's backends were initialised before hier_jax.process.setup()"
         return False
@@ -138,8 +141,11 @@ def hlo_uses_ynn(hlo_text: str) -> bool:
 
 @functools.cache
 def _warn_slow_once(reason: str) -> None:
-    warnings.warn(f"hier-jax: XLA:CPU runs convolutions on YNNPACK in this process ({reason}); "
-                  f"{SLOWDOWN}", RuntimeWarning, stacklevel=4)
+    warnings.warn(
+        f"hier-jax: XLA:CPU runs convolutions on YNNPACK in this process ({reason}); {SLOWDOWN}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def resolve_impl(impl: str | None = None) -> str:
@@ -230,8 +236,11 @@ def _polyphase_input_grad(dy, w, x_shape, strides, padding):
                 (d_h, ih), (d_w, iw) = taps_h, taps_w
                 kernel = jnp.stack([jnp.stack([w[i, j] for j in iw]) for i in ih]).swapaxes(2, 3)  # [T, U, O, C]
                 len_h, len_w = rows_a + len(ih) - 1, cols_b + len(iw) - 1
-                dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
-                              ((0, 0, 0), (-d_h, len_h - (ho - d_h), 0), (-d_w, len_w - (wo - d_w), 0), (0, 0, 0)))
+                dyp = lax.pad(
+                    dy,
+                    jnp.zeros((), dy.dtype),
+                    ((0, 0, 0), (-d_h, len_h - (ho - d_h), 0), (-d_w, len_w - (wo - d_w), 0), (0, 0, 0)),
+                )
                 if len(ih) == 1 and len(iw) == 1:
                     part = lax.dot_general(dyp, kernel[0, 0], (((3,), (0,)), ((), ())))
                 else:
@@ -256,23 +265,26 @@ def _im2col_weight_grad(x, dy, kernel_shape, strides, padding):
     _, ho, wo, _ = dy.shape
     xp = jnp.pad(x, ((0, 0), tuple(ph), tuple(pw), (0, 0))) if any(ph) or any(pw) else x
     # Rows/cols past the last window are never read; crop them so the slices below stay in bounds.
-    xp = xp[:, :(ho - 1) * sh + kh, :(wo - 1) * sw + kw]
+    xp = xp[:, : (ho - 1) * sh + kh, : (wo - 1) * sw + kw]
     chunk = _chunk(b, ho * wo)
 
     def partial(xc, dyc):  # [n, Hp, Wp, Ci], [n, Ho, Wo, Co] -> [Co, kh*kw*Ci]
         n = xc.shape[0]
-        taps = [lax.slice(xc, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci), (1, sh, sw, 1))
-                for i in range(kh) for j in range(kw)]
+        taps = [
+            lax.slice(xc, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci), (1, sh, sw, 1))
+            for i in range(kh)
+            for j in range(kw)
+        ]
         patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-        return lax.dot_general(dyc.reshape(n * ho * wo, co), patches.reshape(n * ho * wo, kh * kw * ci),
-                               (((0,), (0,)), ((), ())))
+        return lax.dot_general(
+            dyc.reshape(n * ho * wo, co), patches.reshape(n * ho * wo, kh * kw * ci), (((0,), (0,)), ((), ()))
+        )
 
     if chunk == b:
         acc = partial(xp, dy)
     else:
         chunks = (xp.reshape(b // chunk, chunk, *xp.shape[1:]), dy.reshape(b // chunk, chunk, ho, wo, co))
-        acc, _ = lax.scan(lambda acc, c: (acc + partial(*c), None), jnp.zeros((co, kh * kw * ci), dy.dtype),
-                          chunks)
+        acc, _ = lax.scan(lambda acc, c: (acc + partial(*c), None), jnp.zeros((co, kh * kw * ci), dy.dtype), chunks)
     return acc.T.reshape(kh, kw, ci, co)
 
 
@@ -288,8 +300,9 @@ def _read_not_recomputed(x, dy):
     compiler cannot rule out, so it keeps the loop; in that case the loop adds 0 to x.
     """
     runs = (dy[0, 0, 0, 0] != dy[0, 0, 0, 0]).astype(jnp.int32)
-    return lax.while_loop(lambda c: c[1] < runs, lambda c: (c[0] + c[1].astype(c[0].dtype), c[1] + 1),
-                          (x, jnp.int32(0)))[0]
+    return lax.while_loop(
+        lambda c: c[1] < runs, lambda c: (c[0] + c[1].astype(c[0].dtype), c[1] + 1), (x, jnp.int32(0))
+    )[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -325,8 +338,20 @@ def _canonical_nhwc(dimension_numbers, ndim: int) -> bool:
     return (dn.lhs_spec, dn.rhs_spec, dn.out_spec) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, *, impl: str, **kwargs):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    *,
+    impl: str,
+    **kwargs,
+):
     """lax.conv_general_dilated's signature plus `impl` ("xla", "cpu" or "cpu-ynn"; see `resolve_impl`).
 
     The CPU paths cover what the backbones use: 2-D NHWC/HWIO convolutions with explicit padding, no
@@ -337,18 +362,41 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """
     if impl not in CONV_IMPLS[1:]:
         raise ValueError(f"impl must be resolved to one of {', '.join(CONV_IMPLS[1:])}, got {impl!r}")
-    simple = (_canonical_nhwc(dimension_numbers, lhs.ndim) and feature_group_count == 1
-              and not kwargs.get("preferred_element_type") and not isinstance(padding, str)
-              and len(window_strides) == 2
-              and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+    simple = (
+        _canonical_nhwc(dimension_numbers, lhs.ndim)
+        and feature_group_count == 1
+        and not kwargs.get("preferred_element_type")
+        and not isinstance(padding, str)
+        and len(window_strides) == 2
+        and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    )
     if impl == "xla" or not simple:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     dtype = jnp.result_type(lhs, rhs)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:  # bf16: float32 math, one rounding
-        out = conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
-                                   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-                                   precision, impl=impl)
+        out = conv_general_dilated(
+            lhs.astype(jnp.float32),
+            rhs.astype(jnp.float32),
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision,
+            impl=impl,
+        )
         return out.astype(dtype)
     strides = tuple(int(s) for s in window_strides)
     pads = tuple(tuple(int(v) for v in p) for p in padding)
@@ -363,6 +411,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 class Conv:
     """What nnx.Conv calls as its `conv_general_dilated`: the formulation fixed at build time. Frozen
     and compared by value, so two models built alike have equal GraphDefs."""
+
     impl: str
 
     def __post_init__(self):
@@ -404,7 +453,7 @@ def _block_max_pool_bwd(k, residuals, dy):
     windows = [xr[:, :, i, :, j, :] for i in range(k) for j in range(k)]  # row-major window order
     zero = jnp.zeros((), dy.dtype)
     parts = [jnp.where(m, dy, zero) for m in _first_max_masks(windows, y)]
-    rows = [jnp.stack(parts[i * k:(i + 1) * k], axis=3) for i in range(k)]  # [B, Ho, Wo, k(j), C]
+    rows = [jnp.stack(parts[i * k : (i + 1) * k], axis=3) for i in range(k)]  # [B, Ho, Wo, k(j), C]
     return (jnp.stack(rows, axis=2).reshape(b, h, w, c),)  # [B, Ho, k(i), Wo, k(j), C]
 
 

@@ -8,13 +8,54 @@ Imports torch (the `torch` extra); `import hier_jax` itself never does. Modules:
 """
 
 from hier_jax.torch_ref import models, port, quantization, steps
-from hier_jax.torch_ref.models import (CloudNet, EdgeNet, ExitHead, ExitHeadConfig, Split, StagedNet, build_model,
-                                       param_count, resnet18, split, vgg16)
-from hier_jax.torch_ref.port import (jax_to_torch, to_jax_images, to_torch_images, torch_model_like,
-                                     torch_split_like, torch_to_jax)
+from hier_jax.torch_ref.models import (
+    CloudNet,
+    EdgeNet,
+    ExitHead,
+    ExitHeadConfig,
+    Split,
+    StagedNet,
+    build_model,
+    param_count,
+    resnet18,
+    split,
+    vgg16,
+)
+from hier_jax.torch_ref.port import (
+    jax_to_torch,
+    to_jax_images,
+    to_torch_images,
+    torch_model_like,
+    torch_split_like,
+    torch_to_jax,
+)
 from hier_jax.torch_ref.steps import CloudStep, EdgeStep, TrainStep, make_optimizer, schedule_fn
 
-__all__ = ["CloudNet", "CloudStep", "EdgeNet", "EdgeStep", "ExitHead", "ExitHeadConfig", "Split", "StagedNet",
-           "TrainStep", "build_model", "jax_to_torch", "make_optimizer", "models", "param_count", "port",
-           "quantization", "resnet18", "schedule_fn", "split", "steps", "to_jax_images", "to_torch_images",
-           "torch_model_like", "torch_split_like", "torch_to_jax", "vgg16"]
+__all__ = [
+    "CloudNet",
+    "CloudStep",
+    "EdgeNet",
+    "EdgeStep",
+    "ExitHead",
+    "ExitHeadConfig",
+    "Split",
+    "StagedNet",
+    "TrainStep",
+    "build_model",
+    "jax_to_torch",
+    "make_optimizer",
+    "models",
+    "param_count",
+    "port",
+    "quantization",
+    "resnet18",
+    "schedule_fn",
+    "split",
+    "steps",
+    "to_jax_images",
+    "to_torch_images",
+    "torch_model_like",
+    "torch_split_like",
+    "torch_to_jax",
+    "vgg16",
+]

@@ -87,8 +87,14 @@ class Classifier(nn.Module):
 class StagedNet(nn.Module):
     """stages[0] -> ... -> stages[-1] -> classifier; `input_shape` is (H, W, C) as in hier-jax."""
 
-    def __init__(self, arch: str, stages: Sequence[tuple[str, nn.Module]], classifier: nn.Module,
-                 input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(
+        self,
+        arch: str,
+        stages: Sequence[tuple[str, nn.Module]],
+        classifier: nn.Module,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+    ):
         super().__init__()
         self.arch = arch
         self.stage_names = tuple(name for name, _ in stages)
@@ -118,8 +124,7 @@ def vgg16(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 6
     return StagedNet("vgg16", stages, Classifier(cin, num_classes), input_shape, num_classes)
 
 
-def resnet18(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64,
-             stem: str = "cifar") -> StagedNet:
+def resnet18(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64, stem: str = "cifar") -> StagedNet:
     if stem not in ("cifar", "imagenet"):
         raise ValueError(f"unknown ResNet stem {stem!r}; valid stems: cifar, imagenet")
     cin = input_shape[-1]
@@ -145,8 +150,9 @@ MODELS: dict[str, Callable[..., StagedNet]] = {
 }
 
 
-def build_model(name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64,
-                seed: int = 0) -> StagedNet:
+def build_model(
+    name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64, seed: int = 0
+) -> StagedNet:
     """Same registry and arguments as hier_jax.models.build_model (PyTorch's own initialisation)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
@@ -160,6 +166,7 @@ def param_count(module: nn.Module) -> int:
 
 
 # --- split -------------------------------------------------------------------------------------------
+
 
 class ExitHead(nn.Module):
     """`convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear on (row, col, channel) cells."""
@@ -232,8 +239,9 @@ def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
     return (out.shape[2], out.shape[3], out.shape[1])
 
 
-def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(),
-          *, seed: int = 0) -> Split:
+def split(
+    model: StagedNet, point: str | int, head: ExitHeadConfig | None = ExitHeadConfig(), *, seed: int = 0
+) -> Split:
     """Cut after stage `point` (name or index); the parts share the model's stage modules."""
     index = resolve_point(model, point)
     was_training = model.training
@@ -243,6 +251,6 @@ def split(model: StagedNet, point: str | int, head: ExitHeadConfig | None = Exit
     torch.manual_seed(seed)
     exit_head = None if head is None else ExitHead(feature_shape, model.num_classes, head)
     stages = list(model.stages)
-    edge = EdgeNet(stages[:index + 1], exit_head)
-    cloud = CloudNet(stages[index + 1:], model.classifier)
+    edge = EdgeNet(stages[: index + 1], exit_head)
+    cloud = CloudNet(stages[index + 1 :], model.classifier)
     return Split(edge, cloud, model.stage_names[index], index, feature_shape, model.num_classes)

@@ -82,6 +82,7 @@ def jax_to_torch(jax_module: nnx.Module, torch_module: nn.Module) -> nn.Module:
 
 def torch_to_jax(torch_module: nn.Module, jax_module: nnx.Module) -> nnx.Module:
     """Copy parameters and BatchNorm statistics of a PyTorch twin into the hier-jax module (in place)."""
+
     def get(t: torch.Tensor) -> np.ndarray:
         return t.detach().cpu().float().numpy()
 
@@ -113,8 +114,9 @@ def width_of(jax_model: JaxStagedNet) -> int:
 
 def torch_model_like(jax_model: JaxStagedNet) -> tm.StagedNet:
     """A PyTorch backbone of the same architecture, with the hier-jax model's weights."""
-    model = tm.build_model(jax_model.arch, num_classes=jax_model.num_classes, input_shape=jax_model.input_shape,
-                           width=width_of(jax_model))
+    model = tm.build_model(
+        jax_model.arch, num_classes=jax_model.num_classes, input_shape=jax_model.input_shape, width=width_of(jax_model)
+    )
     if model.stage_names != jax_model.stage_names:
         raise ValueError(f"stage names differ: {model.stage_names} vs {jax_model.stage_names}")
     return jax_to_torch(jax_model, model)

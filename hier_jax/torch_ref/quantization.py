@@ -20,6 +20,7 @@ VALID_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 class Payload:
     """Mirror of hier_jax.quantization.Payload; `shape` is the NHWC shape of the features (as in
     hier-jax) and `data` packs them in NHWC order, so the bytes equal hier-jax's for the same map."""
+
     data: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor

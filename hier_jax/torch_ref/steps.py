@@ -47,16 +47,19 @@ def schedule_fn(config: OptimConfig, total_steps: int) -> Callable[[int], float]
             if t < warmup:
                 return t / warmup
             return 0.5 * (1 + math.cos(math.pi * min(t - warmup, decay) / decay))
+
         return warm_cosine
     return lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
 
 
-def make_optimizer(module: nn.Module, config: OptimConfig, total_steps: int, *, tensor_lr: bool = False
-                   ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    module: nn.Module, config: OptimConfig, total_steps: int, *, tensor_lr: bool = False
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD(momentum, weight_decay, Nesterov as configured) over all parameters and its schedule (step it after each update)."""
     lr = torch.tensor(config.learning_rate) if tensor_lr else config.learning_rate
-    opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                          nesterov=config.nesterov)
+    opt = torch.optim.SGD(
+        module.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn(config, total_steps))
 
 
@@ -71,9 +74,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _Step:
     """zero_grad -> forward/loss (maybe compiled) -> backward -> optimizer step -> schedule step."""
 
-    def __init__(self, forward: Callable, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, compile: bool,
-                 autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        forward: Callable,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        compile: bool,
+        autocast: torch.dtype | None = None,
+    ):
         self.optimizer, self.scheduler = optimizer, scheduler
         if autocast is not None:
             forward = _autocast(forward, autocast)
@@ -92,9 +100,11 @@ class _Step:
 
 def _autocast(forward: Callable, dtype: torch.dtype) -> Callable:
     """`forward` under torch.autocast(dtype) on the device of its first argument."""
+
     def autocast_forward(*args):
         with torch.autocast(device_type=args[0].device.type, dtype=dtype):
             return forward(*args)
+
     return autocast_forward
 
 
@@ -102,16 +112,34 @@ class EdgeStep(_Step):
     """(images_BCHW, labels) -> (payload, metrics): the edge's early-exit step; `feature_shape` is
     the per-example (H, W, C) of the cut (Split.feature_shape)."""
 
-    def __init__(self, edge: nn.Module, optimizer, scheduler=None, *, bits: int, num_classes: int,
-                 feature_shape: tuple[int, int, int], compile: bool = False, autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        edge: nn.Module,
+        optimizer,
+        scheduler=None,
+        *,
+        bits: int,
+        num_classes: int,
+        feature_shape: tuple[int, int, int],
+        compile: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
         tq.check_bits(bits)
         self.bits, self.num_classes, self.feature_shape = bits, num_classes, tuple(feature_shape)
 
         def forward(images, labels):
             logits, features = edge(images)
             payload = tq.encode(features, labels, bits, num_classes)
-            return cross_entropy(logits, labels), logits, labels, payload.data, payload.scale, payload.offset, \
-                payload.labels
+            return (
+                cross_entropy(logits, labels),
+                logits,
+                labels,
+                payload.data,
+                payload.scale,
+                payload.offset,
+                payload.labels,
+            )
+
         super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[tq.Payload, dict]:
@@ -123,28 +151,38 @@ class EdgeStep(_Step):
 class CloudStep(_Step):
     """payload -> metrics: decode, forward, loss, backward, update."""
 
-    def __init__(self, cloud: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
-                 channels_last: bool = False, autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        cloud: nn.Module,
+        optimizer,
+        scheduler=None,
+        *,
+        compile: bool = False,
+        channels_last: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
         def forward(data, scale, offset, wire_labels, shape, bits):
             features, labels = tq.decode(tq.Payload(data, scale, offset, wire_labels, shape, bits), channels_last)
             logits = cloud(features)
             return cross_entropy(logits, labels), logits, labels
+
         super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, payload: tq.Payload) -> dict:
-        (metrics,) = self.run(payload.data, payload.scale, payload.offset, payload.labels, payload.shape,
-                              payload.bits)
+        (metrics,) = self.run(payload.data, payload.scale, payload.offset, payload.labels, payload.shape, payload.bits)
         return metrics
 
 
 class TrainStep(_Step):
     """(images_BCHW, labels) -> metrics for the unsplit model (end-to-end, cloud-only training)."""
 
-    def __init__(self, model: nn.Module, optimizer, scheduler=None, *, compile: bool = False,
-                 autocast: torch.dtype | None = None):
+    def __init__(
+        self, model: nn.Module, optimizer, scheduler=None, *, compile: bool = False, autocast: torch.dtype | None = None
+    ):
         def forward(images, labels):
             logits = model(images)
             return cross_entropy(logits, labels), logits, labels
+
         super().__init__(forward, optimizer, scheduler, compile, autocast)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:

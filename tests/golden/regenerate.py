@@ -18,6 +18,7 @@ def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
     from hier_jax import process
+
     process.setup()  # the experiments' process set-up, as the tests have it
     from golden import trajectory
 

@@ -19,9 +19,19 @@ from hier_jax import profiler, train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
 
-CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4,
-                          batch_size=32, max_steps=20, head_channels=8, learning_rate=0.05, seed=0,
-                          precision="fp32")  # not "auto": the same policy on every backend
+CONFIG = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=4,
+    batch_size=32,
+    max_steps=20,
+    head_channels=8,
+    learning_rate=0.05,
+    seed=0,
+    precision="fp32",
+)  # not "auto": the same policy on every backend
 
 
 def state_sha256(edge_state, cloud_state) -> str:
@@ -44,8 +54,10 @@ def record() -> dict:
         runs[mode] = {
             "edge_loss": [float(x) for x in result.edge_metrics["loss"]],
             "cloud_loss": [float(x) for x in result.cloud_metrics["loss"]],
-            "edge_accuracy": accuracy["edge_accuracy"], "cloud_accuracy": accuracy["cloud_accuracy"],
-            "test_examples": accuracy["examples"], "payload_bytes": result.payload_bytes,
+            "edge_accuracy": accuracy["edge_accuracy"],
+            "cloud_accuracy": accuracy["cloud_accuracy"],
+            "test_examples": accuracy["examples"],
+            "payload_bytes": result.payload_bytes,
             "state_sha256": state_sha256(result.edge_state, result.cloud_state),
         }
     return runs
@@ -57,6 +69,14 @@ def machine() -> dict:
     import jaxlib
     import optax
 
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpu": profiler.host_cpu()}
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu": profiler.host_cpu(),
+    }

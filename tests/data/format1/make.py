@@ -22,8 +22,19 @@ from hier_jax.config import ExperimentConfig  # noqa: E402
 from hier_jax.data import load_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4, batch_size=32,
-                          max_steps=6, head_channels=8, queue_size=1, checkpoint_every=3, keep_checkpoints=3)
+CONFIG = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=4,
+    batch_size=32,
+    max_steps=6,
+    head_channels=8,
+    queue_size=1,
+    checkpoint_every=3,
+    keep_checkpoints=3,
+)
 
 
 def keep_only_step_3(directory: Path) -> None:
