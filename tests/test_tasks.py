@@ -71,5 +71,6 @@ def test_bad_options_are_one_line(args, message):
 
 
 def test_options_stop_at_the_first_pytest_argument():
-    options, rest = tasks.split_test_options(["--system", "--backend", "gpu", "-x", "--backend", "tpu"])
-    assert options == {"backend": "gpu", "out": None, "system": True} and rest == ["-x", "--backend", "tpu"]
+    options, rest = tasks.split_test_options(["--system", "--fast", "--backend", "gpu", "-x", "--backend", "tpu"])
+    assert options == {"backend": "gpu", "out": None, "system": True, "fast": True}
+    assert rest == ["-x", "--backend", "tpu"]
