@@ -26,11 +26,12 @@ import time
 
 import jax
 
-from hier_jax import cli, cluster, outputs, process, profiler, runner, train
+from hier_jax import cli, cluster, outputs, process, runner, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
 from hier_jax.models import stage_names
+from hier_jax.runtime_model import profiler
 
 DEFAULTS = ExperimentConfig(
     model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64, queue_size=2

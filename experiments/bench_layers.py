@@ -647,7 +647,7 @@ def environment(args, malloc_tuned: bool) -> dict:
     import jax
     import jaxlib
 
-    from hier_jax import profiler
+    from hier_jax.runtime_model import profiler
 
     threads = len(os.sched_getaffinity(0))
     torch_version = torch_threads = None

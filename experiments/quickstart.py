@@ -21,8 +21,8 @@ from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
 from hier_jax.models import param_count
 from hier_jax.precision import resolve
-from hier_jax.profiler import edge_footprint
 from hier_jax.quantization import raw_image_nbytes
+from hier_jax.runtime_model.profiler import edge_footprint
 
 DEFAULTS = ExperimentConfig(
     model="resnet18_tv",

@@ -19,12 +19,13 @@ import io
 import math
 from pathlib import Path
 
-from hier_jax import cli, costmodel, outputs, process, profiler, selection
+from hier_jax import cli, outputs, process
 from hier_jax.errors import UserError
-from hier_jax.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES, paper_devices
 from hier_jax.link import LINKS, get_link
 from hier_jax.models import MODELS, build_model
 from hier_jax.quantization import VALID_BITS
+from hier_jax.runtime_model import costmodel, profiler, selection
+from hier_jax.runtime_model.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES, paper_devices
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hier_jax import baselines, profiler, runner, steps
+from hier_jax import baselines, runner, steps
 from hier_jax.channel import Channel, QueueChannel
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
@@ -26,6 +26,7 @@ from hier_jax.devices import place
 from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
+from hier_jax.runtime_model import profiler
 
 MODES = ("sequential", "overlapped")
 BASELINES = ("end_to_end", "split_learning")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hier_jax import profiler, quantization, steps
+from hier_jax import quantization, steps
 from hier_jax.models import build_model, param_count, split
+from hier_jax.runtime_model import profiler
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_bad_inputs(tiny):
 def test_edge_footprint_matches_hand_count():
     """VGG-16 width 4 cut after conv1_1 with a linear-probe head on a 1x1 grid: everything countable by hand."""
     from hier_jax.models import ExitHeadConfig, build_model, split
-    from hier_jax.profiler import edge_footprint
+    from hier_jax.runtime_model.profiler import edge_footprint
 
     model = build_model("vgg16", num_classes=10, input_shape=(8, 8, 3), width=4)
     parts = split(model, "conv1_1", ExitHeadConfig(convs=0, grid=1))

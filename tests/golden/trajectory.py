@@ -15,9 +15,10 @@ import platform
 import jax
 import numpy as np
 
-from hier_jax import profiler, train
+from hier_jax import train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
+from hier_jax.runtime_model import profiler
 
 CONFIG = ExperimentConfig(
     model="resnet18_tv",

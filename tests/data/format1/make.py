@@ -9,7 +9,6 @@ robin). tests/test_record.py resumes both with today's code and checks that they
 uninterrupted run of today's code.
 """
 
-import dataclasses
 import shutil
 from pathlib import Path
 

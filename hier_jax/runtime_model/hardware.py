@@ -8,7 +8,7 @@ slower. docs/runtime_model.md states the assumptions and their sources.
 
 from __future__ import annotations
 
-from hier_jax import profiler
+from hier_jax.runtime_model import profiler
 
 # Public specifications (TechPowerUp GPU database): FP32 peak, Quadro K620 863.2 GFLOPS (384 CUDA cores at
 # 1124 MHz boost, 28.8 GB/s DDR3, 2 GB), GeForce RTX 2080 Ti 13.45 TFLOPS (4352 cores at 1545 MHz, 616 GB/s).

@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from hier_jax.costmodel import Workload, epoch_time
 from hier_jax.link import Link
-from hier_jax.profiler import Profile
+from hier_jax.runtime_model.costmodel import Workload, epoch_time
+from hier_jax.runtime_model.profiler import Profile
 
 
 @dataclasses.dataclass(frozen=True)

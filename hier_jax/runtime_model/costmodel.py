@@ -1,7 +1,7 @@
 """Training-time model of the edge-cloud schemes: pure Python over per-batch times, bytes and a link.
 
 Everything here is arithmetic on numbers that come from elsewhere (a profile measured by
-`hier_jax.profiler`, or typed in from a real board), so it runs without JAX. docs/runtime_model.md
+`hier_jax.runtime_model.profiler`, or typed in from a real board), so it runs without JAX. docs/runtime_model.md
 derives the formulas; in brief, for one batch of B examples at a separation point k:
 
     F_e, B_e   edge stages 0..k, forward / backward+update (edge device)
