@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from hier_jax import cluster, train
+from hier_jax.cluster import driver
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset
-from hier_jax.errors import ResumeMismatchError, UserError
+from hier_jax.errors import ResumeMismatchError, RunInterrupted, UserError
 
 CONFIG = ExperimentConfig(
     model="resnet18_tv",
@@ -247,18 +248,18 @@ def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_
     SIGINT handler raises it): one RunInterrupted naming that checkpoint, no worker left running, and
     --resume then ends exactly as the in-process run that was never stopped."""
     config = dataclasses.replace(CONFIG, checkpoint_every=2)
-    save = cluster._save
+    save = driver._save
 
     def save_then_interrupt(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cluster, "_save", save_then_interrupt)
+    monkeypatch.setattr(driver, "_save", save_then_interrupt)
     before = processes_with_token(os.environ["RAY_AUTH_TOKEN"])
-    with pytest.raises(cluster.RunInterrupted, match=f"interrupted after step 2; saved {tmp_path / '2'}"):
+    with pytest.raises(RunInterrupted, match=f"interrupted after step 2; saved {tmp_path / '2'}"):
         cluster.run(config, digits, cluster.ClusterConfig(edges=1), checkpoint_dir=tmp_path)
     assert not wait_until_gone(processes_with_token(os.environ["RAY_AUTH_TOKEN"]) - before)
-    monkeypatch.setattr(cluster, "_save", save)
+    monkeypatch.setattr(driver, "_save", save)
     resumed = cluster.run(config, digits, cluster.ClusterConfig(edges=1), checkpoint_dir=tmp_path, resume=True)
     local = train.train(train.build(config, digits), "sequential", progress=False)
     assert resumed.resumed_cloud_steps == 2
