@@ -16,10 +16,10 @@ import time
 import jax
 
 from hier_jax import cli, outputs, process, runner, train
-from hier_jax.channel import QueueChannel
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
+from hier_jax.link.channel import QueueChannel
 
 DEFAULTS = ExperimentConfig(
     model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64

@@ -47,9 +47,9 @@ import optax
 from tqdm.auto import tqdm
 
 from hier_jax import steps
-from hier_jax.channel import Channel, QueueChannel
 from hier_jax.devices import AUTO, place, resolve_device
 from hier_jax.errors import DivergenceError, RunAborted
+from hier_jax.link.channel import Channel, QueueChannel
 from hier_jax.models import Split
 
 _POLL_S = 0.05  # how often a blocked wait checks the run's stop event

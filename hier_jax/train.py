@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hier_jax import baselines, runner, steps
-from hier_jax.channel import Channel, QueueChannel
 from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
 from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
+from hier_jax.link.channel import Channel, QueueChannel
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
 from hier_jax.runtime_model import profiler

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hier_jax import devices, runner
-from hier_jax.channel import QueueChannel
+from hier_jax.link.channel import QueueChannel
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
 

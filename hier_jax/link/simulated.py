@@ -1,9 +1,6 @@
-"""The edge-cloud network link: its spec (`Link`, the presets `LINKS`), and its replay as a channel.
-
-`Link` is a link's bit rates and latency, as the cost model (`costmodel`) reads them; `get_link` and
-`custom_link` build one. `SimulatedLink` replays a `Link` for `runner.run_overlapped`, with real
-delays, scripted outages and drops: it implements `channel.Channel` (open / send / close / receive /
-join, each given the run's stop event).
+"""A link replayed in real time between the edge and cloud threads: `SimulatedLink` replays a `Link`
+for `runner.run_overlapped`, with real delays, scripted outages and drops: it implements
+`channel.Channel` (open / send / close / receive / join, each given the run's stop event).
 
 A background delivery thread moves payloads from the edge's buffer onto the link one at a time: the
 link is busy for 8 * nbytes / uplink_bps (serialization), and each payload arrives `latency_s` after
@@ -43,82 +40,7 @@ from typing import Any
 _POLL_S = 0.05
 
 
-@dataclasses.dataclass(frozen=True)
-class Link:
-    """An edge-cloud link: bit rates in bit/s, one-way latency in s, and where the numbers come from."""
-
-    name: str
-    uplink_bps: float
-    downlink_bps: float
-    latency_s: float = 0.0
-    source: str = ""
-
-    def __post_init__(self):
-        for field, rate in (("uplink_bps", self.uplink_bps), ("downlink_bps", self.downlink_bps)):
-            if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-                raise ValueError(f"link {self.name!r}: {field} must be a positive bit rate, got {rate!r}")
-        if not (isinstance(self.latency_s, (int, float)) and math.isfinite(self.latency_s) and self.latency_s >= 0):
-            raise ValueError(f"link {self.name!r}: latency_s must be >= 0, got {self.latency_s!r}")
-
-    def serialize_s(self, nbytes: float) -> float:
-        """Time the uplink is busy with `nbytes` (no latency): what limits a pipelined stream."""
-        return 8.0 * nbytes / self.uplink_bps
-
-    def up_s(self, nbytes: float) -> float:
-        """One transfer edge -> cloud, from the first bit sent to the last bit received."""
-        return self.serialize_s(nbytes) + self.latency_s
-
-    def down_s(self, nbytes: float) -> float:
-        """One transfer cloud -> edge."""
-        return 8.0 * nbytes / self.downlink_bps + self.latency_s
-
-
-_NEUROSURGEON = (
-    "Kang et al., Neurosurgeon, ASPLOS 2017: measured average uplink bandwidth of 3G 1.1 Mbps, "
-    "LTE 5.85 Mbps, Wi-Fi 18.88 Mbps"
-)
-_OFCOM = (
-    "Ofcom, 4G and 3G mobile broadband performance, 2015 (five UK cities, 120,000 tests): average "
-    "download 5.9 Mbit/s on 3G and 14.7 Mbit/s on 4G, latency 63.5 ms (3G) and 53.1 ms (4G), taken as "
-    "round-trip times and halved for one-way"
-)
-_OOKLA_5G = (
-    "Ookla, Growing and Slowing: The State of 5G Worldwide in 2021 (Speedtest Intelligence, Q3 2021): "
-    "global median 5G download 166.13 Mbps, upload 21.08 Mbps; latency not given there, taken equal to "
-    "4G's (Opensignal reported no significant 5G latency improvement over 4G in early deployments)"
-)
-
-LINKS: dict[str, Link] = {
-    "3g": Link("3g", 1.1e6, 5.9e6, 63.5e-3 / 2, f"uplink: {_NEUROSURGEON}; downlink, latency: {_OFCOM}"),
-    "4g": Link("4g", 5.85e6, 14.7e6, 53.1e-3 / 2, f"uplink: {_NEUROSURGEON}; downlink, latency: {_OFCOM}"),
-    "5g": Link("5g", 21.08e6, 166.13e6, 53.1e-3 / 2, _OOKLA_5G),
-    "wifi": Link(
-        "wifi",
-        18.88e6,
-        18.88e6,
-        0.0,
-        f"uplink: {_NEUROSURGEON}; downlink assumed equal to uplink and latency not modeled (no source)",
-    ),
-}
-"""Link presets; each one's `source` says where every number comes from and what is assumed."""
-
-
-def get_link(name: str) -> Link:
-    """A preset by name; ValueError listing the presets for anything else."""
-    if name not in LINKS:
-        raise ValueError(
-            f"unknown link preset {name!r}; presets: {', '.join(LINKS)} "
-            f"(or custom_link(uplink_mbps, downlink_mbps, latency_ms))"
-        )
-    return LINKS[name]
-
-
-def custom_link(
-    uplink_mbps: float, downlink_mbps: float | None = None, latency_ms: float = 0.0, name: str = "custom"
-) -> Link:
-    """A link at any rate (Mbit/s, 10^6 bit/s); the downlink defaults to the uplink's rate."""
-    downlink_mbps = uplink_mbps if downlink_mbps is None else downlink_mbps
-    return Link(name, uplink_mbps * 1e6, downlink_mbps * 1e6, latency_ms * 1e-3, "custom")
+from hier_jax.link.spec import Link
 
 
 @dataclasses.dataclass(frozen=True)
