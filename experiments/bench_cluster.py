@@ -7,7 +7,7 @@ sequential flow (the edge waits for the cloud and the cloud for the edge) and of
 over --repeats runs (the two flows interleaved, new worker processes each run, compiled before the
 clock starts). The ideal pipelined speed-up is (edge + cloud) / max(edge, cloud); `of_ideal` is the
 measured speed-up divided by it, `hidden` the fraction of the shorter side that the pipeline hid:
-(sequential - pipelined) / min(edge, cloud). `in_process` is runner.run_sequential's step (batches made inside the clock) with both
+(sequential - pipelined) / min(edge, cloud). `in_process` is threads.run_sequential's step (batches made inside the clock) with both
 sides in this process on every core, the schedule the pipeline has to beat on a small machine.
 
     python -m experiments.bench_cluster --model resnet18 --width 32 --batch-size 64 --splits layer1_1,layer2_1 --out DIR
@@ -26,11 +26,12 @@ import time
 
 import jax
 
-from hier_jax import cli, cluster, outputs, process, runner, train
+from hier_jax import cli, cluster, outputs, process, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
 from hier_jax.models import stage_names
+from hier_jax.run import threads
 from hier_jax.runtime_model import profiler
 
 DEFAULTS = ExperimentConfig(
@@ -46,7 +47,7 @@ def in_process_step_s(config: ExperimentConfig, dataset, steps: int, repeats: in
     for _ in range(repeats):
         edge_state, cloud_state = train.fresh_states(setup)
         start = time.perf_counter()  # batches made inside the clock, as the edge worker makes its own
-        result = runner.run_sequential(
+        result = threads.run_sequential(
             setup.hierarchy, edge_state, cloud_state, itertools.islice(train.TrainBatches(setup), steps)
         )
         jax.block_until_ready((result.edge_state, result.cloud_state))

@@ -15,11 +15,12 @@ import time
 
 import jax
 
-from hier_jax import cli, outputs, process, runner, train
+from hier_jax import cli, outputs, process, train
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError
 from hier_jax.link.channel import QueueChannel
+from hier_jax.run import threads
 
 DEFAULTS = ExperimentConfig(
     model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64
@@ -66,8 +67,8 @@ def main(argv: list[str]) -> dict:
         edge_state, cloud_state = train.fresh_states(setup)
         edge_s, _ = time_side(h.edge_step, edge_state, edge_inputs)
         cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
-        seq = runner.run_sequential(h, *train.fresh_states(setup), batches)
-        ovl = runner.run_overlapped(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
+        seq = threads.run_sequential(h, *train.fresh_states(setup), batches)
+        ovl = threads.run_overlapped(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
         if repeat:
             for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
                 figures[key].append(value / args.steps)

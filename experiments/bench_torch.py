@@ -11,7 +11,7 @@ Steps (the paper's hierarchical scheme and its baseline):
   pair        one edge step then one cloud step on its payload, as one worker running both would
   end_to_end  the unsplit model's train step (make_train_step; TrainStep)
 
-JAX: the library's real steps, jitted with the state donated (as hier_jax.runner does) and compiled
+JAX: the library's real steps, jitted with the state donated (as hier_jax.run.threads does) and compiled
 ahead with .lower().compile(); compile time is reported apart. JAX variants (--jax-variants):
   jit        the recommended setting: on CPU, hier_jax.models.xla_cpu's CPU formulation ("cpu")
              and XLA_CPU_COMPILER_OPTIONS (convolutions to Eigen, not YNNPACK); elsewhere plain jit
@@ -250,7 +250,7 @@ def jax_variant(args, variant: str, shapes) -> Variant:
         compile_s[name] = time.perf_counter() - start
         return exe
 
-    policy = model.precision  # traced under the policy's matmul precision, as hier_jax.runner does
+    policy = model.precision  # traced under the policy's matmul precision, as hier_jax.run.threads does
     edge_fn = steps.make_edge_step(e_graphdef, tx, bits=args.bits, num_classes=num_classes, precision=policy)
     edge = compiled("edge", edge_fn, state["edge"], x, y)
     payload = jax.eval_shape(edge_fn, state["edge"], x, y)[1]

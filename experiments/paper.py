@@ -41,13 +41,13 @@ from pathlib import Path
 import numpy as np
 
 from hier_jax import cli, outputs, process, train
-from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, load_dataset, num_train_steps
 from hier_jax.errors import ConfigError, RunInterrupted, UserError
 from hier_jax.link import SimulatedLink, get_link
 from hier_jax.models import ExitHeadConfig, build_model, stage_names
 from hier_jax.quantization import VALID_BITS, raw_image_nbytes
+from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import K620_MEMORY_BYTES, paper_devices
 

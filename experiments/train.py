@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 from hier_jax import cli, outputs, process, train
-from hier_jax.checkpoint import RunCheckpoints
 from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, explicit_flags, validate
 from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
@@ -30,6 +29,7 @@ from hier_jax.errors import RunInterrupted, UserError
 from hier_jax.link import LINKS, SimulatedLink, get_link
 from hier_jax.precision import resolve
 from hier_jax.quantization import raw_image_nbytes
+from hier_jax.run.checkpoint import RunCheckpoints
 
 DEFAULTS = ExperimentConfig(model="resnet18", dataset="cifar10", split="layer2_1", bits=4, epochs=1)
 

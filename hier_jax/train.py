@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hier_jax import baselines, runner, steps
-from hier_jax.checkpoint import RunCheckpoints
+from hier_jax import steps
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
@@ -26,6 +25,10 @@ from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, R
 from hier_jax.link.channel import Channel, QueueChannel
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
+from hier_jax.run import baselines, supervisor, threads
+from hier_jax.run.checkpoint import RunCheckpoints
+from hier_jax.run.evaluate import evaluate as evaluate_exits
+from hier_jax.run.hierarchy import Hierarchy, build_hierarchy
 from hier_jax.runtime_model import profiler
 
 MODES = ("sequential", "overlapped")
@@ -42,7 +45,7 @@ class Setup:
     dataset: ImageDataset
     model: StagedNet
     split: Split
-    hierarchy: runner.Hierarchy
+    hierarchy: Hierarchy
     initial_edge_state: steps.State
     initial_cloud_state: steps.State
     total_steps: int
@@ -89,7 +92,7 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
         model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid), seed=config.seed
     )
     n_steps = total_steps(config, dataset)
-    hierarchy, edge_state, cloud_state = runner.build_hierarchy(
+    hierarchy, edge_state, cloud_state = build_hierarchy(
         parts,
         bits=config.bits,
         edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
@@ -239,7 +242,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     timeout_s: float | None = None,
-) -> runner.RunResult:
+) -> threads.RunResult:
     """Train in `mode` ("sequential" or "overlapped", or a baseline: "end_to_end", "split_learning")
     from the initial states, or with `resume=True` from the latest checkpoint in `checkpoint_dir`;
     returns the whole run's metrics and final states.
@@ -325,7 +328,7 @@ def train(
             )
             saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
 
-        def on_snapshot(snap: runner.Snapshot) -> None:
+        def on_snapshot(snap: supervisor.Snapshot) -> None:
             save(
                 snap.step,
                 snap.edge_state,
@@ -350,10 +353,10 @@ def train(
             if mode in BASELINES:
                 result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
             elif mode == "sequential":
-                result = runner.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
+                result = threads.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
                 channel = QueueChannel(config.queue_size) if channel is None else channel
-                result = runner.run_overlapped(
+                result = threads.run_overlapped(
                     setup.hierarchy, edge_state, cloud_state, batches, channel=channel, **kwargs
                 )
         except DivergenceError as error:
@@ -400,7 +403,7 @@ def payload_nbytes(setup: Setup, mode: str) -> int:
     return activation + gradient if mode == "split_learning" else payload[c.bits]
 
 
-def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
+def evaluate(setup: Setup, result: threads.RunResult) -> dict[str, float | None]:
     """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline, by the
     mode `train` recorded in the result, has no edge exit: its edge_accuracy is None)."""
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
@@ -410,4 +413,4 @@ def evaluate(setup: Setup, result: runner.RunResult) -> dict[str, float | None]:
             "edge_accuracy": None,
             **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches),
         }
-    return runner.evaluate(setup.hierarchy, result.edge_state, result.cloud_state, batches)
+    return evaluate_exits(setup.hierarchy, result.edge_state, result.cloud_state, batches)

@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from hier_jax import optim, quantization, runner
+from hier_jax import optim, quantization
 from hier_jax.link import SimulatedLink, custom_link, get_link
 from hier_jax.models import build_model, split
+from hier_jax.run import supervisor, threads
+from hier_jax.run.hierarchy import build_hierarchy
 
 
 def _wait_for(predicate, timeout_s: float = 5.0) -> None:
@@ -138,7 +140,7 @@ def hierarchy():
     """Compiled once; each run gets fresh device copies of the initial states (the steps donate them)."""
     model = build_model("resnet18_tv", num_classes=4, input_shape=(16, 16, 3), width=4)
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=10)
-    h, edge_state, cloud_state = runner.build_hierarchy(split(model, "layer1_1"), bits=4, edge_tx=tx, cloud_tx=tx)
+    h, edge_state, cloud_state = build_hierarchy(split(model, "layer1_1"), bits=4, edge_tx=tx, cloud_tx=tx)
     host = jax.device_get((edge_state, cloud_state))
     return h, lambda: (jax.device_put(host[0], h.edge_device), jax.device_put(host[1], h.cloud_device))
 
@@ -155,7 +157,7 @@ BATCHES = [
 def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
     h, fresh = hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=2, outages=[(3, 8)])
-    result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
+    result = threads.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     stats = link.stats()
     assert len(result.edge_metrics["loss"]) == 10  # the edge trained through the outage
     assert stats.sent == 10 and stats.delivered + stats.dropped == 10 and stats.dropped >= 3
@@ -166,9 +168,9 @@ def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
 
 def test_runner_without_loss_matches_sequential_reference(hierarchy):
     h, fresh = hierarchy
-    reference = runner.run_sequential(h, *fresh(), BATCHES)
+    reference = threads.run_sequential(h, *fresh(), BATCHES)
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10, outages=[(3, 8)])
-    result = runner.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
+    result = threads.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     assert link.stats().dropped == 0
     np.testing.assert_array_equal(result.cloud_steps, np.arange(10))
     np.testing.assert_array_equal(result.cloud_metrics["loss"], reference.cloud_metrics["loss"])
@@ -180,7 +182,7 @@ def test_a_link_carries_a_second_run_and_its_thread_ends_with_each_run(hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10)
     before = set(threading.enumerate())  # other tests' links may still wait on streams they never closed
     for _ in range(2):
-        result = runner.run_overlapped(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
+        result = threads.run_overlapped(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
         np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
         assert link.stats().sent == link.stats().delivered == 4  # counts of this run alone
         assert not [t for t in threading.enumerate() if t.name == "hier-link" and t not in before]
@@ -194,11 +196,11 @@ def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(
     first; the bound on unpaired copies (tested on its own in test_runner) is lifted so that every
     step pairs whatever the thread timing.
     """
-    monkeypatch.setattr(runner, "_UNPAIRED_PER_SIDE", 16)
+    monkeypatch.setattr(supervisor, "UNPAIRED_PER_SIDE", 16)
     h, fresh = hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
     snapshots = []
-    result = runner.run_overlapped(
+    result = threads.run_overlapped(
         h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2, on_snapshot=snapshots.append
     )
     dropped = set(link.stats().dropped_steps)

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from experiments import paper
-from hier_jax import runner, train
+from hier_jax import train
 from hier_jax.errors import UserError
+from hier_jax.run import supervisor
 
 SMOKE = ["--profile", "smoke"]
 
@@ -143,7 +144,7 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smok
     out = with_profiles(reference, tmp_path / "grid")
     narrow = SMOKE + ["--out", str(out), "--cuts", "layer1_1", "--bits", "4", "--schemes", "hierarchical", "end_to_end"]
     steps_seen = []
-    update = runner._Progress.update
+    update = supervisor.Progress.update
 
     def counting_update(self, metrics):
         steps_seen.append(1)
@@ -153,7 +154,7 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smok
             time.sleep(0.2)  # steps that take time, as real ones do, so the stop lands before the cell ends
         update(self, metrics)
 
-    monkeypatch.setattr(runner._Progress, "update", counting_update)
+    monkeypatch.setattr(supervisor.Progress, "update", counting_update)
     with pytest.raises(SystemExit) as stopped:
         paper.main(narrow)
     assert stopped.value.code == 130

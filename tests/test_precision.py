@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hier_jax import precision, quantization, runner, steps, train
+from hier_jax import precision, quantization, steps, train
 from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import ConfigError, ResumeMismatchError
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
+from hier_jax.run.hierarchy import build_hierarchy
 
 NUM_CLASSES = 10
 SMALL = ExperimentConfig(
@@ -121,7 +122,7 @@ def test_bf16_activations_are_bfloat16_and_parameters_float32():
 
 def test_bf16_hierarchical_steps_train_with_float32_state():
     _, parts = tiny_split("bf16")
-    hierarchy, edge_state, cloud_state = runner.build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())
+    hierarchy, edge_state, cloud_state = build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())
     losses = []
     for seed in range(3):
         images, labels = batch(seed=seed)
@@ -134,7 +135,7 @@ def test_bf16_hierarchical_steps_train_with_float32_state():
         assert float_dtypes(state["params"]) == float_dtypes(state["opt_state"]) == {"float32"}
         assert float_dtypes(state["batch_stats"]) == {"float32"}
     # The BatchNorm running statistics moved (they are updated, in float32).
-    initial = runner.build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())[1]["batch_stats"]
+    initial = build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())[1]["batch_stats"]
     assert not all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(edge_state["batch_stats"]))
     )
@@ -280,7 +281,7 @@ def test_the_payload_has_the_same_bytes_and_dtypes_in_every_precision(bits):
     seen = {}
     for policy in ("fp32", "tf32", "bf16"):
         _, parts = tiny_split(policy)
-        hierarchy, edge_state, _ = runner.build_hierarchy(parts, bits=bits, edge_tx=tx(), cloud_tx=tx())
+        hierarchy, edge_state, _ = build_hierarchy(parts, bits=bits, edge_tx=tx(), cloud_tx=tx())
         _, payload, _ = hierarchy.edge_step(edge_state, images, labels)
         arrays = (payload.data, payload.scale, payload.offset, payload.labels)
         seen[policy] = (

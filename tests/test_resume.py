@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from hier_jax import runner, train
-from hier_jax.checkpoint import RunCheckpoints
+from hier_jax import train
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import load_dataset, num_train_steps
 from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchError, RunInterrupted
+from hier_jax.run import threads
+from hier_jax.run.checkpoint import RunCheckpoints
 
 from backend import tolerance
 
@@ -45,7 +46,7 @@ def reference(setup):
     return train.train(setup, "sequential", progress=False)
 
 
-def assert_same_run(a: runner.RunResult, b: runner.RunResult) -> None:
+def assert_same_run(a: threads.RunResult, b: threads.RunResult) -> None:
     for x, y in zip(
         jax.tree.leaves((a.edge_state, a.cloud_state)), jax.tree.leaves((b.edge_state, b.cloud_state)), strict=True
     ):

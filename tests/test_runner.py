@@ -8,10 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from hier_jax import devices, runner
+from hier_jax import devices
 from hier_jax.link.channel import QueueChannel
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
+from hier_jax.run import supervisor, threads
+from hier_jax.run.evaluate import evaluate
+from hier_jax.run.hierarchy import build_hierarchy
 
 NUM_CLASSES = 10
 STEPS = 5
@@ -22,7 +25,7 @@ def hierarchy():
     model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
     parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
     tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
-    h, edge_state, cloud_state = runner.build_hierarchy(
+    h, edge_state, cloud_state = build_hierarchy(
         parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device="cpu:0", cloud_device="cpu:1"
     )
     return h, edge_state, cloud_state
@@ -47,8 +50,8 @@ def leaves_equal(a, b):
 
 def test_overlapped_equals_sequential_bit_for_bit(hierarchy):
     data = batches()
-    seq = runner.run_sequential(*fresh(hierarchy), data)
-    ovl = runner.run_overlapped(*fresh(hierarchy), data, channel=QueueChannel(1))
+    seq = threads.run_sequential(*fresh(hierarchy), data)
+    ovl = threads.run_overlapped(*fresh(hierarchy), data, channel=QueueChannel(1))
     assert leaves_equal(seq.edge_state, ovl.edge_state)
     assert leaves_equal(seq.cloud_state, ovl.cloud_state)
     for key in ("loss", "accuracy"):
@@ -71,19 +74,17 @@ def test_overlapped_equals_sequential_on_every_device_pair(device_pair):
     model = build_model("resnet18", num_classes=NUM_CLASSES, input_shape=(16, 16, 3), width=4)
     parts = split(model, "layer1_0", ExitHeadConfig(channels=8))
     tx = make_optimizer(OptimConfig(learning_rate=0.1), total_steps=STEPS)
-    built = runner.build_hierarchy(
-        parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device, cloud_device=cloud_device
-    )
+    built = build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device, cloud_device=cloud_device)
     data = batches(3)
-    seq = runner.run_sequential(*fresh(built), data)
-    ovl = runner.run_overlapped(*fresh(built), data, channel=QueueChannel(1))
+    seq = threads.run_sequential(*fresh(built), data)
+    ovl = threads.run_overlapped(*fresh(built), data, channel=QueueChannel(1))
     assert leaves_equal(seq.edge_state, ovl.edge_state) and leaves_equal(seq.cloud_state, ovl.cloud_state)
     assert {d for leaf in jax.tree.leaves(ovl.edge_state) for d in leaf.devices()} == {edge_device}
     assert {d for leaf in jax.tree.leaves(ovl.cloud_state) for d in leaf.devices()} == {cloud_device}
 
 
 def test_states_stay_on_their_devices(hierarchy):
-    result = runner.run_overlapped(*fresh(hierarchy), batches(2))
+    result = threads.run_overlapped(*fresh(hierarchy), batches(2))
     edge_devices = {d for leaf in jax.tree.leaves(result.edge_state) for d in leaf.devices()}
     cloud_devices = {d for leaf in jax.tree.leaves(result.cloud_state) for d in leaf.devices()}
     assert edge_devices == {jax.devices("cpu")[0]} and cloud_devices == {jax.devices("cpu")[1]}
@@ -93,9 +94,9 @@ def test_cloud_consumes_step_t_payload_with_step_t_labels(hierarchy):
     """Shuffling the batches changes the cloud's metrics exactly as the sequential reference does."""
     data = batches(4, seed=1)
     swapped = [data[1], data[0], *data[2:]]
-    a = runner.run_overlapped(*fresh(hierarchy), swapped)
-    b = runner.run_sequential(*fresh(hierarchy), swapped)
-    c = runner.run_sequential(*fresh(hierarchy), data)
+    a = threads.run_overlapped(*fresh(hierarchy), swapped)
+    b = threads.run_sequential(*fresh(hierarchy), swapped)
+    c = threads.run_sequential(*fresh(hierarchy), data)
     np.testing.assert_array_equal(a.cloud_metrics["loss"], b.cloud_metrics["loss"])
     assert not np.array_equal(a.cloud_metrics["loss"], c.cloud_metrics["loss"])
 
@@ -119,7 +120,7 @@ def test_edge_runs_ahead_without_waiting_for_the_cloud(hierarchy):
         return h.cloud_step(state, payload)
 
     probe = dataclasses.replace(h, edge_step=edge_step, cloud_step=cloud_step)
-    result = runner.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=QueueChannel(2))
+    result = threads.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=QueueChannel(2))
     np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
 
 
@@ -141,7 +142,7 @@ def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
     before = set(threading.enumerate())
     start = time.perf_counter()
     with pytest.raises(Boom, match="bad batch"):
-        runner.run_overlapped(*fresh(hierarchy), failing_batches())
+        threads.run_overlapped(*fresh(hierarchy), failing_batches())
     assert time.perf_counter() - start < 60
     assert not runner_threads_started_since(before)
 
@@ -155,7 +156,7 @@ def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
     # A queue of one and many steps: the edge would block forever on a full queue without the stop.
     before = set(threading.enumerate())
     with pytest.raises(Boom, match="cloud failed"):
-        runner.run_overlapped(
+        threads.run_overlapped(
             dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state, batches(12), channel=QueueChannel(1)
         )
     assert not runner_threads_started_since(before)
@@ -169,14 +170,14 @@ def test_timeout_instead_of_hang(hierarchy):
         time.sleep(5)
 
     with pytest.raises(TimeoutError):
-        runner.run_overlapped(h, edge_state, cloud_state, slow_batches(), timeout_s=0.5)
+        threads.run_overlapped(h, edge_state, cloud_state, slow_batches(), timeout_s=0.5)
 
 
 def test_evaluate_counts_masked_examples_once(hierarchy):
     h, edge_state, cloud_state = fresh(hierarchy)
     images, labels = batches(1)[0]
     mask = np.array([True, True, True, False])
-    acc = runner.evaluate(h, edge_state, cloud_state, [(images, labels, mask), (images, labels, mask)])
+    acc = evaluate(h, edge_state, cloud_state, [(images, labels, mask), (images, labels, mask)])
     assert acc["examples"] == 6
     logits, _ = h.edge_eval(edge_state, jax.device_put(images, h.edge_device))
     hits = (np.argmax(np.asarray(logits), -1) == labels)[:3].sum()
@@ -226,20 +227,20 @@ def test_auto_on_a_cpu_host_with_n_host_devices(monkeypatch, count, cloud):
     assert devices.auto_devices() == (cpus[0], cpus[cloud])
 
 
-@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
 def test_snapshots_are_the_states_of_a_run_cut_at_that_step(hierarchy, run):
     data = batches(6)
     snapshots = []
     full = run(*fresh(hierarchy), data, snapshot_every=2, on_snapshot=snapshots.append)
     assert [s.step for s in snapshots] == [2, 4, 6]
     for snap in snapshots:
-        cut = runner.run_sequential(*fresh(hierarchy), data[: snap.step])
+        cut = threads.run_sequential(*fresh(hierarchy), data[: snap.step])
         assert leaves_equal(snap.edge_state, cut.edge_state) and leaves_equal(snap.cloud_state, cut.cloud_state)
         np.testing.assert_array_equal(snap.edge_metrics["loss"], full.edge_metrics["loss"][: snap.step])
         np.testing.assert_array_equal(snap.cloud_metrics["loss"], full.cloud_metrics["loss"][: snap.step])
 
 
-@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
 def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(hierarchy, run):
     import _thread
 
@@ -258,11 +259,11 @@ def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(
     assert not runner_threads_started_since(before)
     assert result.interrupted and 3 <= result.end_step < 12
     assert int(result.edge_state["step"]) == int(result.cloud_state["step"]) == result.end_step
-    cut = runner.run_sequential(*fresh(hierarchy), data[: result.end_step])
+    cut = threads.run_sequential(*fresh(hierarchy), data[: result.end_step])
     assert leaves_equal(result.edge_state, cut.edge_state) and leaves_equal(result.cloud_state, cut.cloud_state)
 
 
-@pytest.mark.parametrize("run", [runner.run_sequential, runner.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
 def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state_copies(hierarchy, run):
     """Every pair is still written, in order; but with saves far slower than the cadence (one per
     step here), the sides wait for the writer, so only a few state copies exist at any time."""
@@ -291,16 +292,16 @@ def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state
     assert len(lead) == 12  # every step's snapshot written
     # Without backpressure the edge finishes all 12 steps during the first 0.2 s save (lead 11).
     # With it: at most the writer's backlog of pairs, plus the steps the edge runs ahead of the cloud.
-    assert max(lead) <= runner._WRITE_BACKLOG + 2 + 2
+    assert max(lead) <= supervisor.WRITE_BACKLOG + 2 + 2
 
 
 def test_a_side_running_ahead_keeps_only_its_newest_unpaired_copies():
     """The edge offers snapshots 2..10 before the cloud offers any (an outage): only the newest
     `_UNPAIRED_PER_SIDE` are kept, so step 2 can no longer pair and is skipped; the rest pair in order."""
     device = jax.devices("cpu")[0]
-    run = runner._Supervisor(start_step=0, snapshot_every=2, on_snapshot=lambda snap: None, timeout_s=None)
+    run = supervisor.Supervisor(start_step=0, snapshot_every=2, on_snapshot=lambda snap: None, timeout_s=None)
     boundaries = [2, 4, 6, 8, 10]
-    assert runner._UNPAIRED_PER_SIDE == 4
+    assert supervisor.UNPAIRED_PER_SIDE == 4
     for k in boundaries:
         run.offer("edge", k, {"step": np.int32(k)}, device)
         assert run._serve(block=False)

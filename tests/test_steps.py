@@ -6,9 +6,10 @@ import optax
 import pytest
 from flax import nnx
 
-from hier_jax import baselines, quantization, steps
+from hier_jax import quantization, steps
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
+from hier_jax.run import baselines
 
 from backend import tolerance
 

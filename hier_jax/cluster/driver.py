@@ -100,7 +100,7 @@ def run(
         for e, worker in enumerate(edges):
             placement[f"edge {e}"] = get(ray, worker.placement.remote(), cluster, f"edge {e} to start")
         if checkpoint_dir is not None:
-            from hier_jax.checkpoint import RunCheckpoints
+            from hier_jax.run.checkpoint import RunCheckpoints
 
             store = RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints)
         history = _resume(ray, store, edges, cloud, config, cluster) if store is not None and resume else None

@@ -1,5 +1,5 @@
 """A link replayed in real time between the edge and cloud threads: `SimulatedLink` replays a `Link`
-for `runner.run_overlapped`, with real delays, scripted outages and drops: it implements
+for `threads.run_overlapped`, with real delays, scripted outages and drops: it implements
 `channel.Channel` (open / send / close / receive / join, each given the run's stop event).
 
 A background delivery thread moves payloads from the edge's buffer onto the link one at a time: the

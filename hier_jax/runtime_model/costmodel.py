@@ -19,7 +19,7 @@ derives the formulas; in brief, for one batch of B examples at a separation poin
     split_learning          M * (F_e + up(A) + C + down(G) + B_e)     strictly sequential
     hierarchical_paper      M * (F_e + Hf + max(B_e + Hb, up(P) + C)) per batch, as the paper describes
     hierarchical_pipelined  W + up(P) + C + (M - 1) * max(W, ser(P), C),  W = F_e + Hf + B_e + Hb
-                                                                       what runner.run_overlapped does
+                                                                       what threads.run_overlapped does
 
 Epoch time is the total divided by E. In the pipelined forms the link is a pipeline stage: it
 serializes one transfer after the other (ser), while the latency of each transfer overlaps the

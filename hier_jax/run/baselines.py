@@ -1,4 +1,4 @@
-"""The paper's baselines, trained under the same supervision as the hierarchy (`runner.run_pairs`):
+"""The paper's baselines, trained under the same supervision as the hierarchy (`threads.run_pairs`):
 end-to-end training of the unsplit model on one device, and vanilla split learning."""
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import optax
 from hier_jax import steps
 from hier_jax.devices import AUTO, place, resolve_device
 from hier_jax.models import Split
-from hier_jax.runner import PairStep, RunResult, Snapshot, run_pairs
+from hier_jax.run.supervisor import Snapshot
+from hier_jax.run.threads import PairStep, RunResult, run_pairs
 
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning.
 
-    Both run under the same supervision as `runner.run_sequential` (snapshots, divergence checks, Ctrl-C),
+    Both run under the same supervision as `threads.run_sequential` (snapshots, divergence checks, Ctrl-C),
     over an (edge state, cloud state) pair. End-to-end trains on one device and has no edge: the whole
     model is the cloud state, and the edge state `{"step": 0}` is a placeholder nothing updates.
     """
@@ -115,8 +116,8 @@ def run_baseline(
     timeout_s: float | None = None,
     progress: bool = False,
 ) -> RunResult:
-    """Train a baseline over `batches`, supervised as `runner.run_sequential` is, and return the same
-    `runner.RunResult` (its `mode` left "", as the runner's are: `train.train` sets it). The metrics are
+    """Train a baseline over `batches`, supervised as `threads.run_sequential` is, and return the same
+    `threads.RunResult` (its `mode` left "", as the runner's are: `train.train` sets it). The metrics are
     the final exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is the arrays that cross
     the link per batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the
     raw images are the cloud's input)."""
@@ -140,8 +141,8 @@ def evaluate_baseline(
     b: Baseline, edge_state: steps.State, cloud_state: steps.State, batches: Iterable[tuple[Any, Any, Any]]
 ) -> dict[str, float]:
     """Test accuracy of a baseline's final exit: {"cloud_accuracy": float, "examples": int}, i.e.
-    `runner.evaluate`'s keys without "edge_accuracy" (a baseline has no early exit). `batches` yields
-    (images, labels, mask), as for `runner.evaluate`; masked-out (padding) examples are not counted."""
+    `evaluate.evaluate`'s keys without "edge_accuracy" (a baseline has no early exit). `batches` yields
+    (images, labels, mask), as for `evaluate.evaluate`; masked-out (padding) examples are not counted."""
     correct = n = 0
     for images, labels, mask in batches:
         if b.edge_eval is not None:
