@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -163,3 +164,20 @@ def decode(payload: Payload) -> tuple[jax.Array, jax.Array]:
 def raw_image_nbytes(batch: int, height: int, width: int, channels: int, num_classes: int) -> int:
     """Bytes to send the same batch raw: uint8 pixels plus labels (same label dtype rule)."""
     return batch * height * width * channels + batch * label_dtype(num_classes).itemsize
+
+
+def payload_nbytes(feature_shape: Sequence[int], batch: int, bits: int, num_classes: int) -> int:
+    """Bytes of the real encoded payload of one batch, from shapes alone (jax.eval_shape)."""
+    features = jax.ShapeDtypeStruct((batch, *feature_shape), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return jax.eval_shape(lambda f, y: encode(f, y, bits, num_classes), features, labels).nbytes
+
+
+def split_bytes(
+    feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
+) -> tuple[dict[int, int], int, int]:
+    """Link bytes of one batch cut at `feature_shape`: ({bits: hierarchical payload}, split learning's
+    float32 features + labels up, its float32 boundary gradient down)."""
+    payload = {b: payload_nbytes(feature_shape, batch, b, num_classes) for b in bits}
+    activation = payload_nbytes(feature_shape, batch, 32, num_classes)
+    return payload, activation, 4 * batch * math.prod(feature_shape)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hier_jax import steps
+from hier_jax import quantization, steps
 from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
@@ -29,7 +29,6 @@ from hier_jax.run import baselines, supervisor, threads
 from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.run.evaluate import evaluate as evaluate_exits
 from hier_jax.run.hierarchy import Hierarchy, build_hierarchy
-from hier_jax.runtime_model import profiler
 
 MODES = ("sequential", "overlapped")
 BASELINES = ("end_to_end", "split_learning")
@@ -399,7 +398,7 @@ def payload_nbytes(setup: Setup, mode: str) -> int:
     if mode == "end_to_end":
         return 0
     c, s = setup.config, setup.split
-    payload, activation, gradient = profiler.split_bytes(s.feature_shape, c.batch_size, (c.bits,), s.num_classes)
+    payload, activation, gradient = quantization.split_bytes(s.feature_shape, c.batch_size, (c.bits,), s.num_classes)
     return activation + gradient if mode == "split_learning" else payload[c.bits]
 
 

@@ -47,7 +47,7 @@ def test_bytes_come_from_real_payloads(tiny):
     assert s.activation_bytes == quantization.encode(features, labels, 32, 5).nbytes
     assert s.gradient_bytes == features.size * 4
     rebatched = profiler.with_payload_batch(p, 8, bits=(4,))
-    assert rebatched.split("layer1_1").payload_bytes == {4: profiler.payload_nbytes(s.feature_shape, 8, 4, 5)}
+    assert rebatched.split("layer1_1").payload_bytes == {4: quantization.payload_nbytes(s.feature_shape, 8, 4, 5)}
     assert rebatched.raw_bytes == 2 * p.raw_bytes
 
 

@@ -167,13 +167,6 @@ class Profile:
         return sum(t.train_s for t in self.stages) + self.classifier.train_s
 
 
-def payload_nbytes(feature_shape: Sequence[int], batch: int, bits: int, num_classes: int) -> int:
-    """Bytes of the real encoded payload of one batch, from shapes alone (jax.eval_shape)."""
-    features = jax.ShapeDtypeStruct((batch, *feature_shape), jnp.float32)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.eval_shape(lambda f, y: quantization.encode(f, y, bits, num_classes), features, labels).nbytes
-
-
 def _tree_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -286,7 +279,7 @@ def edge_footprint(parts: Split, batch: int, bits: int) -> EdgeFootprint:
         params=param_count(parts.edge),
         memory_bytes=edge_memory(param_bytes, stat_bytes, residual_per_example, batch),
         activation_bytes=residual_per_example * batch,
-        payload_bytes=payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes),
+        payload_bytes=quantization.payload_nbytes(parts.feature_shape, batch, bits, parts.num_classes),
     )
 
 
@@ -304,21 +297,11 @@ def host_cpu() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def split_bytes(
-    feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
-) -> tuple[dict[int, int], int, int]:
-    """Link bytes of one batch cut at `feature_shape`: ({bits: hierarchical payload}, split learning's
-    float32 features + labels up, its float32 boundary gradient down)."""
-    payload = {b: payload_nbytes(feature_shape, batch, b, num_classes) for b in bits}
-    activation = payload_nbytes(feature_shape, batch, 32, num_classes)
-    return payload, activation, 4 * batch * math.prod(feature_shape)
-
-
 def with_payload_batch(profile: Profile, batch: int, bits: Sequence[int] = DEFAULT_BITS) -> Profile:
     """Recompute every byte count for another modeled batch size (shapes only, no timing)."""
     splits = []
     for s in profile.splits:
-        payload, activation, gradient = split_bytes(s.feature_shape, batch, bits, profile.num_classes)
+        payload, activation, gradient = quantization.split_bytes(s.feature_shape, batch, bits, profile.num_classes)
         splits.append(
             dataclasses.replace(s, payload_bytes=payload, activation_bytes=activation, gradient_bytes=gradient)
         )
@@ -391,7 +374,7 @@ def profile_model(
             )
         head_timing, head_memory = heads[feature_shape]
         param_bytes, stat_bytes, residual_bytes = _summed([*stage_memory[: i + 1], head_memory])
-        payload, activation, gradient = split_bytes(feature_shape, payload_batch, bits, model.num_classes)
+        payload, activation, gradient = quantization.split_bytes(feature_shape, payload_batch, bits, model.num_classes)
         splits.append(
             SplitProfile(
                 name,
