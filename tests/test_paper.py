@@ -16,6 +16,8 @@ import pytest
 from experiments import paper
 from hier_jax import train
 from hier_jax.errors import UserError
+from hier_jax.paper import grid, profiles, runtime
+from hier_jax.paper.cells import CSV_COLUMNS, OUTAGE_BUFFER, load_rows
 from hier_jax.run import supervisor
 
 SMOKE = ["--profile", "smoke"]
@@ -47,7 +49,7 @@ def by_cell(rows):
 def test_the_smoke_grid_writes_every_cell_the_csv_the_report_and_the_figures(smoke_grid):
     out, _ = smoke_grid
     rows = read_csv(out / "results.csv")
-    assert list(rows[0]) == list(paper.CSV_COLUMNS)
+    assert list(rows[0]) == list(CSV_COLUMNS)
     cells = by_cell(rows)
     assert set(cells) == {
         ("layer1_1", "2", "hierarchical"),
@@ -83,7 +85,7 @@ def test_the_smoke_grid_writes_every_cell_the_csv_the_report_and_the_figures(smo
     for cut, widths in (("layer1_1", ("2", "4", "32")), ("layer2_1", ("4", "32"))):
         assert len({cells[(cut, b, "hierarchical")]["edge_accuracy"] for b in widths}) == 1
     # The 4-bit hand-off sends 8x less than the float32 one over the same link: a larger modeled saving.
-    for lk in paper.REPORT_LINKS:
+    for lk in runtime.REPORT_LINKS:
         assert float(cells[("layer1_1", "4", "hierarchical")][f"reduction_vs_cloud_only_{lk}"]) > float(
             cells[("layer1_1", "32", "hierarchical")][f"reduction_vs_cloud_only_{lk}"]
         )
@@ -110,7 +112,7 @@ def test_the_outage_cell_trains_the_edge_on_and_counts_every_payload(smoke_grid)
     assert link["sent"] == 20 and link["sent"] == link["delivered"] + link["dropped"] and link["dropped"] > 0
     assert outage["cloud_steps"] == 20 - link["dropped"] and outage["dropped_payloads"] == link["dropped"]
     # Dropped: payloads still buffered when the link went down, or sent while it was down; none after.
-    assert all(8 - paper.OUTAGE_BUFFER - 2 <= step < 12 for step in link["dropped_steps"])
+    assert all(8 - OUTAGE_BUFFER - 2 <= step < 12 for step in link["dropped_steps"])
     # The edge trains exactly as it would with the link up; the cloud trains on fewer payloads.
     assert outage["edge_accuracy"] == clean["edge_accuracy"]
 
@@ -168,7 +170,7 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smok
     assert 5 <= resumed["resumed_from_step"] < 20
     expected = {
         (r["cut"], r["bits"], r["scheme"]): r
-        for r in paper.load_rows(reference)
+        for r in load_rows(reference)
         if (r["cut"], r["bits"], r["scheme"]) in (("layer1_1", 4, "hierarchical"), ("", 32, "end_to_end"))
     }
     assert len(rows) == len(expected) == 2
@@ -180,14 +182,14 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smok
 
 def test_a_crashed_cell_is_recorded_and_the_grid_goes_on(smoke_grid, tmp_path, monkeypatch, capsys):
     out = with_profiles(smoke_grid[0], tmp_path / "grid")
-    run_cell = paper.run_cell
+    run_cell = grid.run_cell
 
     def crash_split_learning(cell, *args):
         if cell.scheme == "split_learning":
             raise RuntimeError("the cloud caught fire")
         return run_cell(cell, *args)
 
-    monkeypatch.setattr(paper, "run_cell", crash_split_learning)
+    monkeypatch.setattr(grid, "run_cell", crash_split_learning)
     rows = paper.main(SMOKE + ["--out", str(out), "--schemes", "split_learning", "end_to_end"])
     assert "failed: RuntimeError: the cloud caught fire" in capsys.readouterr().err
     assert {r["scheme"]: r["status"] for r in rows} == {"split_learning": "failed", "end_to_end": "done"}
@@ -222,8 +224,8 @@ def refuse(*args, **kwargs):
     ],
 )
 def test_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(paper, "load_dataset", refuse)
-    monkeypatch.setattr(paper, "run_cell", refuse)
+    monkeypatch.setattr(grid, "load_dataset", refuse)
+    monkeypatch.setattr(grid, "run_cell", refuse)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
         paper.main(argv + ["--out", str(tmp_path / "grid")])
@@ -234,12 +236,12 @@ def test_bad_input_is_one_line_before_any_work(argv, expected, tmp_path, monkeyp
 
 
 def test_a_grid_of_another_profile_or_a_foreign_directory_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(paper, "load_dataset", refuse)
+    monkeypatch.setattr(grid, "load_dataset", refuse)
     (tmp_path / "cpu_grid").mkdir()
     (tmp_path / "cpu_grid" / "grid.json").write_text(json.dumps({"profile": "cpu"}))
     with pytest.raises(UserError, match="holds a grid of the 'cpu' profile; a 'smoke' grid needs another --out"):
         paper.main.__wrapped__(SMOKE + ["--out", str(tmp_path / "cpu_grid")])
-    recorded = dataclasses.asdict(paper.grid_profiles()["smoke"].config)
+    recorded = dataclasses.asdict(profiles.grid_profiles()["smoke"].config)
     (tmp_path / "old_smoke").mkdir()
     (tmp_path / "old_smoke" / "grid.json").write_text(
         json.dumps({"profile": "smoke", "config": {**recorded, "learning_rate": 0.1, "edge_device": "cpu:1"}})
