@@ -109,9 +109,9 @@ def test_bench_torch_rejects_bad_arguments():
 
 FAULTS_ON_A_THREAD = """
 import ctypes, resource, sys, threading
-from experiments import bench_torch
+from hier_jax.bench import timing
 if sys.argv[1] == "tuned":
-    assert bench_torch.tune_malloc()
+    assert timing.tune_malloc()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

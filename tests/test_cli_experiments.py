@@ -14,6 +14,7 @@ import hier_jax.data
 import hier_jax.models
 from experiments import bench_input, bench_overlap, bench_torch, runtime_table
 from hier_jax import train
+from hier_jax.bench import steps as bench_steps
 from hier_jax.data import ImageDataset
 from hier_jax.errors import ConfigError, UserError
 
@@ -34,7 +35,7 @@ def nothing_loaded(monkeypatch):
         (bench_overlap, "load_dataset"),
         (train, "build"),
         (hier_jax.models, "build_model"),
-        (bench_torch, "model_and_split"),
+        (bench_steps, "model_and_split"),
         (bench_torch, "jax_variant"),
         (bench_torch, "torch_variant"),
         (runtime_table, "build_model"),
