@@ -17,6 +17,7 @@ from hier_jax import train
 from hier_jax.bench import steps as bench_steps
 from hier_jax.data import ImageDataset
 from hier_jax.errors import ConfigError, UserError
+from hier_jax.runtime_model import table as runtime_table_lib
 
 FILE = "{file}"
 """Stands for an existing file, in place of a directory, in the argument lists below."""
@@ -38,8 +39,8 @@ def nothing_loaded(monkeypatch):
         (bench_steps, "model_and_split"),
         (bench_torch, "jax_variant"),
         (bench_torch, "torch_variant"),
-        (runtime_table, "build_model"),
-        (runtime_table, "load_or_profile"),
+        (runtime_table_lib, "build_model"),
+        (runtime_table_lib, "load_or_profile"),
     ]:
         monkeypatch.setattr(target, name, refuse)
 
