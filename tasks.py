@@ -7,7 +7,8 @@ Python 3.11+ on the PATH.
 `lint`: ruff (lint and format check) over the tree, pyright (basic) over hier_jax; what CI runs first.
 
 `test` options (before any pytest arguments):
-  --fast                 leave out the tests marked slow (Ray, CLI subprocesses, grids, benchmarks)
+  --fast                 leave out the tests marked slow (Ray, CLI subprocesses, grids, benchmarks,
+                         long equivalence runs), in two worker processes (pytest-xdist)
   --backend cpu|gpu|tpu  run the whole suite with JAX on that backend (the host CPU stays visible for
                          tests that pair an accelerator with it) and write DIR/junit.xml and
                          DIR/summary.md: passed, failed, skipped with reasons, and the golden
@@ -124,8 +125,8 @@ def run_tests(args: list[str]) -> int:
     if not options["system"]:
         ensure_venv()
     backend = options["backend"]
-    if options["fast"]:
-        pytest_args = ["-m", "not slow", *pytest_args]
+    if options["fast"]:  # two worker processes: the suite is bound by compiling, one core each
+        pytest_args = ["-m", "not slow", "-n", "2", *pytest_args]
     if backend is None:
         return subprocess.run([python, *COMMANDS["test"], *pytest_args], cwd=ROOT).returncode
     out = Path(options["out"] or ROOT / "test-results" / backend).resolve()

@@ -1,10 +1,10 @@
 """Measured overlap across processes: one edge and one cloud as Ray workers, each pinned to one core,
-pipelined against sequential, per separation point; and the in-process sequential step on all cores.
+the pipelined schedule against the sequential one, per separation point; and the in-process sequential step on all cores.
 
 For each split: each side's step time (median of the worker's own timings), the step time of the
-sequential flow (the edge waits for the cloud and the cloud for the edge) and of the pipelined flow
+sequential schedule (the edge waits for the cloud and the cloud for the edge) and of the pipelined one
 (the edge runs up to --queue-size payloads ahead), each the run's wall time over its steps, median
-over --repeats runs (the two flows interleaved, new worker processes each run, compiled before the
+over --repeats runs (the two schedules interleaved, new worker processes each run, compiled before the
 clock starts). The ideal pipelined speed-up is (edge + cloud) / max(edge, cloud); `of_ideal` is the
 measured speed-up divided by it, `hidden` the fraction of the shorter side that the pipeline hid:
 (sequential - pipelined) / min(edge, cloud). `in_process` is threads.run_sequential's step (batches made inside the clock) with both
@@ -26,16 +26,17 @@ import time
 
 import jax
 
-from hier_jax import cli, cluster, outputs, process, train
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
+from hier_jax import cli, cluster, flags, outputs, process, train
+from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
-from hier_jax.errors import UserError
-from hier_jax.models import stage_names
+from hier_jax.errors import check
+from hier_jax.models import ExitHeadConfig, stage_names
 from hier_jax.run import threads
 from hier_jax.runtime_model import profiler
 
 DEFAULTS = ExperimentConfig(
-    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64, queue_size=2
+    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head=ExitHeadConfig(channels=64),
+    queue_size=2,
 )
 
 
@@ -59,11 +60,11 @@ def measure_split(config: ExperimentConfig, dataset, steps: int, repeats: int) -
     runs = {"sequential": [], "pipelined": []}
     edge_s, cloud_s = [], []
     for _ in range(repeats):
-        for flow in runs:
-            result = cluster.run(config, dataset, cluster.ClusterConfig(edges=1, flow=flow))
-            runs[flow].append(result.wall_s / result.steps_per_edge)
-            edge_s += result.edges[0].step_s
-            cloud_s += result.cloud_step_s
+        for schedule in runs:
+            result = cluster.run(dataclasses.replace(config, schedule=schedule), dataset, cluster.ClusterConfig(edges=1))
+            runs[schedule].append(result.wall_s / result.steps_per_edge)
+            edge_s += result.record.edges[0]["step_s"]
+            cloud_s += result.record.cloud["step_s"]
     edge, cloud = statistics.median(edge_s), statistics.median(cloud_s)
     sequential, pipelined = (statistics.median(runs[f]) for f in ("sequential", "pipelined"))
     ideal = (edge + cloud) / max(edge, cloud)
@@ -105,19 +106,18 @@ def table(rows: list[dict], cpu: str, config: ExperimentConfig) -> str:
 def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
-    add_config_flags(parser, DEFAULTS)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS)
     parser.add_argument("--splits", default="", help="comma-separated separation points (default: --split)")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per flow (interleaved)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per schedule (interleaved)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = flags.parse(ExperimentConfig, args, DEFAULTS)
     splits = [s for s in args.splits.split(",") if s] or [config.split]
     for split in splits:
-        if split not in stage_names(config.model):
-            raise UserError(f"--splits {split!r} is invalid; valid: {', '.join(stage_names(config.model))}")
-    if args.steps < 2 or args.repeats < 1:
-        raise UserError("--steps must be >= 2 and --repeats >= 1")
+        check(split in stage_names(config.model), "--splits", split, ", ".join(stage_names(config.model)))
+    check(args.steps >= 2, "--steps", args.steps, "an integer >= 2")
+    check(args.repeats >= 1, "--repeats", args.repeats, "an integer >= 1")
     config = dataclasses.replace(config, max_steps=args.steps)
     validate(config)
     out = (

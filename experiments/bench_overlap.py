@@ -1,8 +1,8 @@
-"""Measured overlap: edge alone, cloud alone, sequential pair and overlapped pair, per step.
+"""Measured overlap: edge alone, cloud alone, and the pair in both schedules (sequential, pipelined), per step.
 
 With perfect overlap a step of the pair costs max(edge, cloud); run one after the other it costs
-edge + cloud. `hidden` is the fraction of the shorter side that the overlapped schedule hid:
-(sequential - overlapped) / min(edge, cloud). Each figure is the median over --repeats runs of
+edge + cloud. `hidden` is the fraction of the shorter side that the pipelined schedule hid:
+(sequential - pipelined) / min(edge, cloud). Each figure is the median over --repeats runs of
 --steps steps (after a warm-up run), from blocking wall time.
 
     python -m experiments.bench_overlap --model resnet18 --split layer2_1 --width 32 --batch-size 64 --out DIR
@@ -10,20 +10,22 @@ edge + cloud. `hidden` is the fraction of the shorter side that the overlapped s
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
 import jax
 
-from hier_jax import cli, outputs, process, train
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
+from hier_jax import cli, flags, outputs, process, train
+from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
-from hier_jax.errors import UserError
+from hier_jax.errors import check
+from hier_jax.models import ExitHeadConfig
 from hier_jax.link.channel import QueueChannel
 from hier_jax.run import threads
 
 DEFAULTS = ExperimentConfig(
-    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head_channels=64
+    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head=ExitHeadConfig(channels=64)
 )
 
 
@@ -40,16 +42,15 @@ def time_side(step, state, inputs) -> tuple[float, object]:
 def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
-    add_config_flags(parser, DEFAULTS)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = flags.parse(ExperimentConfig, args, DEFAULTS)
     # Every check that needs no data, before anything is loaded or built.
     validate(config)
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
-        if value < 1:
-            raise UserError(f"{flag} {value} is invalid; valid: an integer >= 1")
+        check(value >= 1, flag, value, "an integer >= 1")
     out = outputs.prepare_run_dir(config.out, outputs=()) if config.out else None
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     train.check_data(config, dataset)
@@ -62,26 +63,28 @@ def main(argv: list[str]) -> dict:
     _, payload, _ = h.edge_step(edge_state, *edge_inputs[0])
     cloud_inputs = [(jax.device_put(payload, h.cloud_device),)] * args.steps
 
-    figures: dict[str, list[float]] = {"edge": [], "cloud": [], "sequential": [], "overlapped": []}
+    figures: dict[str, list[float]] = {"edge": [], "cloud": [], "sequential": [], "pipelined": []}
     for repeat in range(args.repeats + 1):  # the first round warms caches and threads up
         edge_state, cloud_state = train.fresh_states(setup)
         edge_s, _ = time_side(h.edge_step, edge_state, edge_inputs)
         cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
         seq = threads.run_sequential(h, *train.fresh_states(setup), batches)
-        ovl = threads.run_overlapped(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
+        ovl = threads.run_pipelined(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
         if repeat:
             for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
                 figures[key].append(value / args.steps)
     median = {k: statistics.median(v) for k, v in figures.items()}
-    hidden = (median["sequential"] - median["overlapped"]) / min(median["edge"], median["cloud"])
+    hidden = (median["sequential"] - median["pipelined"]) / min(median["edge"], median["cloud"])
     result = {
-        "config": {**vars(args)},
+        "config": dataclasses.asdict(config),
+        "steps": args.steps,
+        "repeats": args.repeats,
         "device_edge": str(h.edge_device),
         "device_cloud": str(h.cloud_device),
         "per_step_s": median,
         "spread_s": {k: [min(v), max(v)] for k, v in figures.items()},
-        "ideal_overlapped_s": max(median["edge"], median["cloud"]),
-        "speedup": median["sequential"] / median["overlapped"],
+        "ideal_pipelined_s": max(median["edge"], median["cloud"]),
+        "speedup": median["sequential"] / median["pipelined"],
         "hidden_fraction": hidden,
     }
     print(
@@ -91,7 +94,7 @@ def main(argv: list[str]) -> dict:
     for key, values in figures.items():
         print(f"  {key:<11} {median[key] * 1e3:8.1f} ms  [{min(values) * 1e3:.1f}, {max(values) * 1e3:.1f}]")
     print(
-        f"  ideal overlapped = max(edge, cloud) = {result['ideal_overlapped_s'] * 1e3:.1f} ms; "
+        f"  ideal pipelined = max(edge, cloud) = {result['ideal_pipelined_s'] * 1e3:.1f} ms; "
         f"speed-up {result['speedup']:.2f}x; hidden {100 * hidden:.0f} % of the shorter side"
     )
     if out is not None:

@@ -62,8 +62,8 @@ import sys
 import time
 
 from hier_jax import cli, outputs, process
+from hier_jax.data import STANDARD_SHAPES
 from hier_jax.bench.steps import (
-    DATASETS,
     DEFAULT_SPLIT,
     JAX_VARIANTS,
     PRECISIONS,
@@ -87,7 +87,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dataset",
         default="cifar10",
-        choices=sorted(DATASETS),
+        choices=sorted(STANDARD_SHAPES),
         help="sets the input shape and class count (inputs are random)",
     )
     parser.add_argument("--split", default=None, help="separation point (default: pool3 / layer2_1)")
@@ -168,7 +168,8 @@ def main(argv: list[str]) -> list[dict]:
     from hier_jax.models import MODELS  # noqa: F401 - fail early on a broken install
 
     args.split = args.split or DEFAULT_SPLIT[args.model]
-    shapes = DATASETS[args.dataset]
+    shape = STANDARD_SHAPES[args.dataset]
+    shapes = (shape.image_shape, shape.num_classes)
     precision = set_precision(args.precision)
     print(f"precision {args.precision}: {precision}", flush=True)
     variants: list[Variant] = []

@@ -30,11 +30,15 @@ import dataclasses
 import shlex
 from pathlib import Path
 
-from hier_jax import cli, outputs, process
-from hier_jax.config import validate
-from hier_jax.errors import ConfigError, UserError
-from hier_jax.paper.grid import check_args, check_grid_dir, load_datasets, run_grid
-from hier_jax.paper.profiles import SCHEMES, grid_profiles, plan
+from hier_jax import cli, flags, outputs, process
+from hier_jax.config import ExperimentConfig, validate
+from hier_jax.errors import ConfigError, UserError, check
+from hier_jax.paper.grid import GridRequest, check_grid_dir, check_request, load_datasets, run_grid
+from hier_jax.paper.profiles import grid_profiles, plan
+
+
+CONFIG_FLAGS = ("edge_device", "cloud_device", "data_dir")
+"""The cells' config fields a grid command may set (the rest is the profile's)."""
 
 
 @cli.entry_point
@@ -42,60 +46,35 @@ def main(argv: list[str]) -> list[dict]:
     process.setup()
     profiles = grid_profiles()
     parser = cli.Parser(description=__doc__)
-    parser.add_argument("--profile", required=True, help=f"the budget: {', '.join(profiles)}")
-    parser.add_argument("--out", required=True, help="the grid's directory (rerun the same command to resume)")
-    parser.add_argument(
-        "--dataset",
-        nargs="+",
-        default=None,
-        help="data sets (default: the profile's): cifar10, tiny_imagenet, digits, folder:PATH",
-    )
-    parser.add_argument("--models", nargs="+", default=None, help="narrow the grid to these models")
-    parser.add_argument("--cuts", nargs="+", default=None, help="narrow the grid to these cuts")
-    parser.add_argument(
-        "--bits",
-        nargs="+",
-        type=int,
-        default=None,
-        help="narrow the hierarchical cells to these bit widths (the baselines always run)",
-    )
-    parser.add_argument("--schemes", nargs="+", default=None, help=f"narrow the grid: {', '.join(SCHEMES)}")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (the report gives mean ± std)")
-    parser.add_argument(
-        "--tolerance-pts",
-        type=float,
-        default=1.0,
-        help="the chosen cut's cloud exit may be at most this many points below end-to-end",
-    )
-    parser.add_argument("--edge-device", default=None, help="where the edge trains (default: auto)")
-    parser.add_argument("--cloud-device", default=None, help="where the cloud trains (default: auto)")
-    parser.add_argument("--data-dir", default="", help="tfds data directory (default: tfds's own)")
+    flags.add_flags(parser, GridRequest)
+    flags.add_flags(parser, ExperimentConfig, include=CONFIG_FLAGS)
     args = parser.parse_args(argv)
-    if args.profile not in profiles:
-        raise ConfigError(f"--profile {args.profile!r} is invalid; valid: {', '.join(profiles)}")
-    profile = profiles[args.profile]
-    devices = {k: v for k, v in (("edge_device", args.edge_device), ("cloud_device", args.cloud_device)) if v}
-    profile = dataclasses.replace(profile, config=dataclasses.replace(profile.config, **devices))
-    models, cuts, bits, schemes = check_args(args, profile)
-    specs = args.dataset or list(profile.datasets)
+    request = flags.parse(GridRequest, args)
+    check(request.profile in profiles, "--profile", request.profile, ", ".join(profiles))
+    check(bool(request.out), "--out", request.out, "the grid's directory")
+    profile = profiles[request.profile]
+    given = flags.given(ExperimentConfig, args, include=CONFIG_FLAGS)
+    profile = dataclasses.replace(profile, config=flags.replace_paths(profile.config, given))
+    models, cuts, bits, schemes = check_request(request, profile)
+    specs = list(request.dataset) or list(profile.datasets)
     for spec in specs:  # every field of every cell, before any data is loaded
         for model in models:
             validate(dataclasses.replace(profile.config, model=model, dataset=spec, split=profile.sweep_cut[model]))
-    if not plan(profile, specs, models, cuts, bits, schemes, args.seeds):
+    if not plan(profile, specs, models, cuts, bits, schemes, request.seeds):
         raise ConfigError("the flags leave no cell to run (--models, --cuts, --bits and --schemes together)")
-    out = Path(args.out)
+    out = Path(request.out)
     check_grid_dir(out, profile)
-    datasets, skipped = load_datasets(specs, explicit=args.dataset is not None, data_dir=args.data_dir)
+    datasets, skipped = load_datasets(specs, explicit=bool(request.dataset), data_dir=profile.config.data_dir)
     if not datasets:
         raise UserError("no data set is ready: " + "; ".join(skipped))
-    cells = plan(profile, list(datasets), models, cuts, bits, schemes, args.seeds)
+    cells = plan(profile, list(datasets), models, cuts, bits, schemes, request.seeds)
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(
         out / "grid.json",
         {"profile": profile.name, "description": profile.description, "config": dataclasses.asdict(profile.config)},
     )
     command = "python -m experiments.paper " + shlex.join(argv)
-    return run_grid(out, profile, cells, datasets, skipped, args.tolerance_pts, command)
+    return run_grid(out, profile, cells, datasets, skipped, request.tolerance_pts, command)
 
 
 if __name__ == "__main__":

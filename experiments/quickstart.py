@@ -1,7 +1,7 @@
 """Quickstart: hierarchical training of a split ResNet-18 on an offline data set, both schedules.
 
 Trains the same split model twice from the same initial states, once sequentially (edge step, then
-cloud step) and once overlapped (a dispatch thread per device), checks that both give bit-identical
+cloud step) and once pipelined (a dispatch thread per device), checks that both give bit-identical
 parameters, and reports both exits' test accuracy, payload vs raw-image bytes and the two wall times.
 
     python -m experiments.quickstart [--out DIR] [--epochs N] [--width W] ...
@@ -15,11 +15,11 @@ import sys
 import jax
 import numpy as np
 
-from hier_jax import cli, outputs, process, train
-from hier_jax.config import ExperimentConfig, add_config_flags, config_from_args, validate
+from hier_jax import cli, flags, outputs, process, train
+from hier_jax.config import SCHEDULES, ExperimentConfig, optimizers, validate
 from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
-from hier_jax.models import param_count
+from hier_jax.models import ExitHeadConfig, param_count
 from hier_jax.precision import resolve
 from hier_jax.quantization import raw_image_nbytes
 from hier_jax.runtime_model.profiler import edge_footprint
@@ -32,8 +32,8 @@ DEFAULTS = ExperimentConfig(
     width=16,
     batch_size=64,
     epochs=6,
-    learning_rate=0.05,
-    head_channels=32,
+    **optimizers(learning_rate=0.05),
+    head=ExitHeadConfig(channels=32),
 )
 
 
@@ -45,10 +45,10 @@ def states_equal(a, b) -> bool:
 def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
-    add_config_flags(parser, DEFAULTS)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS)
     parser.add_argument("--overwrite", action="store_true", help="replace a summary.json already in --out")
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = flags.parse(ExperimentConfig, args, DEFAULTS)
     validate(config)
     out = (
         outputs.prepare_run_dir(config.out, overwrite=args.overwrite, outputs=("summary.json",)) if config.out else None
@@ -69,20 +69,20 @@ def main(argv: list[str]) -> dict:
     print("compiling ...", flush=True)
     train.warm_up(setup)
 
-    runs = {mode: train.train(setup, mode) for mode in train.MODES}
-    sequential, overlapped = runs["sequential"], runs["overlapped"]
+    runs = {schedule: train.train(setup, scheme="hierarchical", schedule=schedule) for schedule in SCHEDULES}
+    sequential, pipelined = runs["sequential"], runs["pipelined"]
     identical = (
-        states_equal(sequential.edge_state, overlapped.edge_state)
-        and states_equal(sequential.cloud_state, overlapped.cloud_state)
+        states_equal(sequential.edge_state, pipelined.edge_state)
+        and states_equal(sequential.cloud_state, pipelined.cloud_state)
         and all(
-            np.array_equal(sequential.cloud_metrics[k], overlapped.cloud_metrics[k]) for k in sequential.cloud_metrics
+            np.array_equal(sequential.cloud_metrics[k], pipelined.cloud_metrics[k]) for k in sequential.cloud_metrics
         )
     )
-    accuracy = train.evaluate(setup, overlapped)
+    accuracy = train.evaluate(setup, pipelined)
     raw_bytes = raw_image_nbytes(config.batch_size, *dataset.image_shape, dataset.num_classes)
     footprint = edge_footprint(setup.split, config.batch_size, config.bits)
-    if footprint.payload_bytes != overlapped.payload_bytes:
-        raise AssertionError(f"payload bytes: modeled {footprint.payload_bytes}, sent {overlapped.payload_bytes}")
+    if footprint.payload_bytes != pipelined.payload_bytes:
+        raise AssertionError(f"payload bytes: modeled {footprint.payload_bytes}, sent {pipelined.payload_bytes}")
     summary = {
         "config": dataclasses.asdict(config),
         "precision": setup.precision,
@@ -93,13 +93,13 @@ def main(argv: list[str]) -> dict:
         "edge_accuracy": accuracy["edge_accuracy"],
         "cloud_accuracy": accuracy["cloud_accuracy"],
         "test_examples": accuracy["examples"],
-        "payload_bytes_per_batch": overlapped.payload_bytes,
+        "payload_bytes_per_batch": pipelined.payload_bytes,
         "raw_bytes_per_batch": raw_bytes,
         "wall_s_sequential": sequential.wall_s,
-        "wall_s_overlapped": overlapped.wall_s,
-        "overlapped_bit_identical_to_sequential": identical,
-        "final_edge_loss": float(overlapped.edge_metrics["loss"][-5:].mean()),
-        "final_cloud_loss": float(overlapped.cloud_metrics["loss"][-5:].mean()),
+        "wall_s_pipelined": pipelined.wall_s,
+        "pipelined_bit_identical_to_sequential": identical,
+        "final_edge_loss": float(pipelined.edge_metrics["loss"][-5:].mean()),
+        "final_cloud_loss": float(pipelined.cloud_metrics["loss"][-5:].mean()),
         "steps": setup.total_steps,
         "edge_params": footprint.params,
         "cloud_params": param_count(setup.split.cloud),
@@ -110,18 +110,18 @@ def main(argv: list[str]) -> dict:
         ("cloud-exit accuracy", f"{summary['cloud_accuracy']:.4f}"),
         ("edge / cloud parameters", f"{footprint.params:,} / {summary['cloud_params']:,}"),
         ("edge training memory (estimate)", f"{footprint.memory_bytes / 2**20:.1f} MiB at batch {config.batch_size}"),
-        ("payload bytes per batch", f"{overlapped.payload_bytes:,}"),
-        ("raw-image bytes per batch", f"{raw_bytes:,} ({raw_bytes / overlapped.payload_bytes:.1f}x the payload)"),
+        ("payload bytes per batch", f"{pipelined.payload_bytes:,}"),
+        ("raw-image bytes per batch", f"{raw_bytes:,} ({raw_bytes / pipelined.payload_bytes:.1f}x the payload)"),
         ("wall time, sequential", f"{sequential.wall_s:.2f} s"),
-        ("wall time, overlapped", f"{overlapped.wall_s:.2f} s (speed-up {sequential.wall_s / overlapped.wall_s:.2f}x)"),
-        ("overlapped == sequential, bit for bit", "yes" if identical else "NO"),
+        ("wall time, pipelined", f"{pipelined.wall_s:.2f} s (speed-up {sequential.wall_s / pipelined.wall_s:.2f}x)"),
+        ("pipelined == sequential, bit for bit", "yes" if identical else "NO"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     if out is not None:
         print(f"wrote {outputs.write_json(out / 'summary.json', summary)}")
     if not identical:
-        sys.exit("overlapped training diverged from sequential training")
+        sys.exit("pipelined training diverged from sequential training")
     return summary
 
 

@@ -16,13 +16,13 @@ import argparse
 import math
 
 from hier_jax import cli, outputs, process
+from hier_jax.data import STANDARD_SHAPES
 from hier_jax.errors import UserError
 from hier_jax.link import LINKS
 from hier_jax.models import MODELS
 from hier_jax.quantization import VALID_BITS
 from hier_jax.runtime_model.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES
 from hier_jax.runtime_model.table import (
-    DATASETS,
     assumptions,
     model_rows,
     plot_sweep,
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> list[dict]:
     process.setup()
     parser = cli.Parser(description=__doc__)
     parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--dataset", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--dataset", nargs="+", default=list(STANDARD_SHAPES), choices=list(STANDARD_SHAPES))
     parser.add_argument(
         "--bits",
         nargs="+",
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--out", required=True)
     parser.add_argument("--links", nargs="+", default=["3g", "4g"], choices=list(LINKS))
     parser.add_argument(
-        "--epochs", type=int, default=100, help="epochs over which cloud_only_once amortizes its one upload"
+        "--epochs", type=int, default=100, help="epochs over which end_to_end_once amortizes its one upload"
     )
     parser.add_argument("--profile-batch", type=int, default=8, help="batch the CPU profile is measured at")
     parser.add_argument("--repeats", type=int, default=3)

@@ -10,7 +10,8 @@
 - A stopped run (`RunInterrupted`, from Ctrl-C or SIGTERM) prints where it was saved, exit status 130;
   a Ctrl-C outside a run (loading data, compiling) exits 130 with one line too.
 - A diverged run or a damaged checkpoint is printed as one line, exit status 1.
-- Anything else is a bug and keeps its traceback; `--debug` shows tracebacks for all of the above.
+- Anything else is a bug and keeps its traceback; `--debug` shows tracebacks for all of the above (on
+  the command line with the same exit status; from Python, `main(argv)` raises the error itself).
 
 `main(argv)` stays callable from Python (tests, notebooks): it returns what the experiment returns,
 and raises SystemExit with the codes above.
@@ -24,8 +25,9 @@ import functools
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from hier_jax.errors import CheckpointError, DivergenceError, RunAborted, RunInterrupted, UserError, WorkerError
 
@@ -80,19 +82,23 @@ def entry_point(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | Non
     def wrapped(argv: Sequence[str] | None = None) -> T:
         args = list(sys.argv[1:] if argv is None else argv)
         debug = "--debug" in args
+
+        def fail(error: BaseException, code: int) -> NoReturn:
+            """One line and `code`; with --debug the traceback first (and from Python the error itself)."""
+            if debug and argv is not None:
+                raise error
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+            raise SystemExit(code) from None
+
         with sigterm_as_interrupt():
             try:
                 return main(args)
             except UserError as error:
-                if debug:
-                    raise
-                print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-                raise SystemExit(EXIT_USER_ERROR) from None
+                fail(error, EXIT_USER_ERROR)
             except (DivergenceError, CheckpointError, WorkerError) as error:
-                if debug:
-                    raise
-                print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-                raise SystemExit(EXIT_FAILED) from None
+                fail(error, EXIT_FAILED)
             except (RunInterrupted, RunAborted) as stopped:
                 print(f"{prog}: {one_line(stopped)}", file=sys.stderr)
                 raise SystemExit(EXIT_INTERRUPTED) from None
@@ -105,21 +111,3 @@ def entry_point(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | Non
                 raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapped
-
-
-def parse_outages(specs: Sequence[str]) -> list[tuple[int, int]]:
-    """'A:B' strings (link down from step A until step B) as (A, B) pairs; UserError naming a bad one."""
-    outages = []
-    for spec in specs:
-        first, sep, last = spec.partition(":")
-        try:
-            a, b = int(first), int(last)
-        except ValueError:
-            a = b = None
-        if not sep or a is None or not 0 <= a < b:
-            raise UserError(
-                f"--outage takes A:B, two step numbers with 0 <= A < B (link down from step A "
-                f"until step B), got {spec!r}"
-            )
-        outages.append((a, b))
-    return outages

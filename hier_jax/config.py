@@ -1,185 +1,143 @@
-"""One experiment configuration (a frozen dataclass) and the CLI conventions every experiment shares.
+"""One experiment configuration (a frozen dataclass) and its checks.
 
-Each field becomes a flag of the same name (underscores as dashes: --model, --dataset, --split,
---bits, --batch-size, --out, ...; --batch is an alias of --batch-size, as in the benchmarks); an
-experiment passes its own defaults and may add flags of its own. `validate` checks every field that
-can be checked without the data (a ConfigError naming the field and its valid values), so a bad flag
-fails before anything is loaded or built.
+Model, data and run fields are flat; the sub-configs that exist on their own are nested: each side's
+optimizer (`optim.OptimConfig`), the early-exit head (`models.ExitHeadConfig`) and the simulated link
+(`link.LinkConfig`). Every field is a flag (hier_jax.flags: `--learning-rate` sets both optimizers,
+`--edge-learning-rate` the edge's; `--head-channels`; `--link 3g --outage 100:150`); an experiment
+passes its own defaults. `validate` checks every field that can be checked without the data (a
+ConfigError naming the flag and its valid values), so a bad flag fails before anything is loaded.
+
+What a run trains is its scheme (hierarchical, end_to_end, split_learning); how the edge and the
+cloud take turns is its schedule (sequential: the edge waits for the cloud; pipelined: it runs ahead,
+its next step overlapping the cloud's). `from_dict` reads a config recorded by any version, the flat
+format-1 layout included.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import types
 import typing
 from pathlib import Path
+from typing import Any
 
-from hier_jax.errors import ConfigError
-from hier_jax.optim import SCHEDULES, OptimConfig
+from hier_jax import flags
+from hier_jax.errors import ConfigError, check, invalid
+from hier_jax.flags import option
+from hier_jax.link.spec import LinkConfig, validate_link
+from hier_jax.models.split import ExitHeadConfig
+from hier_jax.optim import LR_SCHEDULES, OptimConfig
 
 SIDES = ("edge", "cloud")
+SCHEMES = ("hierarchical", "end_to_end", "split_learning")
+SCHEDULES = ("sequential", "pipelined")
+_LEGACY_SCHEDULES = {"overlapped": ("schedule", "pipelined"),
+                     **{name: (f"{flags.SHARED}optimizer.lr_schedule", name) for name in LR_SCHEDULES}}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    model: str = "resnet18"  # vgg16 | resnet18 | resnet18_tv
-    dataset: str = "digits"  # digits | cifar10 | tiny_imagenet | folder:PATH
-    split: str = "layer1_1"  # separation point: the last edge stage
-    bits: int = 4  # 1..8 quantized, 16 bfloat16, 32 float32
-    width: int = 64  # first-stage channels; 64 is the paper's size
-    precision: str = "auto"  # auto | fp32 | tf32 | bf16, both sides (hier_jax.precision; auto: bf16 on TPU)
-    batch_size: int = 128
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many steps in all
-    learning_rate: float = 0.05  # both sides, unless --edge-/--cloud-learning-rate is given
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine (decay to 0 over the run) | constant; both sides unless overridden
-    warmup_steps: int = 0  # linear warm-up before the cosine decay; both sides unless overridden
-    nesterov: bool = False  # Nesterov momentum; both sides unless overridden
-    edge_learning_rate: float | None = None  # None: --learning-rate
-    edge_schedule: str | None = None  # None: --schedule
-    edge_warmup_steps: int | None = None  # None: --warmup-steps
-    edge_nesterov: bool | None = None  # None: --nesterov
-    cloud_learning_rate: float | None = None
-    cloud_schedule: str | None = None
-    cloud_warmup_steps: int | None = None
-    cloud_nesterov: bool | None = None
-    head_channels: int = 128  # early-exit head: conv channels
-    head_convs: int = 1  # early-exit head: 3x3 conv-BN-ReLU layers
-    head_grid: int = 4  # early-exit head: average-pool to grid x grid cells
-    edge_device: str = "auto"  # auto: the first accelerator, else host device 0 (devices.auto_devices)
-    cloud_device: str = "auto"  # auto: the last accelerator, else host device 1
-    queue_size: int = 2  # payloads the edge may run ahead of the cloud
-    seed: int = 0
-    data_dir: str = ""  # tfds data_dir / cache dir; "" = the library default
-    out: str = ""  # output directory; "" = write nothing
-    checkpoint_every: int = 250  # save both states every this many steps (0 = only at the end)
-    keep_checkpoints: int = 3  # how many of the latest checkpoints to keep
-
-    def optimizer(self, side: str) -> OptimConfig:
-        """The optimizer of `side` ("edge" or "cloud"; the end-to-end baseline trains with the cloud's):
-        the side's own fields where given, the shared ones elsewhere."""
-        if side not in SIDES:
-            raise ValueError(f"unknown side {side!r}; valid: {', '.join(SIDES)}")
-
-        def own(name: str):
-            value = getattr(self, f"{side}_{name}")
-            return getattr(self, name) if value is None else value
-
-        return OptimConfig(
-            learning_rate=own("learning_rate"),
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            schedule=own("schedule"),
-            warmup_steps=own("warmup_steps"),
-            nesterov=own("nesterov"),
-        )
+    model: str = option("resnet18", "vgg16 | resnet18 | resnet18_tv")
+    dataset: str = option("digits", "digits | cifar10 | tiny_imagenet | folder:PATH")
+    split: str = option("layer1_1", "separation point: the last edge stage")
+    scheme: str = option("hierarchical", " | ".join(SCHEMES))
+    schedule: str = option("pipelined", "sequential (the edge waits for the cloud) | pipelined (it runs ahead); "
+                           "--mode and --flow are old spellings", aliases=("--mode", "--flow"),
+                           values=_LEGACY_SCHEDULES, run_only=True)
+    bits: int = option(4, "1..8 quantized, 16 bfloat16, 32 float32")
+    width: int = option(64, "first-stage channels; 64 is the paper's size")
+    precision: str = option("auto", "auto | fp32 | tf32 | bf16, both sides (auto: bf16 on TPU, else fp32)")
+    batch_size: int = option(128, "examples per step", aliases=("--batch",))
+    epochs: int = option(1, "passes over the training split")
+    max_steps: int = option(0, "> 0: stop after this many steps in all")
+    edge_optimizer: OptimConfig = option(OptimConfig(), prefix="edge", shared="optimizer")
+    cloud_optimizer: OptimConfig = option(OptimConfig(), prefix="cloud", shared="optimizer")
+    head: ExitHeadConfig = option(ExitHeadConfig(), prefix="head")
+    link: LinkConfig = option(LinkConfig(), prefix="")
+    edge_device: str = option("auto", "auto: the first accelerator, else host device 0", run_only=True)
+    cloud_device: str = option("auto", "auto: the last accelerator, else host device 1", run_only=True)
+    queue_size: int = option(2, "payloads the edge may run ahead of the cloud", run_only=True)
+    seed: int = option(0, "initialisation, shuffling and augmentation")
+    data_dir: str = option("", "tfds data_dir / cache dir; empty: the library default", run_only=True)
+    out: str = option("", "output directory; empty: write nothing", run_only=True)
+    checkpoint_every: int = option(250, "save every state this many steps (0: only at the end)", run_only=True)
+    keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep", run_only=True)
 
 
-RUN_ONLY_FIELDS = (
-    "edge_device",
-    "cloud_device",
-    "queue_size",
-    "data_dir",
-    "out",
-    "checkpoint_every",
-    "keep_checkpoints",
-)
-"""Fields that do not change the training trajectory: a resumed run may give them new values."""
+def optimizers(**settings: Any) -> dict[str, OptimConfig]:
+    """Both sides' optimizers with the same settings: `ExperimentConfig(..., **optimizers(learning_rate=0.1))`."""
+    return {f"{side}_optimizer": OptimConfig(**settings) for side in SIDES}
 
 
-ALIASES = {"batch_size": ("--batch",)}
+def optimizer(config: ExperimentConfig, side: str) -> OptimConfig:
+    """The optimizer of `side` (the end-to-end baseline trains with the cloud's)."""
+    check(side in SIDES, "side", side, ", ".join(SIDES))
+    return config.edge_optimizer if side == "edge" else config.cloud_optimizer
 
 
-def _field_type(field: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(ExperimentConfig)[field.name]
-    if isinstance(hint, types.UnionType):
-        hint = next(t for t in typing.get_args(hint) if t is not type(None))
-    return hint
+def run_only_fields() -> set[str]:
+    """Dotted paths of the fields that do not change the training trajectory: a resumed run may give
+    them new values."""
+    return flags.run_only_paths(ExperimentConfig)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: ExperimentConfig = ExperimentConfig()) -> None:
-    """Add one flag per config field, defaulting to `defaults`."""
-    for field in dataclasses.fields(ExperimentConfig):
-        flag, default = f"--{field.name.replace('_', '-')}", getattr(defaults, field.name)
-        if _field_type(field) is bool:  # --nesterov / --no-nesterov: argparse's type=bool takes "False" as true
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help="(default: %(default)s)"
-            )
-        else:
-            parser.add_argument(
-                flag,
-                *ALIASES.get(field.name, ()),
-                type=_field_type(field),
-                default=default,
-                help="(default: %(default)s)",
-            )
-
-
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    return ExperimentConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExperimentConfig)})
-
-
-def _check(ok: bool, field: str, value: object, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"--{field.replace('_', '-')} {value!r} is invalid; valid: {valid}")
+def differences(current: ExperimentConfig, recorded: ExperimentConfig, there: str) -> list[str]:
+    """"FLAG (VALUE here, VALUE `there`)" for every field that shapes training (run-only fields and the
+    scheme left out: the scheme is checked on its own) in which two configs differ."""
+    skip = run_only_fields() | {"scheme"}
+    theirs = {path: value for path, value, _ in flags.paths(recorded)}
+    return [f"{flags.flag_name(ExperimentConfig, path)} ({value!r} here, {theirs[path]!r} {there})"
+            for path, value, _ in flags.paths(current) if path not in skip and value != theirs[path]]
 
 
 def check_dataset_spec(spec: str) -> None:
     """ConfigError unless `spec` names a known data set or an existing image folder (nothing is loaded)."""
     folder = spec.removeprefix("folder:") if spec.startswith("folder:") else None
-    _check(
-        spec in ("digits", "cifar10", "tiny_imagenet") or bool(folder),
-        "dataset",
-        spec,
-        "digits, cifar10, tiny_imagenet, folder:PATH",
-    )
+    check(spec in ("digits", "cifar10", "tiny_imagenet") or bool(folder), "--dataset", spec,
+          "digits, cifar10, tiny_imagenet, folder:PATH")
     if folder is not None and not Path(folder).is_dir():
-        raise ConfigError(
-            f"--dataset {spec!r}: {folder} is not a directory (an image folder holds "
-            f"train/CLASS/*.jpg and test/CLASS/*.jpg)"
-        )
+        raise ConfigError(f"--dataset {spec!r}: {folder} is not a directory (an image folder holds "
+                          f"train/CLASS/*.jpg and test/CLASS/*.jpg)")
 
 
-def validate(config: ExperimentConfig) -> None:
+def _check_optimizers(config: ExperimentConfig) -> None:
+    """Each side's optimizer; a bad value both sides share is named by its shared flag."""
+    checks = (("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+              ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+              ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+              ("lr_schedule", lambda v: v in LR_SCHEDULES, ", ".join(LR_SCHEDULES)),
+              ("warmup_steps", lambda v: v >= 0, "an integer >= 0"))
+    for name, ok, valid in checks:
+        values = {side: getattr(optimizer(config, side), name) for side in SIDES}
+        bad = [side for side in SIDES if not ok(values[side])]
+        if len(bad) == 2 and repr(values["edge"]) == repr(values["cloud"]):  # repr: nan is nan
+            raise invalid(f"--{name.replace('_', '-')}", values["edge"], valid)
+        for side in bad:
+            raise invalid(f"--{side}-{name.replace('_', '-')}", values[side], valid)
+
+
+def validate(config: ExperimentConfig, edges: int = 1) -> None:
     """Check every field that needs no data; ConfigError naming the flag, the value and the valid choices."""
     from hier_jax.devices import resolve_device
     from hier_jax.models import MODELS, stage_names
     from hier_jax.precision import POLICIES
     from hier_jax.quantization import VALID_BITS
 
-    _check(config.model in MODELS, "model", config.model, ", ".join(MODELS))
+    check(config.model in MODELS, "--model", config.model, ", ".join(MODELS))
     points = stage_names(config.model)
-    _check(config.split in points, "split", config.split, f"a stage of {config.model}: {', '.join(points)}")
-    _check(config.bits in VALID_BITS, "bits", config.bits, ", ".join(map(str, VALID_BITS)))
-    _check(config.precision in POLICIES, "precision", config.precision, ", ".join(POLICIES))
+    check(config.split in points, "--split", config.split, f"a stage of {config.model}: {', '.join(points)}")
+    check(config.scheme in SCHEMES, "--scheme", config.scheme, ", ".join(SCHEMES))
+    check(config.schedule in SCHEDULES, "--schedule", config.schedule, ", ".join(SCHEDULES))
+    check(config.bits in VALID_BITS, "--bits", config.bits, ", ".join(map(str, VALID_BITS)))
+    check(config.precision in POLICIES, "--precision", config.precision, ", ".join(POLICIES))
     check_dataset_spec(config.dataset)
-    for field in ("width", "batch_size", "epochs", "head_channels", "head_grid", "queue_size", "keep_checkpoints"):
-        value = getattr(config, field)
-        _check(value >= 1, field, value, "an integer >= 1")
-    for field in ("max_steps", "head_convs", "seed", "checkpoint_every"):
-        value = getattr(config, field)
-        _check(value >= 0, field, value, "an integer >= 0")
-    for prefix in ("", "edge_", "cloud_"):
-        rate, schedule, warmup = (
-            getattr(config, prefix + name) for name in ("learning_rate", "schedule", "warmup_steps")
-        )
-        if rate is not None:
-            _check(math.isfinite(rate) and rate > 0, prefix + "learning_rate", rate, "a finite number > 0")
-        if schedule is not None:
-            _check(schedule in SCHEDULES, prefix + "schedule", schedule, ", ".join(SCHEDULES))
-        if warmup is not None:
-            _check(warmup >= 0, prefix + "warmup_steps", warmup, "an integer >= 0")
-    _check(0 <= config.momentum < 1, "momentum", config.momentum, "a number in [0, 1)")
-    _check(
-        math.isfinite(config.weight_decay) and config.weight_decay >= 0,
-        "weight_decay",
-        config.weight_decay,
-        "a finite number >= 0",
-    )
+    for path, least in (("width", 1), ("batch_size", 1), ("epochs", 1), ("head.channels", 1), ("head.grid", 1),
+                        ("queue_size", 1), ("keep_checkpoints", 1), ("max_steps", 0), ("head.convs", 0),
+                        ("seed", 0), ("checkpoint_every", 0)):
+        value = _get(config, path)
+        check(value >= least, flags.flag_name(ExperimentConfig, path), value, f"an integer >= {least}")
+    _check_optimizers(config)
+    validate_link(config.link, edges)
     for field in ("edge_device", "cloud_device"):
         try:
             resolve_device(getattr(config, field), field.removesuffix("_device"))
@@ -187,14 +145,55 @@ def validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"--{field.replace('_', '-')}: {error}") from None
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The config fields given on the command line (not left at their defaults)."""
-    unset = object()
-    fields = [f.name for f in dataclasses.fields(ExperimentConfig)]
-    saved = {name: parser.get_default(name) for name in fields}
-    parser.set_defaults(**{name: unset for name in fields})
-    try:
-        args = parser.parse_args(argv)
-    finally:
-        parser.set_defaults(**saved)
-    return {name for name in fields if getattr(args, name) is not unset}
+def _get(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+# ------------------------------------------------------------------------- recorded configs
+
+_FORMAT1_OPTIMIZER = ("learning_rate", "momentum", "weight_decay", "schedule", "warmup_steps", "nesterov")
+_FORMAT1_HEAD = ("channels", "convs", "grid")
+
+
+def upgrade_format1(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A flat config as format-1 checkpoints recorded it (`learning_rate`, `edge_learning_rate`, ...,
+    `head_channels`, ...), in today's nested layout; a nested one is returned as it is."""
+    if "edge_optimizer" in recorded or "learning_rate" not in recorded:
+        return recorded
+    flat = dict(recorded)
+    nested: dict[str, Any] = {}
+    for side in SIDES:
+        settings = {}
+        for name in _FORMAT1_OPTIMIZER:
+            own = flat.pop(f"{side}_{name}", None)
+            settings["lr_schedule" if name == "schedule" else name] = flat[name] if own is None else own
+        nested[f"{side}_optimizer"] = settings
+    for name in _FORMAT1_OPTIMIZER:
+        flat.pop(name, None)
+    nested["head"] = {name: flat.pop(f"head_{name}") for name in _FORMAT1_HEAD if f"head_{name}" in flat}
+    return {**flat, **nested}
+
+
+def from_dict(cls: type, recorded: dict[str, Any]) -> Any:
+    """A config dataclass from its recorded dict (JSON: lists for tuples), format 1 upgraded; fields
+    added since it was recorded take their defaults, unknown ones are left out."""
+    if cls is ExperimentConfig:
+        recorded = upgrade_format1(recorded)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in recorded:
+            continue
+        value, hint = recorded[field.name], hints[field.name]
+        if flags.is_config(hint):
+            value = from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple:
+            value = _tuple(value)
+        values[field.name] = value
+    return cls(**values)
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -20,6 +20,19 @@ class ConfigError(UserError, ValueError):
     """A configuration value that is out of range or unknown; the message names it and the valid choices."""
 
 
+def invalid(flag: str, value: object, valid: str) -> ConfigError:
+    """The one message for a bad value: "--flag VALUE is invalid; valid: VALID". Strings are quoted
+    (an empty or spaced value stays visible); a list of values is shown space-separated, as typed."""
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else repr(value)
+    return ConfigError(f"{flag} {shown} is invalid; valid: {valid}")
+
+
+def check(ok: bool, flag: str, value: object, valid: str) -> None:
+    """`invalid(flag, value, valid)` raised unless `ok`."""
+    if not ok:
+        raise invalid(flag, value, valid)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or incomplete; the message names the file and the side."""
 
@@ -33,19 +46,25 @@ class WorkerError(RuntimeError):
 
 
 class DivergenceError(FloatingPointError):
-    """A non-finite training loss: names the side ("edge" or "cloud") and the step it first appeared at."""
+    """A non-finite training loss: names the side ("edge" or "cloud"), the edge where a run has
+    several, and the step it first appeared at."""
 
-    def __init__(self, side: str, step: int, value: float, last_checkpoint: Path | None = None):
-        self.side, self.step, self.value, self.last_checkpoint = side, step, value, last_checkpoint
+    def __init__(self, side: str, step: int, value: float, last_checkpoint: Path | None = None,
+                 edge: int | None = None):
+        self.side, self.step, self.value, self.last_checkpoint, self.edge = side, step, value, last_checkpoint, edge
         kept = (
             f"; the last finite checkpoint is {last_checkpoint}"
             if last_checkpoint is not None
             else "; no checkpoint was saved before it"
         )
+        which = "" if edge is None else (f" on edge {edge}'s payload" if side == "cloud" else f" of edge {edge}")
         super().__init__(
-            f"training diverged: the {side} loss is {value} at step {step}{kept} "
+            f"training diverged: the {side} loss{which} is {value} at step {step}{kept} "
             f"(a lower --learning-rate usually helps)"
         )
+
+    def with_checkpoint(self, last_checkpoint: Path | None) -> DivergenceError:
+        return DivergenceError(self.side, self.step, self.value, last_checkpoint, self.edge)
 
 
 class RunInterrupted(KeyboardInterrupt):

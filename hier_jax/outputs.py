@@ -24,14 +24,13 @@ import numpy as np
 
 from hier_jax.errors import UserError
 
-RUN_OUTPUTS = ("summary.json", "metrics.csv", "curves.png", "checkpoints")
-"""What `experiments.train` writes; a directory holding any of them holds a run."""
 
 
-def prepare_run_dir(
-    out: str | Path, *, resume: bool = False, overwrite: bool = False, outputs: Sequence[str] = RUN_OUTPUTS
-) -> Path:
-    """Check (and create) `out` before any work; UserError for anything that would lose or mix outputs."""
+def prepare_run_dir(out: str | Path, *, outputs: Sequence[str], resume: bool = False, overwrite: bool = False,
+                    resume_hint: str = "") -> Path:
+    """Check (and create) `out` before any work; UserError for anything that would lose or mix outputs.
+    `outputs` are the names a run writes there (any one of them means `out` holds a run); `resume_hint`
+    is the flag that would continue it, for the refusal's message (empty: the run cannot be resumed)."""
     path = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
@@ -40,8 +39,9 @@ def prepare_run_dir(
     existing = run_outputs(path, outputs)
     if existing and not (resume or overwrite):
         raise UserError(
-            f"--out {out} already holds a run ({', '.join(existing)}); pass --resume {out} to "
-            f"continue it, --overwrite to replace it, or another --out"
+            f"--out {out} already holds a run ({', '.join(existing)}); "
+            + (f"pass {resume_hint} to continue it, --overwrite" if resume_hint else "pass --overwrite")
+            + " to replace it, or another --out"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def prepare_run_dir(
     return path
 
 
-def run_outputs(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> list[str]:
+def run_outputs(path: Path, outputs: Sequence[str]) -> list[str]:
     """The outputs of a run that `path` holds (an empty directory, e.g. a run stopped before its first
     checkpoint, does not count)."""
     return [
@@ -62,7 +62,7 @@ def run_outputs(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> list[str]:
     ]
 
 
-def remove_run(path: Path, outputs: Sequence[str] = RUN_OUTPUTS) -> None:
+def remove_run(path: Path, outputs: Sequence[str]) -> None:
     """Delete the outputs of the run in `path` (what --overwrite replaces); call it once every check
     has passed, just before the new run starts, so a refused run never costs the old one."""
     for name in outputs:

@@ -1,7 +1,8 @@
 """Training as a library: from an ExperimentConfig and a data set to trained edge and cloud states.
 
-Experiments stay thin: they build a config, call `build` once, then `train` in the mode they want
-(several runs of one build share its compiled steps and start from the same initial states).
+Experiments stay thin: they build a config, call `build` once, then `train` in the scheme and
+schedule they want (several runs of one build share its compiled steps and start from the same
+initial states; the baselines start from the very weights of the hierarchy's stages).
 """
 
 from __future__ import annotations
@@ -14,26 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from hier_jax import quantization, steps
-from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig, validate
+from hier_jax.config import SCHEDULES, SCHEMES, ExperimentConfig, validate
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
-from hier_jax.errors import ConfigError, DivergenceError, ResumeMismatchError, RunInterrupted
-from hier_jax.link.channel import Channel, QueueChannel
-from hier_jax.models import ExitHeadConfig, Split, StagedNet, build_model, check_input_size, split
+from hier_jax.errors import ConfigError, DivergenceError, RunInterrupted, check
+from hier_jax.link import Channel, QueueChannel, SimulatedLink
+from hier_jax.models import Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
-from hier_jax.run import baselines, supervisor, threads
+from hier_jax.run import baselines, record, supervisor, threads
 from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.run.evaluate import evaluate as evaluate_exits
 from hier_jax.run.hierarchy import Hierarchy, build_hierarchy
 
-MODES = ("sequential", "overlapped")
 BASELINES = ("end_to_end", "split_learning")
 """The paper's comparisons, trained from the same Setup (same initial weights of every stage, same
-batches, same checkpoints and resume) with `train(setup, "end_to_end")` or `train(setup, "split_learning")`."""
+batches, same checkpoints and resume) with `train(setup, scheme="end_to_end")` or "split_learning"."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +85,13 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
         check_input_size(model)
     except ValueError as error:
         raise ConfigError(f"--model {config.model} on --dataset {config.dataset}: {error}") from None
-    parts = split(
-        model, config.split, ExitHeadConfig(config.head_channels, config.head_convs, config.head_grid), seed=config.seed
-    )
+    parts = split(model, config.split, config.head, seed=config.seed)
     n_steps = total_steps(config, dataset)
     hierarchy, edge_state, cloud_state = build_hierarchy(
         parts,
         bits=config.bits,
-        edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
-        cloud_tx=make_optimizer(config.optimizer("cloud"), n_steps),
+        edge_tx=make_optimizer(config.edge_optimizer, n_steps),
+        cloud_tx=make_optimizer(config.cloud_optimizer, n_steps),
         edge_device=config.edge_device,
         cloud_device=config.cloud_device,
     )
@@ -145,13 +141,13 @@ def build_baseline(setup: Setup, scheme: str) -> tuple[baselines.Baseline, steps
     weights the hierarchy's stages start from; end-to-end trains with the cloud's optimizer on the
     cloud device, split learning gives each side its own optimizer and cuts at the setup's split."""
     config, n_steps = setup.config, setup.total_steps
-    cloud_tx = make_optimizer(config.optimizer("cloud"), n_steps)
+    cloud_tx = make_optimizer(config.cloud_optimizer, n_steps)
     if scheme == "end_to_end":
         return baselines.build_end_to_end(setup.model, cloud_tx, device=config.cloud_device)
     if scheme == "split_learning":
         return baselines.build_split_learning(
             split(setup.model, setup.split.point, head=None),
-            edge_tx=make_optimizer(config.optimizer("edge"), n_steps),
+            edge_tx=make_optimizer(config.edge_optimizer, n_steps),
             cloud_tx=cloud_tx,
             edge_device=config.edge_device,
             cloud_device=config.cloud_device,
@@ -171,245 +167,140 @@ def warm_up(setup: Setup) -> None:
     jax.block_until_ready(h.cloud_eval(cloud_state, jax.device_put(eval_payload, h.cloud_device)))
 
 
-METRIC_KEYS = ("loss", "accuracy")
+def train(setup: Setup, *, scheme: str | None = None, schedule: str | None = None, channel: Channel | None = None,
+          progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
+          timeout_s: float | None = None) -> threads.RunResult:
+    """Train from the initial states, or with `resume=True` from the latest checkpoint in
+    `checkpoint_dir`; returns the whole run's record and final states.
 
-
-def _history(meta: dict | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
-    """(edge metrics, cloud metrics, cloud steps) recorded in a checkpoint's metadata (empty without one)."""
-    recorded = (meta or {}).get("metrics", {})
-    edge = {k: np.asarray(recorded.get(f"edge_{k}", []), np.float32) for k in METRIC_KEYS}
-    cloud = {k: np.asarray(recorded.get(f"cloud_{k}", []), np.float32) for k in METRIC_KEYS}
-    return edge, cloud, np.asarray(recorded.get("cloud_steps", []), np.int64)
-
-
-def _joined(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([before[k], np.asarray(after.get(k, np.zeros(0)), np.float32)]) for k in METRIC_KEYS}
-
-
-def _meta(setup: Setup, mode: str, step: int, edge: dict, cloud: dict, cloud_steps: np.ndarray, wall_s: float) -> dict:
-    per_epoch = num_train_steps(setup.dataset, setup.config.batch_size)
-    return {
-        "format": 1,
-        "step": step,
-        "total_steps": setup.total_steps,
-        "mode": mode,
-        "config": dataclasses.asdict(setup.config),
-        "precision": setup.precision,
-        "data": {
-            "epoch": step // per_epoch,
-            "batch_in_epoch": step % per_epoch,
-            "steps_per_epoch": per_epoch,
-            "order": "epoch_permutation(seed, epoch)",
-        },
-        "rng": {"seed": setup.config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
-        "metrics": {
-            **{f"edge_{k}": edge[k].tolist() for k in METRIC_KEYS},
-            **{f"cloud_{k}": cloud[k].tolist() for k in METRIC_KEYS},
-            "cloud_steps": cloud_steps.tolist(),
-        },
-        "wall_s": wall_s,
-    }
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(
-        jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)])
-    )
-
-
-def check_resumable(config: ExperimentConfig, recorded: dict, where: Path) -> None:
-    """ResumeMismatchError naming every field (RUN_ONLY_FIELDS aside) in which `config` differs from `recorded`."""
-    current = dataclasses.asdict(config)
-    # A field added since the checkpoint was written had its default value then.
-    recorded = {**dataclasses.asdict(ExperimentConfig()), **recorded}
-    differ = [
-        f"{name} ({current[name]!r} here, {recorded.get(name)!r} in the checkpoint)"
-        for name in current
-        if name not in RUN_ONLY_FIELDS and current[name] != recorded.get(name)
-    ]
-    if differ:
-        raise ResumeMismatchError(f"cannot resume from {where}: the config differs in " + "; ".join(differ))
-
-
-def train(
-    setup: Setup,
-    mode: str = "overlapped",
-    *,
-    channel: Channel | None = None,
-    progress: bool = True,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    timeout_s: float | None = None,
-) -> threads.RunResult:
-    """Train in `mode` ("sequential" or "overlapped", or a baseline: "end_to_end", "split_learning")
-    from the initial states, or with `resume=True` from the latest checkpoint in `checkpoint_dir`;
-    returns the whole run's metrics and final states.
-
+    `scheme` (hierarchical, end_to_end, split_learning) and `schedule` (sequential, pipelined: the
+    hierarchy's edge runs ahead of the cloud; the baselines are sequential) default to the config's.
     With a `checkpoint_dir`, both states are saved every `config.checkpoint_every` steps (the latest
     `config.keep_checkpoints` kept) and at the end. A resumed run continues bit-identically to one that
-    never stopped, in either mode; resuming with a config that differs in a field that shapes training
-    is refused (`ResumeMismatchError`). Ctrl-C stops both sides after the steps in flight, saves them
-    and raises `RunInterrupted`; a NaN/inf loss raises `DivergenceError`, the last finite checkpoint kept.
-    `channel` (overlapped only, e.g. a link.SimulatedLink) replaces the default instant queue of
-    `queue_size` payloads.
+    never stopped, in either schedule; resuming with a config that differs in a field that shapes
+    training is refused (`ResumeMismatchError`). Ctrl-C stops both sides after the steps in flight,
+    saves them and raises `RunInterrupted`; a NaN/inf loss raises `DivergenceError`, the last finite
+    checkpoint kept. `channel` (pipelined hierarchical training; default: the config's link, else an
+    instant queue of `queue_size` payloads) carries the payloads.
     """
-    if mode not in MODES + BASELINES:
-        raise ConfigError(f"unknown mode {mode!r}; valid: {', '.join(MODES + BASELINES)}")
-    if channel is not None and mode != "overlapped":
-        raise ConfigError("a channel (simulated link) needs mode='overlapped'")
+    config = setup.config
+    scheme = config.scheme if scheme is None else scheme
+    schedule = config.schedule if schedule is None else schedule
+    check(scheme in SCHEMES, "--scheme", scheme, ", ".join(SCHEMES))
+    check(schedule in SCHEDULES, "--schedule", schedule, ", ".join(SCHEDULES))
+    if scheme in BASELINES:
+        schedule = "sequential"  # a baseline's sides never overlap: split learning waits for the gradient
+    if channel is None and scheme == "hierarchical" and schedule == "pipelined":
+        channel = link_channel(config)
+    if channel is not None and not (scheme == "hierarchical" and schedule == "pipelined"):
+        raise ConfigError("a channel (a simulated link) needs the hierarchical scheme and the pipelined schedule")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir to resume from")
-    config = setup.config
-    if mode in BASELINES:
-        baseline, edge_state, cloud_state = build_baseline(setup, mode)
+    run_config = dataclasses.replace(config, scheme=scheme, schedule=schedule)
+    if scheme in BASELINES:
+        baseline, edge_state, cloud_state = build_baseline(setup, scheme)
     else:
         edge_state, cloud_state = fresh_states(setup)
-    checkpoints = (
-        None
-        if checkpoint_dir is None
-        else RunCheckpoints(
-            checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir()
-        )
-    )
+    checkpoints = (None if checkpoint_dir is None else
+                   RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints,
+                                  read_only=resume and not Path(checkpoint_dir).is_dir()))
     meta = None
     try:
         if resume:
-            meta = checkpoints.read_meta()
-            where = checkpoints.path(meta["step"])
-            check_resumable(config, meta.get("config", {}), where)
-            if mode != meta.get("mode") and (mode in BASELINES or meta.get("mode") in BASELINES):
-                raise ResumeMismatchError(
-                    f"cannot resume from {where}: it is a checkpoint of {meta.get('mode')} training, not {mode}"
-                )
-            if meta.get("precision", setup.precision) != setup.precision:  # "auto" on another backend
-                raise ResumeMismatchError(
-                    f"cannot resume from {where}: it was trained in precision "
-                    f"{meta['precision']}, this run's resolves to {setup.precision}"
-                )
-            if meta.get("total_steps") != setup.total_steps:
-                raise ResumeMismatchError(
-                    f"cannot resume from {where}: it belongs to a run of {meta.get('total_steps')} "
-                    f"steps, this one has {setup.total_steps} (has the data set changed?)"
-                )
-            edge_state, cloud_state, meta = checkpoints.restore(edge_state, cloud_state, meta["step"])
+            assert checkpoints is not None
+            meta = record.read_meta(checkpoints.read_meta())
+            record.check_resumable(meta, config=run_config, scheme=scheme, precision=setup.precision,
+                                   total_steps=setup.total_steps, where=checkpoints.path(meta["step"]))
+            edge_state, cloud_state, _ = checkpoints.restore(edge_state, cloud_state, meta["step"])
         elif checkpoints is not None and checkpoints.steps():
-            raise ConfigError(
-                f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
-                f"resume=True to continue that run, or another checkpoint_dir"
-            )
+            raise ConfigError(f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
+                              f"resume=True to continue that run, or another checkpoint_dir")
         start = 0 if meta is None else int(meta["step"])
-        edge_before, cloud_before, steps_before = _history(meta)
+        before = record.record_of(meta)
         wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
         saved: dict[str, Any] = {"step": start, "path": None if meta is None else checkpoints.path(start)}
+        per_epoch = num_train_steps(setup.dataset, config.batch_size)
 
-        def save(step, edge, cloud, edge_new, cloud_new, cloud_steps_new, wall_s):
+        def save(step: int, edge, cloud, new: record.RunRecord, wall_s: float) -> None:
             """Checkpoint `step`, unless a loss or parameter on either side is already non-finite."""
-            edge_steps = np.arange(start, start + len(edge_new.get("loss", ())))
-            for side, metrics, at in (("edge", edge_new, edge_steps), ("cloud", cloud_new, cloud_steps_new)):
-                bad = np.flatnonzero(~np.isfinite(metrics.get("loss", np.zeros(0))))
-                if bad.size:
-                    raise DivergenceError(side, int(at[bad[0]]), float(metrics["loss"][bad[0]]), saved["path"])
+            assert checkpoints is not None
+            for entry in new.edges:
+                for t, loss in zip(entry["step"], entry["loss"], strict=True):
+                    record.check_finite("edge", t, loss, last_checkpoint=saved["path"])
+            for t, loss in zip(new.cloud["step"], new.cloud["loss"], strict=True):
+                record.check_finite("cloud", t, loss, last_checkpoint=saved["path"])
             for side, state in (("edge", edge), ("cloud", cloud)):
-                if not bool(_all_finite(state)):
+                if not record.tree_is_finite(state):
                     raise DivergenceError(side, step - 1, float("nan"), saved["path"])
             if step in checkpoints.steps():  # this run saved it already, then was interrupted before noting it
                 saved.update(step=step, path=checkpoints.path(step))
                 return
-            record = _meta(
-                setup,
-                mode,
-                step,
-                _joined(edge_before, edge_new),
-                _joined(cloud_before, cloud_new),
-                np.concatenate([steps_before, cloud_steps_new]),
-                wall_s,
-            )
-            saved.update(step=step, path=checkpoints.save(step, edge, cloud, record))
+            written = record.run_meta(step=step, total_steps=setup.total_steps, scheme=scheme, schedule=schedule,
+                                   precision=setup.precision, config=run_config, record=before.joined(new),
+                                   wall_s=wall_s, steps_per_epoch=per_epoch)
+            saved.update(step=step, path=checkpoints.save(step, edge, cloud, written))
 
         def on_snapshot(snap: supervisor.Snapshot) -> None:
-            save(
-                snap.step,
-                snap.edge_state,
-                snap.cloud_state,
-                snap.edge_metrics,
-                snap.cloud_metrics,
-                snap.cloud_steps,
-                wall_before + time.perf_counter() - started,
-            )
+            save(snap.step, snap.edge_state, snap.cloud_state, snap.record,
+                 wall_before + time.perf_counter() - started)
 
         every = config.checkpoint_every if checkpoints is not None else 0
         batches = TrainBatches(setup, start)
         started = time.perf_counter()
-        kwargs = dict(
-            start_step=start,
-            snapshot_every=every,
-            on_snapshot=on_snapshot if every else None,
-            timeout_s=timeout_s,
-            progress=progress,
-        )
+        kwargs: dict[str, Any] = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
+                                      timeout_s=timeout_s, progress=progress)
         try:
-            if mode in BASELINES:
+            if scheme in BASELINES:
                 result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
-            elif mode == "sequential":
+            elif schedule == "sequential":
                 result = threads.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
-                channel = QueueChannel(config.queue_size) if channel is None else channel
-                result = threads.run_overlapped(
-                    setup.hierarchy, edge_state, cloud_state, batches, channel=channel, **kwargs
-                )
+                result = threads.run_pipelined(setup.hierarchy, edge_state, cloud_state, batches,
+                                               channel=QueueChannel(config.queue_size) if channel is None else channel,
+                                               **kwargs)
         except DivergenceError as error:
-            raise DivergenceError(error.side, error.step, error.value, saved["path"]) from None
+            raise error.with_checkpoint(saved["path"]) from None
         wall_s = wall_before + result.wall_s
         if checkpoints is not None and result.end_step > saved["step"]:
-            save(
-                result.end_step,
-                result.edge_state,
-                result.cloud_state,
-                result.edge_metrics,
-                result.cloud_metrics,
-                result.cloud_steps,
-                wall_s,
-            )
+            save(result.end_step, result.edge_state, result.cloud_state, result.record, wall_s)
     finally:
         if checkpoints is not None:
             checkpoints.close()
     if result.interrupted and result.end_step < setup.total_steps:
         raise RunInterrupted(result.end_step, saved["path"])
     return dataclasses.replace(
-        result,
-        edge_metrics=_joined(edge_before, result.edge_metrics),
-        cloud_metrics=_joined(cloud_before, result.cloud_metrics),
-        cloud_steps=np.concatenate([steps_before, result.cloud_steps]),
-        wall_s=wall_s,
-        start_step=start,
+        result, record=before.joined(result.record), wall_s=wall_s, start_step=start,
         # A resumed run that was already complete ran no step: its payload size comes from the shapes
         # (always, for the baselines: what their link carries includes the labels).
-        payload_bytes=payload_nbytes(setup, mode)
-        if mode in BASELINES or not result.payload_bytes
-        else result.payload_bytes,
-        mode=mode,
-    )
+        payload_bytes=payload_nbytes(setup, scheme) if scheme in BASELINES or not result.payload_bytes
+        else result.payload_bytes, scheme=scheme, schedule=schedule)
 
 
-def payload_nbytes(setup: Setup, mode: str) -> int:
-    """Bytes one training batch sends over the link in `mode`, as the cost model counts them (split
+def link_channel(config: ExperimentConfig) -> SimulatedLink | None:
+    """The simulated link the config asks for (one edge: the first preset), or None."""
+    link = config.link.preset(0)
+    if link is None:
+        return None
+    return SimulatedLink(link, capacity=config.link.buffer, outages=config.link.outages,
+                         time_scale=config.link.time_scale)
+
+
+def payload_nbytes(setup: Setup, scheme: str) -> int:
+    """Bytes one training batch sends over the link in `scheme`, as the cost model counts them (split
     learning: float32 features and the labels up, the float32 gradient down; end-to-end: no split, 0)."""
-    if mode == "end_to_end":
+    if scheme == "end_to_end":
         return 0
     c, s = setup.config, setup.split
     payload, activation, gradient = quantization.split_bytes(s.feature_shape, c.batch_size, (c.bits,), s.num_classes)
-    return activation + gradient if mode == "split_learning" else payload[c.bits]
+    return activation + gradient if scheme == "split_learning" else payload[c.bits]
 
 
 def evaluate(setup: Setup, result: threads.RunResult) -> dict[str, float | None]:
     """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline, by the
-    mode `train` recorded in the result, has no edge exit: its edge_accuracy is None)."""
+    scheme `train` recorded in the result, has no edge exit: its edge_accuracy is None)."""
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
-    if result.mode in BASELINES:
-        baseline, _, _ = build_baseline(setup, result.mode)
-        return {
-            "edge_accuracy": None,
-            **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches),
-        }
-    return evaluate_exits(setup.hierarchy, result.edge_state, result.cloud_state, batches)
+    if result.scheme in BASELINES:
+        baseline, _, _ = build_baseline(setup, result.scheme)
+        return {"edge_accuracy": None,
+                **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
+    return dict(evaluate_exits(setup.hierarchy, result.edge_state, result.cloud_state, batches))

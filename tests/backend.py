@@ -2,7 +2,7 @@
 
 Every numeric tolerance of the suite comes from `tolerance(kind)`, so that running the suite on
 another backend (`python3 tasks.py test --backend gpu|tpu`) changes the numbers in one place, each
-with its reason. Exact equalities (overlapped == sequential, resume == uninterrupted, a cloud setting
+with its reason. Exact equalities (pipelined == sequential, resume == uninterrupted, a cloud setting
 leaving the edge untouched) are not tolerances: they hold bit for bit on every backend, because both
 sides of each run the same compiled program on the same inputs (on the GPU with
 --xla_gpu_deterministic_ops, which tasks.py sets, so that no reduction depends on atomics' order).

@@ -63,7 +63,32 @@ def device_pair_for(kind: str) -> tuple[jax.Device, jax.Device]:
     return host[0], accelerators[0]  # the edge on the weak side
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits at 32x32 (offline), loaded once for every test that trains on real data."""
+    from hier_jax.data import load_dataset
+
+    return load_dataset("digits")
+
+
 @pytest.fixture(params=DEVICE_PAIRS)
 def device_pair(request) -> tuple[jax.Device, jax.Device]:
     """Each kind of (edge, cloud) device pair this host offers; the others skip with the reason."""
     return device_pair_for(request.param)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local cluster for the session (Ray is imported by start_ray, after its authentication is set);
+    once shut down, not one of its processes may be left."""
+    from processes import processes_with_token, wait_until_gone
+
+    from hier_jax import cluster
+
+    ray = cluster.start_ray(cluster.ClusterConfig(), num_cpus=4)
+    token = os.environ["RAY_AUTH_TOKEN"]
+    assert processes_with_token(token)  # the finder sees the cluster's processes (else the check below is void)
+    yield
+    ray.shutdown()
+    left = wait_until_gone(processes_with_token(token))
+    assert not left, f"Ray processes left behind after shutdown: {sorted(left)}"

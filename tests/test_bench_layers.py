@@ -40,6 +40,7 @@ def _check_rows(saved: dict, variants: set[tuple[str, str]], bn_variants: set[tu
         assert (r["gflops"] is None) == (r["op"] == "bn")
 
 
+@pytest.mark.slow
 def test_bench_layers_smoke_jax(tmp_path):
     result = bench_layers.main([*TINY, "--shapes-limit", "2", "--torch-modes", "", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_layers.json").read_text())
@@ -64,6 +65,7 @@ def test_bench_layers_smoke_jax(tmp_path):
     assert "2x32x32x3 3x3 3->4 s1 p1" in table
 
 
+@pytest.mark.slow
 def test_bench_layers_smoke_torch(tmp_path):
     pytest.importorskip("torch")
     result = bench_layers.main(

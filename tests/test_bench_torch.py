@@ -17,6 +17,7 @@ from experiments import bench_torch
 STEPS = {"edge", "cloud", "pair", "end_to_end"}
 
 
+@pytest.mark.slow
 def test_bench_torch_smoke(tmp_path):
     pytest.importorskip("torch")
     model, point = "resnet18", "layer1_1"
@@ -57,6 +58,7 @@ def test_bench_torch_smoke(tmp_path):
             assert r["compile_s"] > 0 and r["payload_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_bench_torch_bf16_smoke(tmp_path):
     """--precision bf16: JAX's models computing in bfloat16 against torch.autocast(bfloat16)."""
     pytest.importorskip("torch")
@@ -129,6 +131,7 @@ print(faults[-1])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
 def test_tuned_malloc_keeps_a_threads_large_blocks_mapped():
     """A 128 MiB block freed and allocated again on a worker thread page-faults all of it in again

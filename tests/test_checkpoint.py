@@ -35,7 +35,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert int(edge["step"]) == 3 and int(cloud["step"]) == 3
     assert {d for x in jax.tree.leaves(cloud) for d in x.devices()} == {h.cloud_device}
     assert {d for x in jax.tree.leaves(edge) for d in x.devices()} == {h.edge_device}
-    resumed = threads.run_overlapped(h, edge, cloud, data[3:], start_step=3)
+    resumed = threads.run_pipelined(h, edge, cloud, data[3:], start_step=3)
     np.testing.assert_array_equal(resumed.cloud_steps, [3, 4])
     assert (resumed.start_step, resumed.end_step) == (3, 5)
     for a, b in ((straight.edge_state, resumed.edge_state), (straight.cloud_state, resumed.cloud_state)):

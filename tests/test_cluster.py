@@ -4,16 +4,19 @@ import dataclasses
 import importlib.util
 import os
 import re
-import time
 
 import numpy as np
 import pytest
+from processes import processes_with_token, wait_until_gone
 
 from hier_jax import cluster, train
 from hier_jax.cluster import driver
-from hier_jax.config import ExperimentConfig
-from hier_jax.data import load_dataset
-from hier_jax.errors import ResumeMismatchError, RunInterrupted, UserError
+from hier_jax.config import ExperimentConfig, optimizers
+from hier_jax.errors import DivergenceError, ResumeMismatchError, RunInterrupted, UserError
+from hier_jax.flags import replace_paths
+from hier_jax.link import QueueChannel
+from hier_jax.models import ExitHeadConfig
+from hier_jax.run.record import METRICS_COLUMNS
 
 CONFIG = ExperimentConfig(
     model="resnet18_tv",
@@ -23,7 +26,7 @@ CONFIG = ExperimentConfig(
     width=4,
     batch_size=32,
     max_steps=6,
-    head_channels=8,
+    head=ExitHeadConfig(channels=8),
     queue_size=1,
 )
 
@@ -53,13 +56,10 @@ def test_dirichlet_shards_skew_the_labels_and_still_cover_everything():
     "change, message",
     [
         ({"edges": 0}, "--edges 0 is invalid"),
-        ({"flow": "eager"}, "--flow 'eager' is invalid; valid: pipelined, sequential"),
         ({"order": "random"}, "--order 'random' is invalid; valid: async, round_robin"),
-        ({"links": ("3g", "wifi", "3g")}, "--links '3g,wifi,3g' is invalid; valid: one preset, or one per edge (2)"),
-        ({"links": ("carrier-pigeon",)}, "--links 'carrier-pigeon' is invalid"),
         ({"dirichlet": -1.0}, "--dirichlet -1.0 is invalid"),
-        ({"kill_edges": ((2, 0),)}, "--kill-edges '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
-        ({"timeout_s": 0}, "--timeout-s 0 is invalid"),
+        ({"kill_edges": ((2, 0),)}, "--kill-edge '2:0' is invalid; valid: EDGE:STEP with EDGE in 0..1"),
+        ({"timeout_s": 0}, "--timeout 0 is invalid"),
         ({"max_restarts": -1}, "--max-restarts -1 is invalid; valid: an integer >= 0"),
     ],
 )
@@ -68,63 +68,17 @@ def test_bad_cluster_settings_fail_before_anything_starts(change, message):
         cluster.validate_cluster(dataclasses.replace(cluster.ClusterConfig(edges=2), **change))
 
 
-def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts():
+def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts(digits):
     with pytest.raises(UserError, match="edge .'s shard has .* fewer than one batch of 512"):
-        cluster.run(dataclasses.replace(CONFIG, batch_size=512), load_dataset("digits"), cluster.ClusterConfig(edges=3))
+        cluster.run(dataclasses.replace(CONFIG, batch_size=512), digits, cluster.ClusterConfig(edges=3))
 
 
 # --- real workers ------------------------------------------------------------------------------------
 
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the cluster runner needs the ray extra")
-
-
-def processes_with_token(token: str) -> set[int]:
-    """Every other process of this user whose environment holds this Ray cluster's token: the head's
-    processes and every worker inherit it from the driver (start_ray makes a fresh one per run)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                environ = open(f"/proc/{entry}/environ", "rb").read()
-            except OSError:  # gone meanwhile, or another user's
-                continue
-            if f"RAY_AUTH_TOKEN={token}".encode() in environ.split(b"\0"):
-                found.add(int(entry))
-    return found
-
-
-def wait_until_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
-    """The pids still alive after `timeout_s` (zombies count as gone)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = set()
-        for pid in pids:
-            try:
-                if open(f"/proc/{pid}/stat").read().split(") ")[-1][0] != "Z":
-                    alive.add(pid)
-            except OSError:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local cluster for this module (Ray is imported by start_ray, after its authentication is set);
-    once shut down, not one of its processes may be left."""
-    ray = cluster.start_ray(cluster.ClusterConfig(), num_cpus=4)
-    token = os.environ["RAY_AUTH_TOKEN"]
-    assert processes_with_token(token)  # the finder sees the cluster's processes (else the check below is void)
-    yield
-    ray.shutdown()
-    left = wait_until_gone(processes_with_token(token))
-    assert not left, f"Ray processes left behind after shutdown: {sorted(left)}"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+def needs_ray(test):
+    """A test that starts Ray workers: slow, and skipped without the ray extra."""
+    missing = importlib.util.find_spec("ray") is None
+    return pytest.mark.slow(pytest.mark.skipif(missing, reason="the cluster runner needs the ray extra")(test))
 
 
 @needs_ray
@@ -133,11 +87,13 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
     the in-process sequential run's cloud losses and both exits' accuracies, bit for bit."""
     result = cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=1))
     setup = train.build(CONFIG, digits)
-    local = train.train(setup, "sequential", progress=False)
+    local = train.train(setup, schedule="sequential", progress=False)
     accuracy = train.evaluate(setup, local)
     assert result.cloud_order == [(0, t) for t in range(CONFIG.max_steps)]
     assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
-    assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
+    assert result.record.edges[0]["loss"] == local.edge_metrics["loss"].tolist()
+    assert result.record.edges[0]["accuracy"] == local.edge_metrics["accuracy"].tolist()
+    assert result.record.cloud["accuracy"] == local.cloud_metrics["accuracy"].tolist()
     assert (result.edges[0].edge_accuracy, result.edges[0].cloud_accuracy) == (
         accuracy["edge_accuracy"],
         accuracy["cloud_accuracy"],
@@ -145,7 +101,10 @@ def test_one_edge_in_its_own_process_trains_exactly_what_the_in_process_runner_t
     report = result.edges[0]
     assert (report.sent, report.delivered, report.dropped, report.lost) == (6, 6, 0, False)
     assert report.max_in_flight <= CONFIG.queue_size + 1  # backpressure: the edge is never further ahead
-    assert "cores" in result.placement["edge 0"] and "cores" in result.placement["cloud"]
+    # Pinned: the edge to core 0 and the cloud to the last core, each process on its own (2 cores here).
+    cores = sorted(os.sched_getaffinity(0))
+    assert result.placement["edge 0"].endswith(f"cores {[cores[0]]}")
+    assert result.placement["cloud"].endswith(f"cores {[cores[-1]]}")
     assert result.precision == setup.precision == "fp32"  # "auto", resolved once for every worker
 
 
@@ -184,13 +143,13 @@ def test_round_robin_is_reproducible_resumes_bit_for_bit_and_edge_sync_averages(
     # Averaged at steps 3 and 6 (the last): both edges end with one model, so the same exits.
     assert first.edges[0].edge_accuracy == first.edges[1].edge_accuracy
     assert first.edges[0].cloud_accuracy == first.edges[1].cloud_accuracy
-    assert first.edges[0].losses != first.edges[1].losses  # trained apart in between, on their own shards
+    assert first.record.edges[0]["loss"] != first.record.edges[1]["loss"]  # trained apart between, on their own shards
 
 
 @needs_ray
 def test_a_dead_edge_is_survived_and_a_dead_cloud_stops_the_run(local_ray, digits):
-    settings = cluster.ClusterConfig(edges=2, order="async", flow="sequential", kill_edges=((1, 3),), timeout_s=120)
-    result = cluster.run(CONFIG, digits, settings)
+    settings = cluster.ClusterConfig(edges=2, order="async", kill_edges=((1, 3),), timeout_s=120)
+    result = cluster.run(dataclasses.replace(CONFIG, schedule="sequential"), digits, settings)
     survivor, lost = result.edges
     assert survivor.max_in_flight == 1  # sequential: never a step ahead of the cloud
     assert not survivor.lost and survivor.delivered == 6 and survivor.cloud_accuracy is not None
@@ -217,7 +176,7 @@ def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_
     )
     assert faulty.cloud_order == clean.cloud_order
     assert faulty.cloud_losses == clean.cloud_losses
-    assert [e.losses for e in faulty.edges] == [e.losses for e in clean.edges]
+    assert [e["loss"] for e in faulty.record.edges] == [e["loss"] for e in clean.record.edges]
     assert [(e.edge_accuracy, e.cloud_accuracy) for e in faulty.edges] == [
         (e.edge_accuracy, e.cloud_accuracy) for e in clean.edges
     ]
@@ -231,9 +190,11 @@ def test_a_restarted_edge_replays_from_the_checkpoint_and_the_run_ends_as_if_it_
 def test_without_a_checkpoint_a_restarted_edge_replays_from_its_initial_state(local_ray, digits):
     settings = cluster.ClusterConfig(edges=1, order="async", kill_edges=((0, 2),), max_restarts=1)
     result = cluster.run(CONFIG, digits, settings)
-    local = train.train(train.build(CONFIG, digits), "sequential", progress=False)
+    local = train.train(train.build(CONFIG, digits), schedule="sequential", progress=False)
     assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
-    assert result.edges[0].losses == local.edge_metrics["loss"].tolist()
+    assert result.record.edges[0]["loss"] == local.edge_metrics["loss"].tolist()
+    assert result.record.edges[0]["accuracy"] == local.edge_metrics["accuracy"].tolist()
+    assert result.record.cloud["accuracy"] == local.cloud_metrics["accuracy"].tolist()
     assert (result.edges[0].restarts, result.edges[0].lost, result.edges[0].delivered) == (1, False, 6)
     # Step 0 at least is recomputed from the initial state; step 1 too unless its reply died with the
     # process, in which case the new process sends it (the equalities above hold either way).
@@ -261,7 +222,7 @@ def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_
     assert not wait_until_gone(processes_with_token(os.environ["RAY_AUTH_TOKEN"]) - before)
     monkeypatch.setattr(driver, "_save", save)
     resumed = cluster.run(config, digits, cluster.ClusterConfig(edges=1), checkpoint_dir=tmp_path, resume=True)
-    local = train.train(train.build(config, digits), "sequential", progress=False)
+    local = train.train(train.build(config, digits), schedule="sequential", progress=False)
     assert resumed.resumed_cloud_steps == 2
     assert resumed.cloud_losses == local.cloud_metrics["loss"].tolist()
 
@@ -270,15 +231,17 @@ def test_ctrl_c_stops_the_workers_keeps_the_checkpoint_and_the_run_resumes_from_
     "module_name, argv, expected",
     [
         ("cluster", ["--edges", "0"], "--edges 0 is invalid"),
-        ("cluster", ["--flow", "eager"], "--flow 'eager' is invalid"),
-        ("cluster", ["--links", "3g,wifi,3g", "--edges", "2"], "one preset, or one per edge (2)"),
-        ("cluster", ["--kill-edge", "x"], "--kill-edge 'x' is invalid; valid: EDGE:STEP"),
-        ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edges '3:1' is invalid"),
+        ("cluster", ["--flow", "eager"], "--schedule 'eager' is invalid"),
+        ("cluster", ["--link", "3g,wifi,3g", "--edges", "2"], "one preset, or one per edge (2)"),
+        ("cluster", ["--kill-edge", "x"], "argument --kill-edge: 'x' is invalid; valid: EDGE:STEP"),
+        ("cluster", ["--kill-edge", "3:1", "--edges", "2"], "--kill-edge '3:1' is invalid"),
+        ("cluster", ["--timeout", "0"], "--timeout 0.0 is invalid"),
+        ("cluster", ["--scheme", "split_learning"], "the Ray workers train the hierarchical scheme"),
         ("cluster", ["--model", "alexnet"], "--model 'alexnet' is invalid"),
         ("cluster", ["--resume"], "--resume needs the --out of the run to continue"),
         ("cluster", ["--max-restarts", "-1"], "--max-restarts -1 is invalid"),
         ("bench_cluster", ["--splits", "layer9"], "--splits 'layer9' is invalid"),
-        ("bench_cluster", ["--steps", "1"], "--steps must be >= 2"),
+        ("bench_cluster", ["--steps", "0"], "--steps 0 is invalid; valid: an integer >= 2"),
     ],
 )
 def test_the_cluster_experiments_refuse_bad_flags_in_one_line_before_any_work(
@@ -307,10 +270,71 @@ def test_the_experiment_writes_its_tables_and_figure(local_ray, tmp_path):
     summary = experiment.main(
         ["--edges", "1", "--max-steps", "3", "--width", "4", "--head-channels", "8", "--out", str(tmp_path)]
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoints", *experiment.OUTPUTS])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(experiment.OUTPUTS)
     assert summary["cloud_steps"] == 3 and summary["edges"][0]["delivered"] == 3
-    assert len((tmp_path / "edge_steps.csv").read_text().splitlines()) == 1 + 3
-    assert len((tmp_path / "cloud_steps.csv").read_text().splitlines()) == 1 + 3
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0] == ",".join(METRICS_COLUMNS) and len(rows) == 1 + 3  # the layout experiments.train writes
     # The run's worker processes end with it, while the cluster goes on.
     workers = {int(re.search(r"pid (\d+)", where).group(1)) for where in summary["placement"].values()}
     assert len(workers) == 2 and not wait_until_gone(workers)
+
+
+@needs_ray
+def test_a_non_finite_loss_stops_the_ray_run_naming_side_edge_and_step(local_ray, digits, tmp_path):
+    """The driver checks every loss that comes back, as the in-process runner does: a learning rate
+    of 1e6 blows the run up within a few steps, and the error names the side, the edge and the step,
+    keeps the last checkpoint, and leaves no worker behind."""
+    config = dataclasses.replace(CONFIG, **optimizers(learning_rate=1e6), max_steps=12, checkpoint_every=1)
+    before = processes_with_token(os.environ["RAY_AUTH_TOKEN"])
+    with pytest.raises(DivergenceError) as diverged:
+        cluster.run(config, digits, cluster.ClusterConfig(edges=2), checkpoint_dir=tmp_path)
+    error = diverged.value
+    assert error.side in ("edge", "cloud") and error.edge in (0, 1) and 0 <= error.step < 12
+    which = f" of edge {error.edge}" if error.side == "edge" else f" on edge {error.edge}'s payload"
+    assert f"the {error.side} loss{which} is {error.value} at step {error.step}" in str(error)
+    assert error.last_checkpoint is None or error.last_checkpoint.parent == tmp_path.absolute()
+    assert not wait_until_gone(processes_with_token(os.environ["RAY_AUTH_TOKEN"]) - before)
+
+
+class DroppingChannel(QueueChannel):
+    """A queue that loses the given steps' payloads: the in-process twin of an outage's drops."""
+
+    def __init__(self, dropped: set[int]):
+        super().__init__(capacity=8)
+        self.dropped = dropped
+
+    def send(self, t, payload, stop):
+        return True if t in self.dropped else super().send(t, payload, stop)
+
+
+@needs_ray
+def test_an_outage_on_the_ray_backend_buffers_drops_oldest_and_counts_every_payload(local_ray, digits):
+    """The link is down while the edge sends steps 2..5 and its buffer holds 2: steps 2 and 3 are
+    dropped (the oldest), 4 and 5 reach the cloud when the link is back (at step 6), every payload is
+    delivered or counted as dropped, and the cloud's losses are those of an in-process run that loses
+    the same two payloads."""
+    config = replace_paths(CONFIG, {"max_steps": 8, "link.presets": ("4g",), "link.time_scale": 1e-3,
+                                    "link.outages": ((2, 6),), "link.buffer": 2})
+    result = cluster.run(config, digits, cluster.ClusterConfig(edges=1))
+    edge = result.edges[0]
+    assert edge.link_dropped == [2, 3] and (edge.sent, edge.delivered, edge.dropped) == (8, 6, 2)
+    assert result.cloud_order == [(0, t) for t in (0, 1, 4, 5, 6, 7)]
+    assert len(result.record.edges[0]["loss"]) == 8  # the edge trained through the outage
+    local = train.train(train.build(dataclasses.replace(config, link=CONFIG.link), digits),
+                        schedule="pipelined", channel=DroppingChannel({2, 3}), progress=False)
+    assert local.cloud_steps.tolist() == [0, 1, 4, 5, 6, 7]
+    assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
+    assert result.record.edges[0]["loss"] == local.edge_metrics["loss"].tolist()
+
+
+def test_a_held_payload_takes_its_round_robin_turn_when_its_link_is_back():
+    """Round robin's order with an outage on edge 1 from step 1 to 3: its steps 1 and 2 come just
+    before its step 3, so no turn ever waits on a payload that a barrier holds back."""
+    from hier_jax.cluster.loop import Driver, edge_links
+
+    config = replace_paths(CONFIG, {"link.presets": ("4g", "4g"), "link.outages": ((1, 3),)})
+    driver = Driver.__new__(Driver)  # only the order: no workers
+    driver.steps, driver.links = 5, edge_links(config, 2)
+    driver.links[0] = None  # edge 0 on an instant link
+    turns = sorted(((e, t) for t in range(5) for e in range(2)), key=driver.turn_order)
+    assert turns == [(0, 0), (1, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (0, 4), (1, 4)]

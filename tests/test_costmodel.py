@@ -33,12 +33,12 @@ def test_link_transfer_times():
 
 
 def test_formulas_by_hand():
-    # cloud_only: up(D) = 24 ms + 10 ms; T = 0.5 dominates ser(D) = 24 ms. 0.534 + 9 * 0.5
-    assert cm.training_time("cloud_only", W, LINK) == pytest.approx(5.034)
+    # end_to_end: up(D) = 24 ms + 10 ms; T = 0.5 dominates ser(D) = 24 ms. 0.534 + 9 * 0.5
+    assert cm.training_time("end_to_end", W, LINK) == pytest.approx(5.034)
     # split learning: 0.1 + (64 + 10 ms) + 0.3 + (32 + 10 ms) + 0.2 = 0.716 per batch, 10 batches
     assert cm.training_time("split_learning", W, LINK) == pytest.approx(7.16)
     # paper: 0.1 + 0.01 + max(0.2 + 0.02, 0.018 + 0.3) = 0.428 per batch
-    assert cm.training_time("hierarchical_paper", W, LINK) == pytest.approx(4.28)
+    assert cm.training_time("hierarchical_per_batch", W, LINK) == pytest.approx(4.28)
     # pipelined: edge 0.33; fill 0.33 + 0.018 + 0.3 = 0.648; then 9 * max(0.33, 0.008, 0.3)
     assert cm.training_time("hierarchical_pipelined", W, LINK) == pytest.approx(0.648 + 9 * 0.33)
 
@@ -46,18 +46,18 @@ def test_formulas_by_hand():
 def test_epochs_and_one_time_upload_by_hand():
     slow = Link("slow", 8e3, 8e3, 0.0)  # 1,000 bytes per second: raw 3,000 B takes 3 s per batch
     # streamed: 3 + 0.5 + (20 - 1) * 3 over 2 epochs
-    assert cm.training_time("cloud_only", W, slow, epochs=2) == pytest.approx(60.5)
+    assert cm.training_time("end_to_end", W, slow, epochs=2) == pytest.approx(60.5)
     # uploaded once: first epoch 3.5 + 9 * 3 = 30.5, second epoch compute only 10 * 0.5
-    assert cm.training_time("cloud_only_once", W, slow, epochs=2) == pytest.approx(35.5)
-    assert cm.epoch_time("cloud_only_once", W, slow, epochs=2) == pytest.approx(17.75)
+    assert cm.training_time("end_to_end_once", W, slow, epochs=2) == pytest.approx(35.5)
+    assert cm.epoch_time("end_to_end_once", W, slow, epochs=2) == pytest.approx(17.75)
     # one epoch: both cloud-only variants are the same thing
-    assert cm.training_time("cloud_only_once", W, slow) == pytest.approx(cm.training_time("cloud_only", W, slow))
+    assert cm.training_time("end_to_end_once", W, slow) == pytest.approx(cm.training_time("end_to_end", W, slow))
     # link-bound pipelined hierarchical: fill 0.33 + 1 + 0.3, then 19 batches of 1 s
     assert cm.training_time("hierarchical_pipelined", W, slow, epochs=2) == pytest.approx(1.63 + 19)
     assert cm.reduction(7.5, 10.0) == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("scheme", cm.SCHEMES)
+@pytest.mark.parametrize("scheme", cm.MODELED)
 def test_faster_link_is_never_slower(scheme):
     times = [
         cm.training_time(scheme, W, custom_link(mbps, latency_ms=ms))
@@ -72,9 +72,9 @@ def test_scheme_ordering():
     for link in LINKS.values():
         assert (
             cm.training_time("hierarchical_pipelined", W, link)
-            <= cm.training_time("hierarchical_paper", W, link) + W.edge_bwd_s + W.head_bwd_s
+            <= cm.training_time("hierarchical_per_batch", W, link) + W.edge_bwd_s + W.head_bwd_s
         )
-        assert cm.training_time("hierarchical_paper", W, link) <= cm.training_time("split_learning", W, link)
+        assert cm.training_time("hierarchical_per_batch", W, link) <= cm.training_time("split_learning", W, link)
 
 
 def test_presets_and_bad_links():

@@ -55,11 +55,6 @@ def collect_train(ds: ImageDataset, batch_size: int, **kwargs) -> tuple[np.ndarr
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-@pytest.fixture(scope="module")
-def digits() -> ImageDataset:
-    return load_dataset("digits")
-
-
 def test_digits_offline_shapes_and_split(digits: ImageDataset) -> None:
     assert digits.num_train + digits.num_test == 1797
     assert (digits.num_train, digits.num_test) == (1437, 360)

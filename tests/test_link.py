@@ -157,7 +157,7 @@ BATCHES = [
 def test_runner_with_outage_drops_and_keeps_alignment(hierarchy):
     h, fresh = hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=2, outages=[(3, 8)])
-    result = threads.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
+    result = threads.run_pipelined(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     stats = link.stats()
     assert len(result.edge_metrics["loss"]) == 10  # the edge trained through the outage
     assert stats.sent == 10 and stats.delivered + stats.dropped == 10 and stats.dropped >= 3
@@ -170,7 +170,7 @@ def test_runner_without_loss_matches_sequential_reference(hierarchy):
     h, fresh = hierarchy
     reference = threads.run_sequential(h, *fresh(), BATCHES)
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10, outages=[(3, 8)])
-    result = threads.run_overlapped(h, *fresh(), BATCHES, channel=link, timeout_s=120)
+    result = threads.run_pipelined(h, *fresh(), BATCHES, channel=link, timeout_s=120)
     assert link.stats().dropped == 0
     np.testing.assert_array_equal(result.cloud_steps, np.arange(10))
     np.testing.assert_array_equal(result.cloud_metrics["loss"], reference.cloud_metrics["loss"])
@@ -182,7 +182,7 @@ def test_a_link_carries_a_second_run_and_its_thread_ends_with_each_run(hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=10)
     before = set(threading.enumerate())  # other tests' links may still wait on streams they never closed
     for _ in range(2):
-        result = threads.run_overlapped(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
+        result = threads.run_pipelined(h, *fresh(), BATCHES[:4], channel=link, timeout_s=120)
         np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
         assert link.stats().sent == link.stats().delivered == 4  # counts of this run alone
         assert not [t for t in threading.enumerate() if t.name == "hier-link" and t not in before]
@@ -200,7 +200,7 @@ def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(
     h, fresh = hierarchy
     link = SimulatedLink(custom_link(10.0, latency_ms=2.0), capacity=1, outages=[(2, 8)])
     snapshots = []
-    result = threads.run_overlapped(
+    result = threads.run_pipelined(
         h, *fresh(), BATCHES, channel=link, timeout_s=120, snapshot_every=2, on_snapshot=snapshots.append
     )
     dropped = set(link.stats().dropped_steps)
@@ -209,5 +209,5 @@ def test_outage_checkpoints_pair_the_cloud_state_before_the_first_later_payload(
         assert int(snap.edge_state["step"]) == snap.step
         consumed = [t for t in range(snap.step) if t not in dropped]
         assert int(snap.cloud_state["step"]) == len(consumed)
-        np.testing.assert_array_equal(snap.cloud_steps, consumed)
+        np.testing.assert_array_equal(snap.record.cloud_metrics()["step"], consumed)
     assert int(result.cloud_state["step"]) == 10 - len(dropped)

@@ -13,15 +13,16 @@ from flax import nnx
 
 from hier_jax import precision, quantization, steps, train
 from hier_jax.config import ExperimentConfig, validate
-from hier_jax.data import load_dataset
 from hier_jax.errors import ConfigError, ResumeMismatchError
 from hier_jax.models import ExitHeadConfig, build_model, split
 from hier_jax.optim import OptimConfig, make_optimizer
 from hier_jax.run.hierarchy import build_hierarchy
+from hier_jax.run.record import check_resumable
 
 NUM_CLASSES = 10
 SMALL = ExperimentConfig(
-    model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3, head_channels=8
+    model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3,
+    head=ExitHeadConfig(channels=8)
 )
 
 
@@ -50,11 +51,6 @@ def layer_dtypes(module: nnx.Module) -> set[str]:
         for _, m in nnx.iter_graph(module)
         if isinstance(m, (nnx.Conv, nnx.Linear, nnx.BatchNorm))
     }
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 # --- resolution -----------------------------------------------------------------------------------
@@ -216,9 +212,10 @@ def test_block_max_pool_keeps_bf16_exactly():
     np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(vjp32(jnp.ones_like(y32))[0]))
 
 
-# --- the policy reaches both sides and every mode ------------------------------------------------
+# --- the policy reaches both sides and every scheme ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_build_gives_both_sides_and_the_baselines_the_policy(digits):
     setup = train.build(dataclasses.replace(SMALL, precision="bf16"), digits)
     assert setup.precision == setup.model.precision == "bf16"
@@ -228,10 +225,10 @@ def test_train_build_gives_both_sides_and_the_baselines_the_policy(digits):
     _, features = jax.eval_shape(lambda x: setup.split.edge(x, False), images)
     assert features.dtype == jnp.bfloat16
     assert jax.eval_shape(lambda f: setup.split.cloud(f, False), features).dtype == jnp.bfloat16
-    for mode in ("overlapped", "end_to_end", "split_learning"):
-        result = train.train(setup, mode, progress=False)
-        assert np.all(np.isfinite(result.cloud_metrics["loss"])), mode
-        assert float_dtypes((result.edge_state, result.cloud_state)) <= {"float32"}, mode
+    for scheme in ("hierarchical", "end_to_end", "split_learning"):
+        result = train.train(setup, scheme=scheme, progress=False)
+        assert np.all(np.isfinite(result.cloud_metrics["loss"])), scheme
+        assert float_dtypes((result.edge_state, result.cloud_state)) <= {"float32"}, scheme
     # Split learning's link carries float32 both ways, as the cost model counts it.
     baseline, edge_state, _ = train.build_baseline(setup, "split_learning")
     assert baseline.edge_eval(edge_state, images).dtype == jnp.float32
@@ -317,16 +314,18 @@ def test_the_round_trip_bound_holds_for_bf16_features(bits):
 def test_a_checkpoint_of_another_resolved_policy_is_not_resumed(digits, tmp_path, monkeypatch):
     """ "auto" resolved elsewhere (say a TPU: bf16) cannot continue a run that "auto" trained in fp32 here."""
     config = dataclasses.replace(SMALL, max_steps=2)
-    train.train(train.build(config, digits), "sequential", progress=False, checkpoint_dir=tmp_path)
+    train.train(train.build(config, digits), schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     monkeypatch.setitem(precision.AUTO, jax.default_backend(), "bf16")
     elsewhere = train.build(config, digits)
     assert elsewhere.precision == "bf16"
     with pytest.raises(ResumeMismatchError, match="trained in precision fp32, this run's resolves to bf16"):
-        train.train(elsewhere, "sequential", progress=False, checkpoint_dir=tmp_path, resume=True)
+        train.train(elsewhere, schedule="sequential", progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_a_config_recorded_before_the_field_existed_resumes_as_auto(tmp_path):
     recorded = {k: v for k, v in dataclasses.asdict(SMALL).items() if k != "precision"}
-    train.check_resumable(SMALL, recorded, tmp_path)
-    with pytest.raises(ResumeMismatchError, match="differs in precision \\('bf16' here, 'auto' in the checkpoint\\)"):
-        train.check_resumable(dataclasses.replace(SMALL, precision="bf16"), recorded, tmp_path)
+    meta = {"config": recorded, "scheme": "hierarchical"}
+    args = dict(scheme="hierarchical", precision="fp32", total_steps=None, where=tmp_path)
+    check_resumable(meta, config=SMALL, **args)
+    with pytest.raises(ResumeMismatchError, match=re.escape("differs in --precision ('bf16' here, 'auto' in the")):
+        check_resumable(meta, config=dataclasses.replace(SMALL, precision="bf16"), **args)

@@ -11,13 +11,17 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from hier_jax import train
-from hier_jax.config import ExperimentConfig
-from hier_jax.data import load_dataset, num_train_steps
+from hier_jax.config import SCHEDULES, ExperimentConfig, from_dict, optimizers
+from hier_jax.data import num_train_steps
 from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchError, RunInterrupted
+from hier_jax.flags import replace_paths
+from hier_jax.models import ExitHeadConfig, build_model
 from hier_jax.run import threads
 from hier_jax.run.checkpoint import RunCheckpoints
+from hier_jax.run.record import RunRecord, check_resumable, read_meta
 
 from backend import tolerance
 
@@ -28,7 +32,7 @@ CONFIG = ExperimentConfig(
     width=4,
     batch_size=32,
     max_steps=12,
-    head_channels=8,
+    head=ExitHeadConfig(channels=8),
     checkpoint_every=4,
     keep_checkpoints=2,
 )
@@ -36,14 +40,14 @@ RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link", "hier-
 
 
 @pytest.fixture(scope="module")
-def setup():
-    return train.build(CONFIG, load_dataset("digits"))
+def setup(digits):
+    return train.build(CONFIG, digits)
 
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    """The uninterrupted run (sequential; overlapped is bit-identical to it, tests/test_runner.py)."""
-    return train.train(setup, "sequential", progress=False)
+    """The uninterrupted run (sequential; pipelined is bit-identical to it, tests/test_runner.py)."""
+    return train.train(setup, schedule="sequential", progress=False)
 
 
 def assert_same_run(a: threads.RunResult, b: threads.RunResult) -> None:
@@ -77,12 +81,12 @@ def live_run_threads(before: set) -> list[str]:
     return [t.name for t in threading.enumerate() if t not in before and t.name in RUN_THREADS]
 
 
-@pytest.mark.parametrize("mode", train.MODES)
-def test_interrupt_then_resume_is_bit_identical(setup, reference, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_interrupt_then_resume_is_bit_identical(setup, reference, tmp_path, monkeypatch, schedule):
     interrupt_at(monkeypatch, 6)
     before = set(threading.enumerate())
     with pytest.raises(RunInterrupted) as stopped:
-        train.train(setup, mode, progress=False, checkpoint_dir=tmp_path)
+        train.train(setup, schedule=schedule, progress=False, checkpoint_dir=tmp_path)
     assert not live_run_threads(before)  # nothing trains on in the background after the call
     step = stopped.value.step
     assert 0 < step < CONFIG.max_steps
@@ -90,19 +94,21 @@ def test_interrupt_then_resume_is_bit_identical(setup, reference, tmp_path, monk
     with RunCheckpoints(tmp_path) as checkpoints:
         assert checkpoints.latest_step() == step
     monkeypatch.undo()
-    resumed = train.train(setup, mode, progress=False, checkpoint_dir=tmp_path, resume=True)
+    resumed = train.train(setup, schedule=schedule, progress=False, checkpoint_dir=tmp_path, resume=True)
     assert resumed.start_step == step and resumed.end_step == CONFIG.max_steps
     assert_same_run(resumed, reference)
 
 
 def test_checkpoint_records_step_data_position_rng_and_config(setup, reference, tmp_path):
-    result = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path)
+    result = train.train(setup, schedule="pipelined", progress=False, checkpoint_dir=tmp_path)
     assert_same_run(result, reference)  # snapshots taken every 4 steps change nothing
     with RunCheckpoints(tmp_path) as checkpoints:
         assert checkpoints.steps() == [8, 12]  # every 4 steps and the end; the latest 2 kept
         meta = checkpoints.read_meta(8)
     per_epoch = num_train_steps(setup.dataset, CONFIG.batch_size)
-    assert meta["step"] == 8 and meta["config"] == dataclasses.asdict(CONFIG)
+    assert meta["format"] == 2 and meta["step"] == 8 and meta["total_steps"] == CONFIG.max_steps
+    assert (meta["scheme"], meta["schedule"], meta["precision"]) == ("hierarchical", "pipelined", "fp32")
+    assert from_dict(ExperimentConfig, meta["config"]) == dataclasses.replace(CONFIG, schedule="pipelined")
     assert meta["data"] == {
         "epoch": 8 // per_epoch,
         "batch_in_epoch": 8 % per_epoch,
@@ -110,34 +116,43 @@ def test_checkpoint_records_step_data_position_rng_and_config(setup, reference, 
         "order": "epoch_permutation(seed, epoch)",
     }
     assert meta["rng"]["seed"] == CONFIG.seed
-    np.testing.assert_array_equal(np.float32(meta["metrics"]["edge_loss"]), reference.edge_metrics["loss"][:8])
-    np.testing.assert_array_equal(meta["metrics"]["cloud_steps"], np.arange(8))
+    record = RunRecord.from_json(meta["record"])
+    np.testing.assert_array_equal(record.edge_metrics()["loss"], reference.edge_metrics["loss"][:8])
+    np.testing.assert_array_equal(record.cloud_metrics()["step"], np.arange(8))
+    np.testing.assert_array_equal(record.cloud_metrics()["edge"], np.zeros(8))
 
 
-def test_resume_from_a_periodic_checkpoint_in_the_other_mode(setup, reference, tmp_path):
-    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+def test_resume_from_a_periodic_checkpoint_in_the_other_schedule(setup, reference, tmp_path):
+    train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     shutil.rmtree(tmp_path / "12")  # as if the run had been killed between steps 8 and 12
-    resumed = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+    resumed = train.train(setup, schedule="pipelined", progress=False, checkpoint_dir=tmp_path, resume=True)
     assert resumed.start_step == 8
     assert_same_run(resumed, reference)
 
 
 @pytest.mark.parametrize(
-    "change", [{"bits": 8}, {"split": "pool3"}, {"learning_rate": 0.1}, {"seed": 1}, {"precision": "bf16"}]
+    "change, flag",
+    [({"bits": 8}, "--bits"), ({"split": "pool3"}, "--split"), ({"edge_optimizer.learning_rate": 0.1},
+     "--edge-learning-rate"), ({"seed": 1}, "--seed"), ({"precision": "bf16"}, "--precision"),
+     ({"head.channels": 16}, "--head-channels"), ({"link.outages": ((1, 2),)}, "--outage")],
 )
-def test_resume_with_another_config_is_refused_naming_the_field(setup, tmp_path, change):
-    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
-    recorded = dataclasses.asdict(CONFIG)
-    field = next(iter(change))
-    with pytest.raises(ResumeMismatchError, match=f"differs in {field} "):
-        train.check_resumable(dataclasses.replace(CONFIG, **change), recorded, tmp_path)
-    # Where the run happens (devices, queue, checkpoint cadence) may change.
-    train.check_resumable(dataclasses.replace(CONFIG, queue_size=5, checkpoint_every=2), recorded, tmp_path)
+def test_resume_with_another_config_is_refused_naming_the_flag(setup, tmp_path, change, flag):
+    train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
+    with RunCheckpoints(tmp_path, read_only=True) as checkpoints:
+        meta = read_meta(checkpoints.read_meta())
+    args = dict(scheme="hierarchical", precision="fp32", total_steps=CONFIG.max_steps, where=tmp_path)
+    with pytest.raises(ResumeMismatchError, match=f"differs in {flag} "):
+        check_resumable(meta, config=replace_paths(CONFIG, change), **args)
+    # Where and how the run happens (devices, queue, checkpoint cadence, schedule) may change.
+    check_resumable(meta, config=replace_paths(CONFIG, {"queue_size": 5, "checkpoint_every": 2,
+                                                        "schedule": "pipelined"}), **args)
+    with pytest.raises(ResumeMismatchError, match="belongs to a run of 12 steps, this one has 13"):
+        check_resumable(meta, config=CONFIG, **{**args, "total_steps": 13})
 
 
 @pytest.mark.parametrize("side", ["edge", "cloud"])
-@pytest.mark.parametrize("mode", train.MODES)
-def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, side, mode):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, side, schedule):
     """A NaN in step 6's loss on one side: the run stops with that side and step, and the last
     checkpoint (step 4) is kept; nothing is saved after it."""
     h = setup.hierarchy
@@ -154,7 +169,7 @@ def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, sid
     bad = dataclasses.replace(setup, hierarchy=dataclasses.replace(h, **{name: poisoned(getattr(h, name), 6)}))
     before = set(threading.enumerate())
     with pytest.raises(DivergenceError) as diverged:
-        train.train(bad, mode, progress=False, checkpoint_dir=tmp_path)
+        train.train(bad, schedule=schedule, progress=False, checkpoint_dir=tmp_path)
     assert (diverged.value.side, diverged.value.step) == (side, 6)
     assert f"the {side} loss is nan at step 6" in str(diverged.value)
     assert diverged.value.last_checkpoint == tmp_path.absolute() / "4"
@@ -163,14 +178,15 @@ def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, sid
     assert not live_run_threads(before)
 
 
-def test_a_real_divergence_is_caught(tmp_path):
-    config = dataclasses.replace(CONFIG, learning_rate=1e3, checkpoint_every=2)
+def test_a_real_divergence_is_caught(tmp_path, digits):
+    config = dataclasses.replace(CONFIG, **optimizers(learning_rate=1e3), checkpoint_every=2)
     with pytest.raises(DivergenceError, match="training diverged: the (edge|cloud) loss is (nan|inf)"):
-        train.train(train.build(config, load_dataset("digits")), "overlapped", progress=False, checkpoint_dir=tmp_path)
+        train.train(train.build(config, digits), schedule="pipelined", progress=False,
+                    checkpoint_dir=tmp_path)
 
 
 def test_damaged_checkpoints_name_the_file_and_the_side(setup, tmp_path):
-    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     edge, cloud = train.fresh_states(setup)
     for item in (tmp_path / "12" / "cloud").rglob("*"):
         if item.is_file() and item.stat().st_size > 0 and "manifest" not in item.name:
@@ -199,7 +215,7 @@ def test_reading_a_missing_checkpoint_directory_creates_nothing(tmp_path):
 
 
 def test_a_checkpoint_is_never_overwritten(setup, tmp_path):
-    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     edge, cloud = train.fresh_states(setup)
     with RunCheckpoints(tmp_path) as checkpoints:
         with pytest.raises(CheckpointError, match="already exists"):
@@ -220,7 +236,7 @@ def test_second_interrupt_aborts_without_saving(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(train.TrainBatches, "__iter__", iterate)
     before = set(threading.enumerate())
     with pytest.raises(KeyboardInterrupt) as stopped:
-        train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+        train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     assert not live_run_threads(before)
     # Either the second interrupt came before the graceful stop completed (abort: nothing new saved) or
     # after it (a normal RunInterrupted with its checkpoint).
@@ -240,9 +256,9 @@ def test_summary_json_is_always_valid(tmp_path):
 def test_a_checkpoint_dir_of_another_run_is_refused_without_resume(setup, tmp_path):
     from hier_jax.errors import ConfigError
 
-    train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+    train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"already holds checkpoints \[8, 12\]: pass resume=True"):
-        train.train(setup, "sequential", progress=False, checkpoint_dir=tmp_path)
+        train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
 
 
 def test_ctrl_c_during_a_save_neither_breaks_the_save_nor_is_lost(setup, reference, tmp_path, monkeypatch):
@@ -269,42 +285,51 @@ def test_ctrl_c_during_a_save_neither_breaks_the_save_nor_is_lost(setup, referen
 
     monkeypatch.setattr(train.TrainBatches, "__iter__", slow_batches)
     with pytest.raises(RunInterrupted) as stopped:
-        train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path)
+        train.train(setup, schedule="pipelined", progress=False, checkpoint_dir=tmp_path)
     monkeypatch.undo()
     assert completed[0] == 4 and completed[-1] == stopped.value.step < CONFIG.max_steps
     assert not [p.name for p in tmp_path.iterdir() if "tmp" in p.name]
-    resumed = train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+    resumed = train.train(setup, schedule="pipelined", progress=False, checkpoint_dir=tmp_path, resume=True)
     assert_same_run(resumed, reference)
 
 
-@pytest.mark.parametrize("mode", train.BASELINES)
-def test_baselines_checkpoint_and_resume_bit_identically(setup, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("scheme", train.BASELINES)
+def test_baselines_checkpoint_and_resume_bit_identically(setup, tmp_path, monkeypatch, scheme):
     """The baselines run under the same supervision: periodic checkpoints, Ctrl-C that saves, and a
     resume that ends exactly where an uninterrupted run ends."""
-    whole = train.train(setup, mode, progress=False)
+    whole = train.train(setup, scheme=scheme, progress=False)
     assert whole.end_step == CONFIG.max_steps and whole.cloud_metrics["loss"].shape == (CONFIG.max_steps,)
     interrupt_at(monkeypatch, 6)
     with pytest.raises(RunInterrupted) as stopped:
-        train.train(setup, mode, progress=False, checkpoint_dir=tmp_path)
+        train.train(setup, scheme=scheme, progress=False, checkpoint_dir=tmp_path)
     assert 0 < stopped.value.step < CONFIG.max_steps
     monkeypatch.undo()
-    resumed = train.train(setup, mode, progress=False, checkpoint_dir=tmp_path, resume=True)
+    resumed = train.train(setup, scheme=scheme, progress=False, checkpoint_dir=tmp_path, resume=True)
     assert resumed.start_step == stopped.value.step
     assert_same_run(resumed, whole)
-    with pytest.raises(ResumeMismatchError, match=f"checkpoint of {mode} training, not overlapped"):
-        train.train(setup, "overlapped", progress=False, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ResumeMismatchError, match=f"checkpoint of {scheme} training, not hierarchical"):
+        train.train(setup, schedule="pipelined", progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_split_learning_trains_what_end_to_end_trains(setup):
     """Split learning backpropagates through the cut: the same losses as the unsplit model, step for
     step (up to float reassociation), from the very initial weights the hierarchy starts from."""
-    e2e = train.train(setup, "end_to_end", progress=False)
-    sl = train.train(setup, "split_learning", progress=False)
+    e2e = train.train(setup, scheme="end_to_end", progress=False)
+    sl = train.train(setup, scheme="split_learning", progress=False)
     np.testing.assert_allclose(sl.cloud_metrics["loss"], e2e.cloud_metrics["loss"], **tolerance("trajectory").kwargs())
     # 32 x float32 features of pool2 (width 4: 8 x 8 x 8) and the labels up, the features' gradient down.
     assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 + 32 and e2e.payload_bytes == 0  # + uint8 labels
-    first_stage = lambda params: np.asarray(jax.tree.leaves(params["stages"][0])[0])  # noqa: E731
-    np.testing.assert_array_equal(
-        first_stage(train.fresh_states(setup)[0]["params"]),
-        first_stage(train.build_baseline(setup, "end_to_end")[2]["params"]),
-    )
+    # Every scheme starts from the weights of a model built afresh from the config's seed: the hierarchy's
+    # edge and cloud stages, the end-to-end model and split learning's parts (exit head and classifier aside).
+    fresh = nnx.state(build_model(CONFIG.model, num_classes=10, input_shape=(32, 32, 3), width=CONFIG.width,
+                                  seed=CONFIG.seed), nnx.Param)["stages"]
+    edge, cloud = (state["params"]["stages"] for state in train.fresh_states(setup))
+    _, sl_edge, sl_cloud = train.build_baseline(setup, "split_learning")
+    for starts in ([*edge.values(), *cloud.values()], [*train.build_baseline(setup, "end_to_end")[2]["params"]
+                                                       ["stages"].values()],
+                   [*sl_edge["params"]["stages"].values(), *sl_cloud["params"]["stages"].values()]):
+        assert len(starts) == len(fresh)
+        for got, want in zip(starts, fresh.values(), strict=True):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert len(edge) and len(cloud)  # both sides hold trained stages (pools have no parameters)

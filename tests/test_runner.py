@@ -1,4 +1,4 @@
-"""Sequential vs overlapped execution: bit-identical results, devices, alignment, errors, no hangs."""
+"""The sequential and the pipelined schedule: bit-identical results, devices, alignment, errors, no hangs."""
 
 import dataclasses
 import threading
@@ -48,26 +48,26 @@ def leaves_equal(a, b):
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def test_overlapped_equals_sequential_bit_for_bit(hierarchy):
+def test_pipelined_equals_sequential_bit_for_bit(hierarchy):
     data = batches()
     seq = threads.run_sequential(*fresh(hierarchy), data)
-    ovl = threads.run_overlapped(*fresh(hierarchy), data, channel=QueueChannel(1))
-    assert leaves_equal(seq.edge_state, ovl.edge_state)
-    assert leaves_equal(seq.cloud_state, ovl.cloud_state)
+    pip = threads.run_pipelined(*fresh(hierarchy), data, channel=QueueChannel(1))
+    assert leaves_equal(seq.edge_state, pip.edge_state)
+    assert leaves_equal(seq.cloud_state, pip.cloud_state)
     for key in ("loss", "accuracy"):
-        np.testing.assert_array_equal(seq.edge_metrics[key], ovl.edge_metrics[key])
-        np.testing.assert_array_equal(seq.cloud_metrics[key], ovl.cloud_metrics[key])
-    np.testing.assert_array_equal(ovl.cloud_steps, np.arange(STEPS))
+        np.testing.assert_array_equal(seq.edge_metrics[key], pip.edge_metrics[key])
+        np.testing.assert_array_equal(seq.cloud_metrics[key], pip.cloud_metrics[key])
+    np.testing.assert_array_equal(pip.cloud_steps, np.arange(STEPS))
     assert seq.cloud_metrics["loss"].shape == (STEPS,)
     # Training did something: states moved, and the step counters count the steps.
     h, edge0, cloud0 = hierarchy
-    assert not leaves_equal(edge0["params"], ovl.edge_state["params"])
-    assert int(ovl.edge_state["step"]) == int(ovl.cloud_state["step"]) == STEPS
+    assert not leaves_equal(edge0["params"], pip.edge_state["params"])
+    assert int(pip.edge_state["step"]) == int(pip.cloud_state["step"]) == STEPS
     # 4 x 16 x 16 x 4 codes at 4 bits, float32 scale and offset, uint8 labels.
-    assert ovl.payload_bytes == seq.payload_bytes == 4 * 16 * 16 * 4 // 2 + 4 + 4 + 4
+    assert pip.payload_bytes == seq.payload_bytes == 4 * 16 * 16 * 4 // 2 + 4 + 4 + 4
 
 
-def test_overlapped_equals_sequential_on_every_device_pair(device_pair):
+def test_pipelined_equals_sequential_on_every_device_pair(device_pair):
     """Two host devices, two accelerators, or the CPU edge beside an accelerator cloud: the schedules
     agree bit for bit wherever the sides run, and each state stays on its side's device."""
     edge_device, cloud_device = device_pair
@@ -77,14 +77,14 @@ def test_overlapped_equals_sequential_on_every_device_pair(device_pair):
     built = build_hierarchy(parts, bits=4, edge_tx=tx, cloud_tx=tx, edge_device=edge_device, cloud_device=cloud_device)
     data = batches(3)
     seq = threads.run_sequential(*fresh(built), data)
-    ovl = threads.run_overlapped(*fresh(built), data, channel=QueueChannel(1))
-    assert leaves_equal(seq.edge_state, ovl.edge_state) and leaves_equal(seq.cloud_state, ovl.cloud_state)
-    assert {d for leaf in jax.tree.leaves(ovl.edge_state) for d in leaf.devices()} == {edge_device}
-    assert {d for leaf in jax.tree.leaves(ovl.cloud_state) for d in leaf.devices()} == {cloud_device}
+    pip = threads.run_pipelined(*fresh(built), data, channel=QueueChannel(1))
+    assert leaves_equal(seq.edge_state, pip.edge_state) and leaves_equal(seq.cloud_state, pip.cloud_state)
+    assert {d for leaf in jax.tree.leaves(pip.edge_state) for d in leaf.devices()} == {edge_device}
+    assert {d for leaf in jax.tree.leaves(pip.cloud_state) for d in leaf.devices()} == {cloud_device}
 
 
 def test_states_stay_on_their_devices(hierarchy):
-    result = threads.run_overlapped(*fresh(hierarchy), batches(2))
+    result = threads.run_pipelined(*fresh(hierarchy), batches(2))
     edge_devices = {d for leaf in jax.tree.leaves(result.edge_state) for d in leaf.devices()}
     cloud_devices = {d for leaf in jax.tree.leaves(result.cloud_state) for d in leaf.devices()}
     assert edge_devices == {jax.devices("cpu")[0]} and cloud_devices == {jax.devices("cpu")[1]}
@@ -94,7 +94,7 @@ def test_cloud_consumes_step_t_payload_with_step_t_labels(hierarchy):
     """Shuffling the batches changes the cloud's metrics exactly as the sequential reference does."""
     data = batches(4, seed=1)
     swapped = [data[1], data[0], *data[2:]]
-    a = threads.run_overlapped(*fresh(hierarchy), swapped)
+    a = threads.run_pipelined(*fresh(hierarchy), swapped)
     b = threads.run_sequential(*fresh(hierarchy), swapped)
     c = threads.run_sequential(*fresh(hierarchy), data)
     np.testing.assert_array_equal(a.cloud_metrics["loss"], b.cloud_metrics["loss"])
@@ -120,7 +120,7 @@ def test_edge_runs_ahead_without_waiting_for_the_cloud(hierarchy):
         return h.cloud_step(state, payload)
 
     probe = dataclasses.replace(h, edge_step=edge_step, cloud_step=cloud_step)
-    result = threads.run_overlapped(probe, edge_state, cloud_state, batches(4), channel=QueueChannel(2))
+    result = threads.run_pipelined(probe, edge_state, cloud_state, batches(4), channel=QueueChannel(2))
     np.testing.assert_array_equal(result.cloud_steps, np.arange(4))
 
 
@@ -142,7 +142,7 @@ def test_error_in_edge_data_stops_both_and_surfaces(hierarchy):
     before = set(threading.enumerate())
     start = time.perf_counter()
     with pytest.raises(Boom, match="bad batch"):
-        threads.run_overlapped(*fresh(hierarchy), failing_batches())
+        threads.run_pipelined(*fresh(hierarchy), failing_batches())
     assert time.perf_counter() - start < 60
     assert not runner_threads_started_since(before)
 
@@ -156,7 +156,7 @@ def test_error_in_cloud_step_stops_both_and_surfaces(hierarchy):
     # A queue of one and many steps: the edge would block forever on a full queue without the stop.
     before = set(threading.enumerate())
     with pytest.raises(Boom, match="cloud failed"):
-        threads.run_overlapped(
+        threads.run_pipelined(
             dataclasses.replace(h, cloud_step=cloud_step), edge_state, cloud_state, batches(12), channel=QueueChannel(1)
         )
     assert not runner_threads_started_since(before)
@@ -170,7 +170,7 @@ def test_timeout_instead_of_hang(hierarchy):
         time.sleep(5)
 
     with pytest.raises(TimeoutError):
-        threads.run_overlapped(h, edge_state, cloud_state, slow_batches(), timeout_s=0.5)
+        threads.run_pipelined(h, edge_state, cloud_state, slow_batches(), timeout_s=0.5)
 
 
 def test_evaluate_counts_masked_examples_once(hierarchy):
@@ -227,7 +227,7 @@ def test_auto_on_a_cpu_host_with_n_host_devices(monkeypatch, count, cloud):
     assert devices.auto_devices() == (cpus[0], cpus[cloud])
 
 
-@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_pipelined])
 def test_snapshots_are_the_states_of_a_run_cut_at_that_step(hierarchy, run):
     data = batches(6)
     snapshots = []
@@ -236,11 +236,11 @@ def test_snapshots_are_the_states_of_a_run_cut_at_that_step(hierarchy, run):
     for snap in snapshots:
         cut = threads.run_sequential(*fresh(hierarchy), data[: snap.step])
         assert leaves_equal(snap.edge_state, cut.edge_state) and leaves_equal(snap.cloud_state, cut.cloud_state)
-        np.testing.assert_array_equal(snap.edge_metrics["loss"], full.edge_metrics["loss"][: snap.step])
-        np.testing.assert_array_equal(snap.cloud_metrics["loss"], full.cloud_metrics["loss"][: snap.step])
+        np.testing.assert_array_equal(snap.record.edge_metrics()["loss"], full.edge_metrics["loss"][: snap.step])
+        np.testing.assert_array_equal(snap.record.cloud_metrics()["loss"], full.cloud_metrics["loss"][: snap.step])
 
 
-@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_pipelined])
 def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(hierarchy, run):
     import _thread
 
@@ -263,7 +263,7 @@ def test_keyboard_interrupt_stops_both_sides_at_one_step_and_joins_every_thread(
     assert leaves_equal(result.edge_state, cut.edge_state) and leaves_equal(result.cloud_state, cut.cloud_state)
 
 
-@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_overlapped])
+@pytest.mark.parametrize("run", [threads.run_sequential, threads.run_pipelined])
 def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state_copies(hierarchy, run):
     """Every pair is still written, in order; but with saves far slower than the cadence (one per
     step here), the sides wait for the writer, so only a few state copies exist at any time."""

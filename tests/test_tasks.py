@@ -29,6 +29,7 @@ def test_skipped_b():
 """
 
 
+@pytest.mark.slow
 def test_the_summary_counts_a_real_junit_file(tmp_path):
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     junit = tmp_path / "junit.xml"

@@ -153,7 +153,7 @@ def test_bf16_features_give_the_float32_payload_on_both_sides(tr):
 
 
 def test_schedules_match_optax(tr):
-    for config in [OptimConfig(), OptimConfig(warmup_steps=3), OptimConfig(schedule="constant")]:
+    for config in [OptimConfig(), OptimConfig(warmup_steps=3), OptimConfig(lr_schedule="constant")]:
         tx = make_optimizer(config, total_steps=10)
         fn = tr.schedule_fn(config, 10)
         # optax's schedule sits in the sgd's scale_by_learning_rate; recover it from one update of g = 1.
@@ -220,12 +220,13 @@ def compare_states(tr, j_module, t_module, rel, what):
             close(ratio, np.full_like(ratio, ratio.mean()), 1e-3, f"{what} running var {path}")
 
 
+@pytest.mark.slow  # three models trained one step in both frameworks: the longest equivalence test
 @pytest.mark.parametrize("name,shape,point", CASES[:3])
 def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
     """Edge, cloud and end-to-end steps: loss, gradients, parameters and BN statistics after one step."""
     import torch
 
-    config = OptimConfig(learning_rate=LR, weight_decay=WD, schedule="constant")
+    config = OptimConfig(learning_rate=LR, weight_decay=WD, lr_schedule="constant")
     tx = make_optimizer(config, total_steps=10)
     x, y = images(shape, n=4, seed=5), labels(n=4, seed=5)
     xt, yt = tr.to_torch_images(x), torch.from_numpy(y).long()

@@ -79,8 +79,8 @@ def test_bad_arguments_are_one_line_and_exit_2_before_any_work(no_work, capsys, 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--outage", "3", "--link", "3g"], "--outage takes A:B"),
-        (["--outage", "5:2", "--link", "3g"], "got '5:2'"),
+        (["--outage", "3", "--link", "3g"], "argument --outage: '3' is invalid; valid: A:B, two step numbers"),
+        (["--outage", "5:2", "--link", "3g"], "argument --outage: '5:2' is invalid"),
         (["--outage", "1:2"], "--outage needs --link"),
         (["--link", "6g"], "--link '6g' is invalid; valid: 3g, 4g, 5g, wifi"),
         (["--time-scale", "0", "--link", "3g"], "--time-scale 0.0 is invalid"),
@@ -134,7 +134,7 @@ def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys)
     assert "precision bf16 (bfloat16" in capsys.readouterr().out
     # A resumed run must keep the policy: the recorded config is refused with another.
     code, lines = run_cli(train_experiment.main, ["--resume", str(tmp_path), "--precision", "fp32"], capsys)
-    assert code == 2 and len(lines) == 1 and "differs in precision ('fp32' here, 'bf16' in the checkpoint)" in lines[0]
+    assert code == 2 and len(lines) == 1 and "differs in --precision ('fp32' here, 'bf16' in the checkpoint)" in lines[0]
 
 
 def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
@@ -190,6 +190,7 @@ def test_damaged_checkpoint_on_resume_is_one_line_naming_file_and_side(tmp_path,
     assert f"checkpoint {out.absolute() / 'checkpoints' / '4' / 'meta'} (meta) is damaged" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_stops_the_cli_cleanly_with_exit_130_and_a_checkpoint(tmp_path, sig):
     """The real process: before, Ctrl-C aborted it (exit 134, 'terminate called ...') and saved nothing."""
@@ -237,5 +238,5 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_block_its_out(tmp_pa
     from hier_jax.outputs import prepare_run_dir, run_outputs
 
     (tmp_path / "checkpoints").mkdir()  # created by a run that diverged or stopped before saving anything
-    assert run_outputs(tmp_path) == []
-    prepare_run_dir(tmp_path)
+    assert run_outputs(tmp_path, train_experiment.OUTPUTS) == []
+    prepare_run_dir(tmp_path, outputs=train_experiment.OUTPUTS)

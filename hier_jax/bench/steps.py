@@ -6,7 +6,6 @@ import time
 
 from hier_jax.bench.timing import Variant
 
-DATASETS = {"cifar10": ((32, 32, 3), 10), "tiny_imagenet": ((64, 64, 3), 200)}
 DEFAULT_SPLIT = {"vgg16": "pool3", "resnet18": "layer2_1", "resnet18_tv": "layer2_1"}
 STEPS = ("edge", "cloud", "pair", "end_to_end")
 TORCH_MODES = ("eager", "eager_cl", "compile")

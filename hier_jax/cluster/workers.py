@@ -10,10 +10,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import ImageDataset
+from hier_jax.run.evaluate import accuracy
 
 
 def start_jax(cores: Sequence[int] | None, platform: str) -> None:
@@ -53,20 +53,10 @@ def _crash() -> None:
 
 
 class EdgeWorker(_Side):
-    def __init__(
-        self,
-        edge: int,
-        config: ExperimentConfig,
-        dataset: ImageDataset,
-        steps: int,
-        cores: Sequence[int] | None,
-        link: str,
-        time_scale: float,
-        kill_at: int | None,
-    ):
+    def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
+                 cores: Sequence[int] | None, kill_at: int | None):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, "cpu")
         from hier_jax import train
-        from hier_jax.link import get_link
 
         self.edge, self.kill_at = edge, kill_at
         self.state = train.fresh_states(self.setup)[0]
@@ -75,11 +65,11 @@ class EdgeWorker(_Side):
         # Compile now, on a throwaway copy and the first batch, so that no timed step compiles.
         images, labels = next(iter(train.TrainBatches(self.setup)))
         jax.block_until_ready(self.setup.hierarchy.edge_step(train.fresh_states(self.setup)[0], images, labels))
-        self.link = get_link(link) if link else None
-        self.time_scale, self.link_free = time_scale, 0.0
 
     def step(self, t: int) -> tuple[Any, dict]:
-        """Train edge step t; (the packed payload as numpy, metrics). Steps come in order."""
+        """Train edge step t; (the packed payload as numpy, metrics: loss, accuracy, step time, the
+        payload's bytes and the wall-clock time it was ready, which the driver's link clock starts
+        from). Steps come in order."""
         if t == self.kill_at:
             _crash()
         if t != self.next_step:
@@ -87,12 +77,8 @@ class EdgeWorker(_Side):
         start = time.perf_counter()
         payload, metrics = jax.device_get(self._train())
         step_s = time.perf_counter() - start
-        ready_at = 0.0
-        if self.link is not None:
-            nbytes = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(payload))
-            self.link_free = max(time.time(), self.link_free) + self.link.serialize_s(nbytes) * self.time_scale
-            ready_at = self.link_free + self.link.latency_s * self.time_scale
-        return (payload, ready_at), {"loss": float(metrics["loss"]), "step_s": step_s}
+        return payload, {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "step_s": step_s,
+                         "nbytes": payload.nbytes, "done_at": time.time()}
 
     def _train(self) -> tuple[Any, dict]:
         images, labels = next(self.batches)
@@ -128,29 +114,28 @@ class EdgeWorker(_Side):
 
     def evaluate(self) -> tuple[dict, list]:
         """(edge-exit accuracy, [(payload, labels, mask)] of the test split for the cloud exit)."""
-
         from hier_jax.data import eval_batches
 
-        h, correct, n, bundle = self.setup.hierarchy, 0, 0, []
-        for images, labels, mask in eval_batches(self.setup.dataset, self.config.batch_size, device=self.device):
+        h, payloads, kept = self.setup.hierarchy, [], []
+
+        def early_exit(images):
             logits, payload = h.edge_eval(self.state, images)
-            hits, labels, mask = jax.device_get((jnp.argmax(logits, -1) == labels, labels, mask))
-            correct += int((hits & mask).sum())
-            n += int(mask.sum())
-            bundle.append((jax.device_get(payload), labels, mask))
-        return {"edge_accuracy": correct / n, "examples": n}, bundle
+            payloads.append(payload)
+            return logits
+
+        def batches():
+            for images, labels, mask in eval_batches(self.setup.dataset, self.config.batch_size, device=self.device):
+                kept.append((labels, mask))
+                yield images, labels, mask
+
+        result = accuracy(early_exit, batches())
+        bundle = [(payload, labels, mask) for payload, (labels, mask) in zip(payloads, kept, strict=True)]
+        return {"edge_accuracy": result["accuracy"], "examples": result["examples"]}, jax.device_get(bundle)
 
 
 class CloudWorker(_Side):
-    def __init__(
-        self,
-        config: ExperimentConfig,
-        dataset: ImageDataset,
-        steps: int,
-        cores: Sequence[int] | None,
-        platform: str,
-        kill_at: int,
-    ):
+    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, steps: int, cores: Sequence[int] | None,
+                 platform: str, kill_at: int):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, platform)
         self.kill_at, self.steps_done = kill_at, 0
 
@@ -163,9 +148,9 @@ class CloudWorker(_Side):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=self.device), shape)
         jax.block_until_ready(self.setup.hierarchy.cloud_step(train.fresh_states(self.setup)[1], zeros))
 
-    def step(self, edge: int, t: int, delivery: tuple[Any, float]) -> dict:
-        """Train on edge `edge`'s step-t payload, once it has arrived; metrics."""
-        payload, ready_at = delivery
+    def step(self, edge: int, t: int, payload: Any, ready_at: float) -> dict:
+        """Train on edge `edge`'s step-t payload, once it has arrived (`ready_at`, wall clock; 0: at
+        once); its metrics, with the cloud's own step index."""
         index = self.steps_done
         if index == self.kill_at:
             _crash()
@@ -174,8 +159,9 @@ class CloudWorker(_Side):
             time.sleep(wait)
         start = time.perf_counter()
         self.state, metrics = self.setup.hierarchy.cloud_step(self.state, jax.device_put(payload, self.device))
-        loss = float(metrics["loss"])  # waits for the step
-        return {"index": index, "edge": edge, "step": t, "loss": loss, "step_s": time.perf_counter() - start}
+        metrics = jax.device_get(metrics)  # waits for the step
+        return {"index": index, "edge": edge, "step": t, "loss": float(metrics["loss"]),
+                "accuracy": float(metrics["accuracy"]), "step_s": time.perf_counter() - start}
 
     def state_now(self) -> Any:
         return jax.device_get(self.state)
@@ -184,10 +170,9 @@ class CloudWorker(_Side):
         self.state, self.steps_done = jax.device_put(state, self.device), steps_done
 
     def evaluate(self, bundle: list) -> float:
-        correct = n = 0
-        for payload, labels, mask in bundle:
-            logits = self.setup.hierarchy.cloud_eval(self.state, jax.device_put(payload, self.device))
-            hits = np.asarray(jax.device_get(jnp.argmax(logits, -1))) == labels
-            correct += int((hits & mask).sum())
-            n += int(mask.sum())
-        return correct / n
+        """The cloud exit's accuracy on one edge's test-split payloads."""
+
+        def final_exit(payload):
+            return self.setup.hierarchy.cloud_eval(self.state, jax.device_put(payload, self.device))
+
+        return accuracy(final_exit, bundle)["accuracy"]

@@ -30,11 +30,13 @@ from hier_jax.data.core import (
     num_train_steps,
     train_batches,
 )
-from hier_jax.data.registry import DATASETS, load_dataset
+from hier_jax.data.registry import DATASETS, STANDARD_SHAPES, DataShape, load_dataset
 
 __all__ = [
     "AUGMENTATIONS",
     "DATASETS",
+    "STANDARD_SHAPES",
+    "DataShape",
     "ImageDataset",
     "channel_stats",
     "epoch_permutation",

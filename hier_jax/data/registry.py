@@ -12,6 +12,23 @@ DATASETS = ("digits", "cifar10", "tiny_imagenet", "folder:PATH")
 """Valid `spec` values for `load_dataset`."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DataShape:
+    """What a model and the runtime model need of a data set: image shape, classes, training examples."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    num_train: int
+
+    @classmethod
+    def of(cls, dataset: ImageDataset) -> DataShape:
+        return cls(tuple(dataset.image_shape), dataset.num_classes, dataset.num_train)
+
+
+STANDARD_SHAPES = {"cifar10": DataShape((32, 32, 3), 10, 50_000), "tiny_imagenet": DataShape((64, 64, 3), 200, 100_000)}
+"""The paper's data sets, known without loading them (benchmarks and the runtime model on random inputs)."""
+
+
 def load_dataset(
     spec: str,
     data_dir: str | Path | None = None,

@@ -1,4 +1,4 @@
-"""The hand-off between the edge and cloud threads of `threads.run_overlapped`: the `Channel` interface
+"""The hand-off between the edge and cloud threads of `threads.run_pipelined`: the `Channel` interface
 and its default, `QueueChannel` (instant delivery). `link.SimulatedLink` is the other implementation."""
 
 from __future__ import annotations

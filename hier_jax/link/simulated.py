@@ -1,18 +1,15 @@
 """A link replayed in real time between the edge and cloud threads: `SimulatedLink` replays a `Link`
-for `threads.run_overlapped`, with real delays, scripted outages and drops: it implements
+for `threads.run_pipelined`, with real delays, scripted outages and drops: it implements
 `channel.Channel` (open / send / close / receive / join, each given the run's stop event).
 
-A background delivery thread moves payloads from the edge's buffer onto the link one at a time: the
-link is busy for 8 * nbytes / uplink_bps (serialization), and each payload arrives `latency_s` after
-its last bit left, so latencies of consecutive payloads overlap, as on a real link and as in the
-pipelined cost model (`costmodel`). Both delays are multiplied by `time_scale` (1e-3 replays a 3G
-link a thousand times faster; compute is not scaled).
-
-Outages are scripted in the edge's steps: outage (a, b) means the link is down from the moment the
-edge sends step a until it sends step b (or closes the stream). While the link is up, a full buffer
-blocks the edge (backpressure: the edge cannot outrun the link for long, as in the cost model). While
-it is down the edge never waits: it keeps training on its early exit, its payloads are buffered up to
-`capacity`, and past that the oldest buffered payload is dropped.
+A background delivery thread moves payloads from the edge's buffer onto the link one at a time, on
+the link's clock (`clock.LinkClock`: serialisation, overlapping latencies, delays scaled by
+`time_scale`, so 1e-3 replays a 3G link a thousand times faster; compute is not scaled), and the
+clock's outages (a, b) hold the link down from the edge's step a until its step b (or the stream's
+close). While the link is up, a full buffer blocks the edge (backpressure: the edge cannot outrun the
+link for long, as in the cost model). While it is down the edge never waits: it keeps training on its
+early exit, its payloads are buffered up to `capacity`, and past that the oldest buffered payload is
+dropped.
 
 Drop-oldest, not drop-newest: the newest feature map comes from the edge's current weights and the
 newest data, so it is what the cloud should learn from when the link comes back; an old one describes
@@ -31,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -40,6 +36,7 @@ from typing import Any
 _POLL_S = 0.05
 
 
+from hier_jax.link.clock import LinkClock
 from hier_jax.link.spec import Link
 
 
@@ -64,13 +61,8 @@ class SimulatedLink:
     ):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
-        if not (math.isfinite(time_scale) and time_scale > 0):
-            raise ValueError(f"time_scale must be > 0, got {time_scale}")
-        for a, b in outages:
-            if not 0 <= a < b:
-                raise ValueError(f"an outage is (first step down, first step up again) with 0 <= a < b, got {(a, b)}")
-        self.link, self.capacity, self.time_scale = link, capacity, time_scale
-        self.outages = tuple((int(a), int(b)) for a, b in outages)
+        self.clock = LinkClock(link, time_scale=time_scale, outages=outages)
+        self.link, self.capacity, self.time_scale, self.outages = link, capacity, time_scale, self.clock.outages
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._reset()
@@ -78,7 +70,7 @@ class SimulatedLink:
     def _reset(self) -> None:
         self._buffer: collections.deque = collections.deque()  # (step, payload, nbytes)
         self._flight: collections.deque = collections.deque()  # (arrival time, step, payload)
-        self._link_free_at = 0.0
+        self.clock.reset()
         self._step = -1  # the latest step the edge sent: the outage clock
         self._closed = False
         self._sent = self._delivered = 0
@@ -104,7 +96,7 @@ class SimulatedLink:
                 raise RuntimeError(f"the link's delivery thread did not end within {timeout_s} s")
 
     def _down(self) -> bool:
-        return not self._closed and any(a <= self._step < b for a, b in self.outages)
+        return not self._closed and self.clock.down(self._step)
 
     def send(self, t: int, payload: Any, stop: threading.Event) -> bool:
         """Queue step t's payload (`payload.nbytes` bytes). Blocks only while the link is up and the
@@ -173,12 +165,11 @@ class SimulatedLink:
             while not stop.is_set() and not (self._closed and not self._buffer):
                 now = time.perf_counter()
                 if self._buffer and not self._down() and len(self._flight) < self.capacity:
-                    if now < self._link_free_at:
-                        self._cv.wait(min(self._link_free_at - now, _POLL_S))
+                    if now < self.clock.free_at:
+                        self._cv.wait(min(self.clock.free_at - now, _POLL_S))
                         continue
                     t, payload, nbytes = self._buffer.popleft()
-                    self._link_free_at = now + self.link.serialize_s(nbytes) * self.time_scale
-                    self._flight.append((self._link_free_at + self.link.latency_s * self.time_scale, t, payload))
+                    self._flight.append((self.clock.transmit(nbytes, now), t, payload))
                     self._cv.notify_all()
                 else:
                     self._cv.wait(_POLL_S)

@@ -30,9 +30,9 @@ from hier_jax.models.staged import StagedNet, check_images
 
 @dataclasses.dataclass(frozen=True)
 class ExitHeadConfig:
-    channels: int = 128
-    convs: int = 1
-    grid: int = 4  # average-pool to at most grid x grid cells before the linear layer
+    channels: int = dataclasses.field(default=128, metadata={"help": "early-exit head: conv channels"})
+    convs: int = dataclasses.field(default=1, metadata={"help": "early-exit head: 3x3 conv-BN-ReLU layers"})
+    grid: int = dataclasses.field(default=4, metadata={"help": "early-exit head: average-pool to grid x grid cells"})
 
 
 def pool_grid(height: int, width: int, grid: int) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from hier_jax import outputs, train
 from hier_jax.data import ImageDataset
 from hier_jax.link import SimulatedLink, get_link
 from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, cell_config, cut_order, dataset_key
-from hier_jax.paper.runtime import REPORT_LINKS, DataShape
+from hier_jax.data import DataShape
+from hier_jax.paper.runtime import REPORT_LINKS
 from hier_jax.quantization import raw_image_nbytes
 from hier_jax.run.checkpoint import RunCheckpoints
 
@@ -35,7 +36,7 @@ CSV_COLUMNS = (
     "cloud_minus_end_to_end_pts",
     "payload_bytes_per_image",
     "raw_bytes_per_image",
-    *(f"reduction_vs_cloud_only_{link}" for link in REPORT_LINKS),
+    *(f"reduction_vs_end_to_end_{link}" for link in REPORT_LINKS),
     "wall_s",
     "cloud_steps",
     "dropped_payloads",
@@ -60,9 +61,8 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
     if checkpoints.is_dir():
         with RunCheckpoints(checkpoints, read_only=True) as existing:
             resume = bool(existing.steps())
-    mode = cell.scheme if cell.scheme in train.BASELINES else "overlapped"
     link = outage_link(setup.total_steps) if cell.scheme == "hierarchical_outage" else None
-    result = train.train(setup, mode, channel=link, checkpoint_dir=checkpoints, resume=resume)
+    result = train.train(setup, channel=link, checkpoint_dir=checkpoints, resume=resume)
     accuracy = train.evaluate(setup, result)
     raw = raw_image_nbytes(1, *dataset.image_shape, dataset.num_classes)
     row = {
@@ -79,7 +79,7 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
         "edge_accuracy": accuracy["edge_accuracy"],
         "cloud_accuracy": accuracy["cloud_accuracy"],
         # End-to-end is what cloud-only training computes: the raw images cross the link.
-        "payload_bytes_per_image": raw if mode == "end_to_end" else result.payload_bytes / config.batch_size,
+        "payload_bytes_per_image": raw if config.scheme == "end_to_end" else result.payload_bytes / config.batch_size,
         "raw_bytes_per_image": raw,
         "wall_s": result.wall_s,
         "cloud_steps": len(result.cloud_steps),

@@ -9,7 +9,7 @@ import numpy as np
 from hier_jax import outputs
 from hier_jax.paper.cells import group_rows
 from hier_jax.paper.profiles import cut_order
-from hier_jax.paper.runtime import paper_reduction
+from hier_jax.runtime_model.reported import paper_reduction
 
 PLOT_LINKS = ("3g", "4g", "wifi")
 REDUCTION_AXIS_MIN = -100  # %: slower cuts are drawn at this edge of the figure
@@ -108,7 +108,7 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
         if r["status"] == "done"
         and r["scheme"] in ("hierarchical", "split_learning")
         and r["cloud_minus_end_to_end_pts"] is not None
-        and r.get("reduction_vs_cloud_only_3g") is not None
+        and r.get("reduction_vs_end_to_end_3g") is not None
     ]
     fig, axes = plt.subplots(1, len(PLOT_LINKS), figsize=(4.8 * len(PLOT_LINKS), 3.8), squeeze=False)
     series = sorted({(r["dataset"], r["model"]) for r in done})
@@ -118,8 +118,8 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
                 pts = [r for r in done if (r["dataset"], r["model"], r["scheme"]) == (dataset, model, scheme)]
                 if not pts:
                     continue
-                # Cuts far slower than cloud-only (float32 hand-offs) would squash the rest: drawn at the edge.
-                xs = [max(100 * r[f"reduction_vs_cloud_only_{link}"], REDUCTION_AXIS_MIN) for r in pts]
+                # Cuts far slower than end-to-end (float32 hand-offs) would squash the rest: drawn at the edge.
+                xs = [max(100 * r[f"reduction_vs_end_to_end_{link}"], REDUCTION_AXIS_MIN) for r in pts]
                 ys = [r["cloud_minus_end_to_end_pts"] for r in pts]
                 ax.scatter(
                     xs,
@@ -146,7 +146,7 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlim(REDUCTION_AXIS_MIN - 5, 100)
         ax.set(
-            xlabel=f"modeled reduction vs cloud-only over {link} (%; ≤ {REDUCTION_AXIS_MIN} drawn at it)",
+            xlabel=f"modeled reduction vs end-to-end over {link} (%; ≤ {REDUCTION_AXIS_MIN} drawn at it)",
             ylabel="cloud exit − end-to-end (pts)",
             title=link,
         )

@@ -13,51 +13,64 @@ from pathlib import Path
 import numpy as np
 
 from hier_jax import cli, outputs
-from hier_jax.config import RUN_ONLY_FIELDS, ExperimentConfig
+from hier_jax.config import ExperimentConfig, differences, from_dict
 from hier_jax.data import ImageDataset, load_dataset
-from hier_jax.errors import ConfigError, RunInterrupted, UserError
+from hier_jax.errors import RunInterrupted, UserError, check
+from hier_jax.flags import option
 from hier_jax.paper.cells import load_rows, run_cell, write_results
-from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, dataset_key
+from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, dataset_key, grid_profiles
 from hier_jax.paper.report import write_report
-from hier_jax.paper.runtime import DataShape, RuntimeModel, add_runtime
+from hier_jax.data import DataShape
+from hier_jax.paper.runtime import RuntimeModel, add_runtime
 from hier_jax.quantization import VALID_BITS
 
 
-def check_args(args, profile: GridProfile) -> tuple[list[str], list[str] | None, list[int] | None, list[str]]:
-    """Validate the narrowing flags against the profile (ConfigError listing the valid choices)."""
-    models = args.models or list(profile.cuts)
+@dataclasses.dataclass(frozen=True)
+class GridRequest:
+    """What `experiments.paper` asks for: a profile's grid in a directory, optionally narrowed."""
+
+    profile: str = option("", f"the budget: {', '.join(grid_profiles())} (required)")
+    out: str = option("", "the grid's directory (rerun the same command to resume; required)")
+    dataset: tuple[str, ...] = option((), "data sets (default: the profile's): cifar10, tiny_imagenet, digits, "
+                                      "folder:PATH", many=True)
+    models: tuple[str, ...] = option((), "narrow the grid to these models", many=True)
+    cuts: tuple[str, ...] = option((), "narrow the grid to these cuts", many=True)
+    bits: tuple[int, ...] = option((), "narrow the hierarchical cells to these bit widths (the baselines always "
+                                   "run)", many=True)
+    schemes: tuple[str, ...] = option((), f"narrow the grid: {', '.join(SCHEMES)}", many=True)
+    seeds: int = option(1, "seeds per cell (the report gives mean ± std)")
+    tolerance_pts: float = option(1.0, "the chosen cut's cloud exit may be at most this many points below "
+                                  "end-to-end")
+
+
+def check_request(request: GridRequest, profile: GridProfile
+                  ) -> tuple[list[str], list[str] | None, list[int] | None, list[str]]:
+    """Validate the narrowing flags against the profile (ConfigError listing the valid choices):
+    (models, cuts or None, bits or None, schemes)."""
+    models = list(request.models) or list(profile.cuts)
     bad = [m for m in models if m not in profile.cuts]
-    if bad:
-        raise ConfigError(
-            f"--models {' '.join(bad)} is invalid for the {profile.name} profile; valid: {', '.join(profile.cuts)}"
-        )
+    check(not bad, "--models", bad, f"{', '.join(profile.cuts)} (the {profile.name} profile's)")
     valid_cuts = sorted({c for m in models for c in profile.cuts[m]})
-    bad = [c for c in args.cuts or () if c not in valid_cuts]
-    if bad:
-        raise ConfigError(f"--cuts {' '.join(bad)} is invalid; valid for {', '.join(models)}: {', '.join(valid_cuts)}")
-    bad = [b for b in args.bits or () if b not in VALID_BITS]
-    if bad:
-        raise ConfigError(f"--bits {' '.join(map(str, bad))} is invalid; valid: {', '.join(map(str, VALID_BITS))}")
+    bad = [c for c in request.cuts if c not in valid_cuts]
+    check(not bad, "--cuts", bad, f"{', '.join(valid_cuts)} (the cuts of {', '.join(models)})")
+    bad = [b for b in request.bits if b not in VALID_BITS]
+    check(not bad, "--bits", bad, ", ".join(map(str, VALID_BITS)))
     grid_bits = sorted(set(profile.bits) | set(profile.sweep_bits))
-    bad = [b for b in args.bits or () if b not in grid_bits]
-    if bad:
-        raise ConfigError(
-            f"--bits {' '.join(map(str, bad))} is not in the {profile.name} grid; valid: "
-            f"{', '.join(map(str, grid_bits))}"
-        )
-    schemes = args.schemes or list(SCHEMES)
+    bad = [b for b in request.bits if b not in grid_bits]
+    check(not bad, "--bits", bad, f"{', '.join(map(str, grid_bits))} (the {profile.name} grid's)")
+    schemes = list(request.schemes) or list(SCHEMES)
     bad = [s for s in schemes if s not in SCHEMES]
-    if bad:
-        raise ConfigError(f"--schemes {' '.join(bad)} is invalid; valid: {', '.join(SCHEMES)}")
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds} is invalid; valid: an integer >= 1")
-    if not (math.isfinite(args.tolerance_pts) and args.tolerance_pts >= 0):
-        raise ConfigError(f"--tolerance-pts {args.tolerance_pts} is invalid; valid: a finite number >= 0")
-    return models, args.cuts, args.bits, schemes
+    check(not bad, "--schemes", bad, ", ".join(SCHEMES))
+    check(request.seeds >= 1, "--seeds", request.seeds, "an integer >= 1")
+    check(math.isfinite(request.tolerance_pts) and request.tolerance_pts >= 0, "--tolerance-pts",
+          request.tolerance_pts, "a finite number >= 0")
+    return models, list(request.cuts) or None, list(request.bits) or None, schemes
 
 
 def check_grid_dir(out: Path, profile: GridProfile) -> None:
     """A DIR holds one profile's grid: refuse to mix another profile's cells into it."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     marker = out / "grid.json"
     if marker.exists():
         grid = json.loads(marker.read_text())
@@ -67,14 +80,7 @@ def check_grid_dir(out: Path, profile: GridProfile) -> None:
                 f"--out {out} holds a grid of the {recorded!r} profile; a {profile.name!r} grid needs "
                 f"another --out (results of two profiles are never mixed)"
             )
-        current = dataclasses.asdict(profile.config)
-        # A field added since the grid was started had its default value then (as train.check_resumable).
-        there = {**json.loads(json.dumps(dataclasses.asdict(ExperimentConfig()))), **grid.get("config", {})}
-        changed = [
-            f"{k} ({there.get(k)!r} there, {v!r} now)"
-            for k, v in current.items()
-            if k not in RUN_ONLY_FIELDS and json.loads(json.dumps(v)) != there.get(k)
-        ]
+        changed = differences(profile.config, from_dict(ExperimentConfig, grid.get("config", {})), "there")
         if changed:
             raise UserError(
                 f"--out {out} holds a {profile.name} grid made with other settings: "

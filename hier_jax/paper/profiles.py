@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from hier_jax.config import ExperimentConfig
+from hier_jax.config import SIDES, ExperimentConfig, optimizers
 from hier_jax.data import ImageDataset, num_train_steps
-from hier_jax.models import stage_names
+from hier_jax.flags import replace_paths
+from hier_jax.models import ExitHeadConfig, stage_names
 
 SCHEMES = ("hierarchical", "end_to_end", "split_learning", "hierarchical_outage")
+"""The grid's kinds of cell: a training scheme, or hierarchical training with the link down for part of it."""
 SHARED_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg"
 
 
-# The paper's reported runtime reductions against cloud-only training over its 3G link, CIFAR-10 and Tiny
-# ImageNet (../shared/PAPER.md); our resnet18 and resnet18_tv are both compared with its ResNet-18.
 @dataclasses.dataclass(frozen=True)
 class GridProfile:
     """One budget for the whole grid; `config` holds every training setting the cells share."""
@@ -53,8 +53,8 @@ def grid_profiles() -> dict[str, GridProfile]:
                 batch_size=32,
                 epochs=1,
                 max_steps=20,
-                learning_rate=0.05,
-                head_channels=8,
+                **optimizers(learning_rate=0.05),
+                head=ExitHeadConfig(channels=8),
                 checkpoint_every=5,
                 keep_checkpoints=2,
             ),
@@ -74,9 +74,8 @@ def grid_profiles() -> dict[str, GridProfile]:
                 width=16,
                 batch_size=128,
                 epochs=4,
-                learning_rate=0.05,
-                nesterov=True,
-                head_channels=64,
+                **optimizers(learning_rate=0.05, nesterov=True),
+                head=ExitHeadConfig(channels=64),
                 checkpoint_every=300,
                 keep_checkpoints=2,
             ),
@@ -100,8 +99,7 @@ def grid_profiles() -> dict[str, GridProfile]:
                 width=64,
                 batch_size=128,
                 epochs=60,
-                learning_rate=0.05,
-                nesterov=True,
+                **optimizers(learning_rate=0.05, nesterov=True),
                 checkpoint_every=1000,
                 keep_checkpoints=2,
             ),
@@ -167,10 +165,12 @@ def cell_config(profile: GridProfile, cell: Cell, dataset: ImageDataset) -> Expe
         split=cell.cut or profile.sweep_cut[cell.model],
         bits=cell.bits,
         seed=cell.seed,
+        scheme="hierarchical" if cell.scheme == "hierarchical_outage" else cell.scheme,
+        schedule="pipelined",
     )
     if profile.warmup_epochs > 0:
-        per_epoch = num_train_steps(dataset, config.batch_size)
-        config = dataclasses.replace(config, warmup_steps=int(profile.warmup_epochs * per_epoch))
+        warmup = int(profile.warmup_epochs * num_train_steps(dataset, config.batch_size))
+        config = replace_paths(config, {f"{side}_optimizer.warmup_steps": warmup for side in SIDES})
     return config
 
 

@@ -12,7 +12,9 @@ from hier_jax.link import get_link
 from hier_jax.paper.cells import OUTAGE_BUFFER, OUTAGE_FRACTION, group_rows
 from hier_jax.paper.figures import plot_accuracy_vs_bits, plot_accuracy_vs_cut, plot_accuracy_vs_reduction
 from hier_jax.paper.profiles import Cell, GridProfile, cut_order
-from hier_jax.paper.runtime import REPORT_LINKS, DataShape, RuntimeModel, paper_reduction
+from hier_jax.data import DataShape
+from hier_jax.paper.runtime import REPORT_LINKS, RuntimeModel
+from hier_jax.runtime_model.reported import paper_reduction
 from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import K620_MEMORY_BYTES
 
@@ -113,7 +115,7 @@ def bytes_runtime_table(rows: list[dict]) -> str:
                 f"{r['payload_bytes_per_image']:,.0f}",
                 f"{r['raw_bytes_per_image']:,.0f}",
                 f"{r['raw_bytes_per_image'] / r['payload_bytes_per_image']:.2f}x",
-                *(f"{100 * r[f'reduction_vs_cloud_only_{lk}']:.0f} %" for lk in REPORT_LINKS),
+                *(f"{100 * r[f'reduction_vs_end_to_end_{lk}']:.0f} %" for lk in REPORT_LINKS),
                 "–" if paper is None else f"{100 * paper:.0f} % (3G)",
             ]
         )
@@ -201,13 +203,13 @@ def chosen_cuts(
                     num_examples=ds.num_train,
                     memory_budget_bytes=K620_MEMORY_BYTES,
                     bits=sorted({b for _, b in accuracy}),
-                    scheme="hierarchical_paper",
+                    scheme="hierarchical_per_batch",
                     accuracy=accuracy,
                     max_accuracy_drop=tolerance_pts / 100,
                     reference_accuracy=ref_acc,
                 ).best
                 base = costmodel.epoch_time(
-                    "cloud_only",
+                    "end_to_end",
                     selection.workload(
                         edge,
                         cloud,
@@ -228,7 +230,7 @@ def chosen_cuts(
                         chosen.bits,
                         f"{100 * chosen.accuracy:.1f}",
                         "–" if ref_acc is None else f"{100 * ref_acc:.1f}",
-                        f"{100 * saved:.0f} %" + (" (cloud-only is faster here)" if saved < 0 else ""),
+                        f"{100 * saved:.0f} %" + (" (end-to-end is faster here)" if saved < 0 else ""),
                     ]
                 )
             except ValueError as error:
@@ -282,13 +284,13 @@ def write_report(
         f"- {profile.description}.",
         f"- Every cell: batch {c.batch_size}, width {c.width}, "
         + (f"{c.max_steps} steps" if c.max_steps else f"{c.epochs} epochs")
-        + f", edge and cloud optimizers {c.optimizer('edge')} / {c.optimizer('cloud')}; exit head "
-        f"{c.head_convs} conv of {c.head_channels} channels pooled to {c.head_grid}x{c.head_grid}.",
-        "- Hierarchical cells run overlapped (edge and cloud on their own devices, bit-identical to sequential); "
+        + f", edge and cloud optimizers {c.edge_optimizer} / {c.cloud_optimizer}; exit head "
+        f"{c.head.convs} conv of {c.head.channels} channels pooled to {c.head.grid}x{c.head.grid}.",
+        "- Hierarchical cells run pipelined (edge and cloud on their own devices, bit-identical to sequential); "
         "the baselines start from the same initial weights and see the same batches.",
         f"- Runtime: the cost model (`costmodel`, docs/runtime_model.md) on the paper's hardware (RTX 2080 Ti cloud, "
         f"Quadro K620 edge, modeled from XLA flop counts of each stage at width {profile.runtime_width}), batch "
-        f"{c.batch_size}, the paper's per-batch schedule (`hierarchical_paper`) against `cloud_only`.",
+        f"{c.batch_size}, the paper's per-batch schedule (`hierarchical_per_batch`) against `end_to_end`.",
         "",
         "## Accuracy per cut and bit width against end-to-end training",
         "",
@@ -302,7 +304,7 @@ def write_report(
         "",
         "## Baselines at the same budget",
         "",
-        "End-to-end training of the unsplit model is what cloud-only training computes; vanilla split learning "
+        "End-to-end training of the unsplit model is what the paper's cloud-only training computes; vanilla split learning "
         "backpropagates through the cut, so it trains the same function (its accuracy should match end-to-end's "
         "up to float reassociation).",
         "",

@@ -14,6 +14,7 @@ import optax
 from hier_jax import steps
 from hier_jax.devices import AUTO, place, resolve_device
 from hier_jax.models import Split
+from hier_jax.run.evaluate import accuracy
 from hier_jax.run.supervisor import Snapshot
 from hier_jax.run.threads import PairStep, RunResult, run_pairs
 
@@ -140,17 +141,12 @@ def run_baseline(
 def evaluate_baseline(
     b: Baseline, edge_state: steps.State, cloud_state: steps.State, batches: Iterable[tuple[Any, Any, Any]]
 ) -> dict[str, float]:
-    """Test accuracy of a baseline's final exit: {"cloud_accuracy": float, "examples": int}, i.e.
-    `evaluate.evaluate`'s keys without "edge_accuracy" (a baseline has no early exit). `batches` yields
-    (images, labels, mask), as for `evaluate.evaluate`; masked-out (padding) examples are not counted."""
-    correct = n = 0
-    for images, labels, mask in batches:
+    """Test accuracy of a baseline's final exit: {"cloud_accuracy", "examples"} (a baseline has no
+    early exit). `batches` yields (images, labels, mask), as for `evaluate.evaluate`."""
+
+    def final_exit(images):
         if b.edge_eval is not None:
             images = jax.device_put(b.edge_eval(edge_state, jax.device_put(images, b.edge_device)), b.cloud_device)
-        logits = b.cloud_eval(cloud_state, jax.device_put(images, b.cloud_device))
-        hits, mask = jax.device_get((jnp.argmax(logits, -1) == jax.device_put(labels, b.cloud_device), mask))
-        correct += int((hits & mask.astype(bool)).sum())
-        n += int(mask.sum())
-    if n == 0:
-        raise ValueError("evaluation got no examples")
-    return {"cloud_accuracy": correct / n, "examples": n}
+        return {"cloud": b.cloud_eval(cloud_state, jax.device_put(images, b.cloud_device))}
+
+    return accuracy(final_exit, batches)

@@ -13,6 +13,7 @@ directory and the item (side) at fault, as a `CheckpointError`; reading never cr
 
 from __future__ import annotations
 
+import concurrent.futures
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,22 @@ class RunCheckpoints:
         return self.directory / str(step)
 
     def save(self, step: int, edge_state: State, cloud_state: State, meta: dict[str, Any]) -> Path:
-        """Write checkpoint `step`; blocks until it is complete on disk. Refuses a step that exists."""
+        """Write checkpoint `step`; blocks until it is complete on disk. Refuses a step that exists.
+
+        The write runs on a thread of its own, so a Ctrl-C or SIGTERM (a KeyboardInterrupt in the
+        calling thread) lands while it is waited for: the checkpoint is completed, then the interrupt
+        goes on (an interrupted orbax write would leave a temporary directory and no checkpoint)."""
         if step in self.steps():
             raise CheckpointError(f"checkpoint {self.path(step)} already exists; it is never overwritten")
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hier-save") as pool:
+            writing = pool.submit(self._write, step, edge_state, cloud_state, meta)
+            try:
+                return writing.result()
+            except KeyboardInterrupt:
+                writing.result()
+                raise
+
+    def _write(self, step: int, edge_state: State, cloud_state: State, meta: dict[str, Any]) -> Path:
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import jax
-import numpy as np
-from tqdm.auto import tqdm
 
 from hier_jax import steps
 from hier_jax.devices import place
-from hier_jax.errors import DivergenceError
+from hier_jax.run.record import RunRecord, check_finite
 
 POLL_S = 0.05  # how often a blocked wait checks the run's stop event
 JOIN_GRACE_S = 60.0  # after a stop, how long a worker may take to finish the step it is running
@@ -40,30 +37,12 @@ UNPAIRED_PER_SIDE = 4  # copies a side may offer ahead of the other (an outage);
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """Copies of both states after `step` steps, with the metrics of this run's steps before it."""
+    """Copies of both states after `step` steps, with the record of this run's steps before it."""
 
     step: int
     edge_state: steps.State
     cloud_state: steps.State
-    edge_metrics: dict[str, np.ndarray]
-    cloud_metrics: dict[str, np.ndarray]
-    cloud_steps: np.ndarray
-
-
-class Progress:
-    """A tqdm bar whose postfix shows metrics two steps old, so reading them never blocks dispatch."""
-
-    def __init__(self, enabled: bool, batches: Iterable, desc: str, start: int = 0):
-        total = start + len(batches) if hasattr(batches, "__len__") else None
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, initial=start)
-
-    def update(self, metrics: list[dict[str, jax.Array]]) -> None:
-        if len(metrics) > 2 and not self.bar.disable and len(metrics) % 5 == 0:
-            self.bar.set_postfix(loss=f"{float(metrics[-3]['loss']):.3f}", refresh=False)
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
+    record: RunRecord
 
 
 class FiniteCheck:
@@ -78,16 +57,11 @@ class FiniteCheck:
             return
         self.pending.append((t, metrics["loss"]))
         while len(self.pending) > self.lag:
-            self._check(*self.pending.popleft())
+            check_finite(self.side, *self.pending.popleft())
 
     def flush(self) -> None:
         while self.pending:
-            self._check(*self.pending.popleft())
-
-    def _check(self, t: int, loss: jax.Array) -> None:
-        value = float(loss)
-        if not math.isfinite(value):
-            raise DivergenceError(self.side, t, value)
+            check_finite(self.side, *self.pending.popleft())
 
 
 class Supervisor:
@@ -152,10 +126,10 @@ class Supervisor:
                 self._written.wait(POLL_S)
         self._offers.put((side, step, place(state, device)))
 
-    def supervise(self, threads: list[threading.Thread], metrics: Callable[[int], tuple]) -> float:
+    def supervise(self, threads: list[threading.Thread], metrics: Callable[[int], RunRecord]) -> float:
         """Start `threads`, serve snapshots until they end, then join them; returns the wall time.
 
-        `metrics(k)` gives (edge_metrics, cloud_metrics, cloud_steps) of this run's steps before k.
+        `metrics(k)` gives the record of this run's steps before k.
         """
         start = time.perf_counter()
         deadline = None if self.timeout_s is None else start + self.timeout_s
@@ -183,13 +157,13 @@ class Supervisor:
                 self._join([writer])
         return wall_s
 
-    def _write(self, metrics: Callable[[int], tuple]) -> None:
+    def _write(self, metrics: Callable[[int], RunRecord]) -> None:
         """The writer thread: `on_snapshot` for each paired snapshot, in step order, until None."""
         while (pair := self._pairs.get()) is not None:
             step, edge_state, cloud_state = pair
             try:
                 if not self.errors:  # a failed run saves nothing more
-                    self.on_snapshot(Snapshot(step, edge_state, cloud_state, *metrics(step)))
+                    self.on_snapshot(Snapshot(step, edge_state, cloud_state, metrics(step)))
             except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised by the caller
                 self.fail(error)
             finally:

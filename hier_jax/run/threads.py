@@ -1,12 +1,12 @@
 """The in-process runner: the steps of a `hierarchy.Hierarchy` on worker threads, supervised.
 
 - `run_sequential`: edge step, hand-off, cloud step, one after the other (the reference).
-- `run_overlapped`: one dispatch thread per side and a `link.Channel` between them (by default a
+- `run_pipelined`: one dispatch thread per side and a `link.Channel` between them (by default a
   bounded queue of payloads, `link.QueueChannel`; or a `link.SimulatedLink`). The edge's next step
   waits only on a full queue (backpressure), never on the cloud's compute; one thread dispatching to
   two CPU devices would run them one after the other.
 
-Both modes run the same compiled programs on the same inputs in the same per-device order, so they
+Both schedules run the same compiled programs on the same inputs in the same per-device order, so they
 give bit-identical states and metrics; the cloud checks that the payload it consumes is step t's.
 The calling thread supervises the workers (`supervisor`). An exception in either thread stops both
 and is re-raised in the caller with its traceback; every wait is bounded and every thread a run
@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from typing import Any
 
 import jax
@@ -29,48 +29,80 @@ from hier_jax import steps
 from hier_jax.errors import RunAborted
 from hier_jax.link.channel import Channel, QueueChannel
 from hier_jax.run.hierarchy import Hierarchy
-from hier_jax.run.supervisor import FINITE_LAG, JOIN_GRACE_S, FiniteCheck, Progress, Snapshot, Supervisor
+from hier_jax.run.record import RunRecord
+from hier_jax.run.progress import Progress
+from hier_jax.run.supervisor import FINITE_LAG, JOIN_GRACE_S, FiniteCheck, Snapshot, Supervisor
 
 
 @dataclasses.dataclass
 class RunResult:
-    """Final states, per-step metrics as host arrays ({"loss": [T], "accuracy": [T]}) and wall time.
+    """Final states, the record of the steps this call ran (start_step .. end_step - 1) and wall time.
 
-    The metrics cover the steps this call ran, start_step .. end_step - 1; cloud_steps[i] is the edge
-    step whose payload the cloud's i-th step consumed. `interrupted`: stopped early by Ctrl-C, with
-    both sides at end_step.
+    `interrupted`: stopped early by Ctrl-C, with both sides at end_step. `scheme` and `schedule` are
+    what train.train ran (the runner's own functions leave them empty).
     """
 
     edge_state: steps.State
     cloud_state: steps.State
-    edge_metrics: dict[str, np.ndarray]
-    cloud_metrics: dict[str, np.ndarray]
+    record: RunRecord
     wall_s: float
     payload_bytes: int
-    cloud_steps: np.ndarray
     start_step: int = 0
     end_step: int = 0
     interrupted: bool = False
-    mode: str = ""  # set by train.train: sequential, overlapped, end_to_end or split_learning
+    scheme: str = ""
+    schedule: str = ""
+
+    @property
+    def edge_metrics(self) -> dict[str, np.ndarray]:
+        """The (one) edge's {"loss": [T], "accuracy": [T]} over its steps."""
+        edge = self.record.edge_metrics(0)
+        return {k: edge[k] for k in ("loss", "accuracy")}
+
+    @property
+    def cloud_metrics(self) -> dict[str, np.ndarray]:
+        """The cloud's {"loss", "accuracy"} in the order it trained."""
+        cloud = self.record.cloud_metrics()
+        return {k: cloud[k] for k in ("loss", "accuracy")}
+
+    @property
+    def cloud_steps(self) -> np.ndarray:
+        """cloud_steps[i]: the edge step whose payload the cloud's i-th step consumed."""
+        return self.record.cloud_metrics()["step"]
 
 
-def _stack(metrics: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
-    host = jax.device_get(metrics)
-    return {k: np.asarray([m[k] for m in host]) for k in (host[0] if host else ())}
+def _record(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int) -> RunRecord:
+    """The record of one edge's steps from `start_step` and the cloud's (device metrics fetched)."""
+    edge_host, cloud_host = jax.device_get((edge_metrics, cloud_metrics))
+    record = RunRecord.empty(1)
+    for i, metrics in enumerate(edge_host):
+        if metrics:  # a baseline's edge trains on no loss of its own
+            record.add_edge_step(0, start_step + i, metrics)
+    for t, metrics in zip(cloud_steps, cloud_host, strict=False):
+        record.add_cloud_step(0, t, metrics)
+    return record
 
 
-def _metrics_before(
-    edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
-) -> Callable[[int], tuple]:
-    def upto(k: int) -> tuple:
+def _record_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
+                   ) -> Callable[[int], RunRecord]:
+    """The record of this call's steps before k, read while the workers append to the lists."""
+    def upto(k: int) -> RunRecord:
         n_cloud = bisect.bisect_left(cloud_steps[: len(cloud_metrics)], k)
-        return (
-            _stack(edge_metrics[: k - start_step]),
-            _stack(cloud_metrics[:n_cloud]),
-            np.asarray(cloud_steps[:n_cloud], dtype=np.int64),
-        )
+        return _record(edge_metrics[: k - start_step], cloud_metrics[:n_cloud], cloud_steps[:n_cloud], start_step)
 
     return upto
+
+
+def _total(batches: Iterable, start_step: int) -> int | None:
+    return start_step + len(batches) if isinstance(batches, Sized) else None
+
+
+def _recent_loss(cloud_metrics: list, bar: Progress) -> float | None:
+    """Every fifth step, the loss of the step two before the newest (finished, so reading it never
+    blocks dispatch)."""
+    if bar.enabled and len(cloud_metrics) > 2 and len(cloud_metrics) % 5 == 0:
+        return float(cloud_metrics[-3]["loss"])
+    return None
 
 
 PairStep = Callable[[steps.State, steps.State, Any, Any], tuple[steps.State, steps.State, dict, dict, int]]
@@ -103,7 +135,7 @@ def run_pairs(
     run = Supervisor(start_step, snapshot_every, on_snapshot, timeout_s)
     edge_metrics, cloud_metrics, cloud_steps = [], [], []
     final: dict[str, Any] = {}
-    bar = Progress(progress, batches, desc, start_step)
+    bar = Progress(progress, _total(batches, start_step), desc, start_step)
 
     def worker(edge_state, cloud_state):
         try:
@@ -125,7 +157,7 @@ def run_pairs(
                 if run.is_boundary(t):
                     run.offer("edge", t, edge_state, devices[0])
                     run.offer("cloud", t, cloud_state, devices[1])
-                bar.update(cloud_metrics)
+                bar.update(_recent_loss(cloud_metrics, bar))
             if not run.stop.is_set():
                 final.update(edge=edge_state, cloud=cloud_state, end_step=t)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
@@ -134,7 +166,7 @@ def run_pairs(
     thread = threading.Thread(target=worker, args=(edge_state, cloud_state), name="hier-sequential", daemon=True)
     del edge_state, cloud_state  # donated to the worker
     try:
-        wall_s = run.supervise([thread], _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
+        wall_s = run.supervise([thread], _record_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
     finally:
         run.stop.set()
         bar.close()
@@ -199,18 +231,16 @@ def _result(
     return RunResult(
         final["edge"],
         final["cloud"],
-        _stack(edge_metrics),
-        _stack(cloud_metrics),
+        _record(edge_metrics, cloud_metrics, cloud_steps, start_step),
         wall_s,
         final.get("payload_bytes", 0),
-        np.asarray(cloud_steps, dtype=np.int64),
         start_step,
         final["end_step"],
         run.interrupted,
     )
 
 
-def run_overlapped(
+def run_pipelined(
     h: Hierarchy,
     edge_state: steps.State,
     cloud_state: steps.State,
@@ -237,7 +267,7 @@ def run_overlapped(
     cloud_metrics: list = []
     cloud_steps: list[int] = []
     final: dict[str, Any] = {}
-    bar = Progress(progress, batches, "overlapped", start_step)
+    bar = Progress(progress, _total(batches, start_step), "pipelined", start_step)
 
     def edge_worker(state):
         try:
@@ -281,7 +311,7 @@ def run_overlapped(
                 last = t
                 if run.is_boundary(t + 1):
                     run.offer("cloud", t + 1, state, h.cloud_device)
-                bar.update(cloud_metrics)
+                bar.update(_recent_loss(cloud_metrics, bar))
             if not run.stop.is_set():
                 check.flush()
                 final["cloud"] = jax.block_until_ready(state)
@@ -295,7 +325,7 @@ def run_overlapped(
     ]
     del edge_state, cloud_state  # donated to the workers
     try:
-        wall_s = run.supervise(threads, _metrics_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
+        wall_s = run.supervise(threads, _record_before(edge_metrics, cloud_metrics, cloud_steps, start_step))
     finally:
         run.stop.set()
         channel.join(JOIN_GRACE_S)

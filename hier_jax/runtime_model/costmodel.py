@@ -13,20 +13,26 @@ derives the formulas; in brief, for one batch of B examples at a separation poin
     up(n) = 8n / R_up + L,  down(n) = 8n / R_down + L,  ser(n) = 8n / R_up  (L: one-way latency)
     N batches per epoch, E epochs, M = N * E batches in all
 
-    cloud_only              up(D) + T + (M - 1) * max(ser(D), T)      raw data streamed every epoch
-    cloud_only_once         [up(D) + T + (N - 1) * max(ser(D), T)] + (E - 1) * N * T
+    end_to_end              up(D) + T + (M - 1) * max(ser(D), T)      raw data streamed every epoch
+    end_to_end_once         [up(D) + T + (N - 1) * max(ser(D), T)] + (E - 1) * N * T
                                                                        raw data set uploaded once
     split_learning          M * (F_e + up(A) + C + down(G) + B_e)     strictly sequential
-    hierarchical_paper      M * (F_e + Hf + max(B_e + Hb, up(P) + C)) per batch, as the paper describes
-    hierarchical_pipelined  W + up(P) + C + (M - 1) * max(W, ser(P), C),  W = F_e + Hf + B_e + Hb
-                                                                       what threads.run_overlapped does
+    hierarchical_sequential M * (W + up(P) + C),  W = F_e + Hf + B_e + Hb
+                                                                       the edge waits for the cloud
+    hierarchical_per_batch  M * (F_e + Hf + max(B_e + Hb, up(P) + C)) per batch, as the paper describes
+    hierarchical_pipelined  W + up(P) + C + (M - 1) * max(W, ser(P), C)
+                                                                       the edge runs ahead of the cloud
 
-Epoch time is the total divided by E. In the pipelined forms the link is a pipeline stage: it
-serializes one transfer after the other (ser), while the latency of each transfer overlaps the
-next, so latency enters once, in the fill term. The assumption that matters most is whether the raw
-data must cross the link every epoch (a sensor that streams new data, `cloud_only`) or only once
-(`cloud_only_once`): hierarchical training sends fresh feature maps every epoch either way, because
-the edge's weights, and so its features, change as it trains.
+The names are the training scheme (end_to_end, split_learning, hierarchical: what trains) with the
+schedule (sequential, pipelined: how edge and cloud take turns) where a scheme has more than one;
+`end_to_end` is the paper's "cloud-only" baseline: the whole model trained in the cloud on raw data.
+`per_batch` is the paper's schedule: each batch's edge backward pass overlaps its own upload and
+cloud step, but the next batch waits. Epoch time is the total divided by E. In the pipelined forms
+the link is a pipeline stage: it serializes one transfer after the other (ser), while the latency
+of each transfer overlaps the next, so latency enters once, in the fill term. The assumption that
+matters most is whether the raw data must cross the link every epoch (a sensor that streams new
+data, `end_to_end`) or only once (`end_to_end_once`): hierarchical training sends fresh feature maps
+every epoch either way, because the edge's weights, and so its features, change as it trains.
 """
 
 from __future__ import annotations
@@ -36,8 +42,17 @@ import math
 
 from hier_jax.link import Link
 
-SCHEMES = ("cloud_only", "cloud_only_once", "split_learning", "hierarchical_paper", "hierarchical_pipelined")
-"""Valid `scheme` names for `training_time` and `epoch_time`."""
+MODELED = ("end_to_end", "end_to_end_once", "split_learning", "hierarchical_sequential", "hierarchical_per_batch",
+           "hierarchical_pipelined")
+"""Valid names for `training_time` and `epoch_time`: a scheme, with its schedule where it has several."""
+
+
+def modeled(scheme: str, schedule: str = "pipelined") -> str:
+    """The cost model's name of a run's (scheme, schedule): split learning is always sequential, and
+    end-to-end training streams its data while it trains."""
+    if scheme == "hierarchical":
+        return f"hierarchical_{schedule}"
+    return scheme
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +91,11 @@ def training_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> floa
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     n = w.batches_per_epoch
     m = n * epochs
-    if scheme == "cloud_only":
+    if scheme == "end_to_end":
         return _pipelined(
             link.up_s(w.raw_bytes) + w.full_train_s, max(link.serialize_s(w.raw_bytes), w.full_train_s), m
         )
-    if scheme == "cloud_only_once":
+    if scheme == "end_to_end_once":
         first_epoch = _pipelined(
             link.up_s(w.raw_bytes) + w.full_train_s, max(link.serialize_s(w.raw_bytes), w.full_train_s), n
         )
@@ -93,7 +108,10 @@ def training_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> floa
             + link.down_s(w.gradient_bytes)
             + w.edge_bwd_s
         )
-    if scheme == "hierarchical_paper":
+    if scheme == "hierarchical_sequential":
+        edge = w.edge_fwd_s + w.head_fwd_s + w.edge_bwd_s + w.head_bwd_s
+        return m * (edge + link.up_s(w.payload_bytes) + w.cloud_train_s)
+    if scheme == "hierarchical_per_batch":
         return m * (
             w.edge_fwd_s + w.head_fwd_s + max(w.edge_bwd_s + w.head_bwd_s, link.up_s(w.payload_bytes) + w.cloud_train_s)
         )
@@ -104,7 +122,7 @@ def training_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> floa
             max(edge, link.serialize_s(w.payload_bytes), w.cloud_train_s),
             m,
         )
-    raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(MODELED)}")
 
 
 def epoch_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> float:

@@ -480,3 +480,15 @@ def load_profile(path: str | Path) -> Profile:
         raw_bytes=int(data["raw_bytes"]),
         whole_train_s=None if data["whole_train_s"] is None else float(data["whole_train_s"]),
     )
+
+
+def cached_profile(path: str | Path, model: Callable[[], StagedNet], *, refresh: bool = False, **options: Any
+                   ) -> Profile:
+    """The profile saved at `path`, else (or with `refresh`) `profile_model(model(), **options)`,
+    saved there for the next call; the model is built only when it is measured."""
+    path = Path(path)
+    if path.exists() and not refresh:
+        return load_profile(path)
+    measured = profile_model(model(), **options)
+    save_profile(measured, path)
+    return measured

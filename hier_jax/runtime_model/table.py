@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 from pathlib import Path
 
@@ -12,64 +11,39 @@ from hier_jax import outputs
 from hier_jax.errors import UserError
 from hier_jax.link import get_link
 from hier_jax.models import build_model
-from hier_jax.runtime_model import costmodel, profiler, selection
+from hier_jax.data import STANDARD_SHAPES
+from hier_jax.runtime_model import costmodel, profiler, reported, selection
 from hier_jax.runtime_model.hardware import paper_devices
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    num_train: int
-
-
-DATASETS = {"cifar10": DataSpec((32, 32, 3), 10, 50_000), "tiny_imagenet": DataSpec((64, 64, 3), 200, 100_000)}
-# The paper's reductions against cloud-only training over its 3G link (see shared/PAPER.md); our
-# resnet18 and resnet18_tv rows are both compared with its ResNet-18.
-PAPER_REDUCTION = {
-    ("vgg16", "cifar10"): 0.29,
-    ("resnet18", "cifar10"): 0.61,
-    ("vgg16", "tiny_imagenet"): 0.25,
-    ("resnet18", "tiny_imagenet"): 0.81,
-}
-# Where the paper most likely cut: the reported reductions sit just under the communication-only ceilings of
-# these points (PAPER.md). Our inference, used only to put our model next to the paper at the same cut.
-PAPER_SPLITS = {
-    ("vgg16", "cifar10"): "pool3",
-    ("vgg16", "tiny_imagenet"): "pool3",
-    ("resnet18", "cifar10"): "layer2_1",
-    ("resnet18", "tiny_imagenet"): "layer3_1",
-}
-HIER_SCHEMES = ("split_learning", "hierarchical_paper", "hierarchical_pipelined")
-SCHEME_ORDER = ("cloud_only", "cloud_only_once") + HIER_SCHEMES
+HIER_SCHEMES = ("split_learning", "hierarchical_per_batch", "hierarchical_pipelined")
+SCHEME_ORDER = ("end_to_end", "end_to_end_once") + HIER_SCHEMES
 BARS = tuple((s, "selection" if s in HIER_SCHEMES else "") for s in SCHEME_ORDER) + (
-    ("hierarchical_paper", "paper_inferred"),
+    ("hierarchical_per_batch", "paper_inferred"),
     ("hierarchical_pipelined", "paper_inferred"),
 )
 
 
 def paper_reduction(model: str, dataset: str, link: str) -> float | None:
-    return PAPER_REDUCTION.get((model.removesuffix("_tv"), dataset)) if link == "3g" else None
+    """The paper's reduction beside our row: it reports one for 3G only."""
+    return reported.paper_reduction(model, dataset) if link == "3g" else None
 
 
 def load_or_profile(args: argparse.Namespace, model_name: str, dataset: str) -> profiler.Profile:
     """The CPU profile of one model on one data set's shapes, measured once and cached as JSON."""
-    spec = DATASETS[dataset]
+    spec = STANDARD_SHAPES[dataset]
     path = Path(args.out) / "profiles" / f"{model_name}_{dataset}_b{args.profile_batch}.json"
     bits = tuple(sorted(set(profiler.DEFAULT_BITS) | set(args.bits)))
-    if path.exists() and not args.reprofile:
-        profile = profiler.load_profile(path)
-    else:
-        model = build_model(model_name, num_classes=spec.num_classes, input_shape=spec.input_shape)
-        profile = profiler.profile_model(
-            model,
-            batch=args.profile_batch,
-            repeats=args.repeats,
-            payload_batch=args.batch,
-            bits=bits,
-            measure_whole=False,
-        )
-        profiler.save_profile(profile, path)
+    profile = profiler.cached_profile(
+        path,
+        lambda: build_model(model_name, num_classes=spec.num_classes, input_shape=spec.image_shape),
+        refresh=args.reprofile,
+        batch=args.profile_batch,
+        repeats=args.repeats,
+        payload_batch=args.batch,
+        bits=bits,
+        measure_whole=False,
+    )
     if profile.payload_batch != args.batch or not set(bits) <= set(profile.splits[0].payload_bytes):
         profile = profiler.with_payload_batch(profile, args.batch, bits)
     return profile
@@ -84,7 +58,7 @@ def devices(profile: profiler.Profile, args: argparse.Namespace) -> tuple[profil
 
 def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple[list[dict], list[dict]]:
     """Table rows (each scheme at its own best split and bits) and split-sweep rows, for every link."""
-    spec = DATASETS[dataset]
+    spec = STANDARD_SHAPES[dataset]
     edge, cloud = devices(load_or_profile(args, model_name, dataset), args)
     budget = int(args.memory_budget_gib * 2**30)
     rows, sweep = [], []
@@ -92,14 +66,14 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
         link = get_link(link_name)
         any_point = edge.splits[0].name
         w = selection.workload(edge, cloud, any_point, args.bits[0], batch=args.batch, num_examples=spec.num_train)
-        base = {s: costmodel.epoch_time(s, w, link, args.epochs) for s in ("cloud_only", "cloud_only_once")}
+        base = {s: costmodel.epoch_time(s, w, link, args.epochs) for s in ("end_to_end", "end_to_end_once")}
         common = {
             "model": model_name,
             "dataset": dataset,
             "link": link_name,
             "paper_reduction": paper_reduction(model_name, dataset, link_name),
         }
-        for scheme in ("cloud_only", "cloud_only_once"):
+        for scheme in ("end_to_end", "end_to_end_once"):
             rows.append(
                 {
                     **common,
@@ -135,7 +109,7 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
                 ) from None
             chosen = [("selection", ranked.best)]
             if scheme != "split_learning":
-                point = PAPER_SPLITS[(model_name.removesuffix("_tv"), dataset)]
+                point = reported.paper_split(model_name, dataset)
                 chosen.append(
                     (
                         "paper_inferred",
@@ -170,10 +144,10 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
                 }
             )
     for row in rows:
-        ref = next(r for r in rows if r["link"] == row["link"] and r["scheme"] == "cloud_only")
-        once = next(r for r in rows if r["link"] == row["link"] and r["scheme"] == "cloud_only_once")
-        row["reduction_vs_cloud_only"] = costmodel.reduction(row["epoch_s"], ref["epoch_s"])
-        row["reduction_vs_cloud_only_once"] = costmodel.reduction(row["epoch_s"], once["epoch_s"])
+        ref = next(r for r in rows if r["link"] == row["link"] and r["scheme"] == "end_to_end")
+        once = next(r for r in rows if r["link"] == row["link"] and r["scheme"] == "end_to_end_once")
+        row["reduction_vs_end_to_end"] = costmodel.reduction(row["epoch_s"], ref["epoch_s"])
+        row["reduction_vs_end_to_end_once"] = costmodel.reduction(row["epoch_s"], once["epoch_s"])
     return rows, sweep
 
 
@@ -192,7 +166,7 @@ def assumptions(args: argparse.Namespace) -> list[str]:
         f"{args.batch}; sum of stages stands for the fused model",
         f"edge memory budget {args.memory_budget_gib:g} GiB (the K620's 2 GB): params + momentum + grads + "
         f"BN stats + autodiff residuals of edge stages and exit head",
-        f"cloud_only streams raw uint8 batches every epoch (online data); cloud_only_once uploads the data set "
+        f"end_to_end streams raw uint8 batches every epoch (online data); end_to_end_once uploads the data set "
         f"once and trains {args.epochs} epochs on it (the time shown is per epoch, upload amortized)",
         f"hierarchical payloads at {'/'.join(map(str, args.bits))} bits, bytes of the real packed payload; "
         f"split learning sends float32 up and the float32 gradient down",
@@ -219,10 +193,10 @@ def print_table(rows: list[dict], lines: list[str]) -> None:
         memory = f"{r['edge_memory_mib']:.0f}" + ("" if r["fits_memory"] else "!")
         print(
             f"{r['model']:<12} {r['dataset']:<14} {r['link']:<4} {r['scheme']:<23} {r['split_choice']:<14} "
-            f"{r['split']:<9} {str(r['bits']):>4} {r['epoch_s']:>9.1f} {100 * r['reduction_vs_cloud_only']:>8.0f}% "
+            f"{r['split']:<9} {str(r['bits']):>4} {r['epoch_s']:>9.1f} {100 * r['reduction_vs_end_to_end']:>8.0f}% "
             f"{paper:>6} {memory:>9}"
         )
-    print("(! = over the edge memory budget; paper = the paper's reduction vs cloud-only over 3G)")
+    print("(! = over the edge memory budget; paper = the paper's reduction vs its cloud-only (end-to-end) baseline over 3G)")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -267,7 +241,7 @@ def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
                 if scheme.startswith("hier"):
                     for x, r in zip(xs, values):
                         ax.annotate(
-                            f"{100 * r['reduction_vs_cloud_only']:.0f}%",
+                            f"{100 * r['reduction_vs_end_to_end']:.0f}%",
                             (x, r["epoch_s"]),
                             ha="center",
                             va="bottom",
@@ -290,7 +264,7 @@ def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(
-        "Epoch time per scheme, at the selected split or the paper's inferred cut; % = reduction vs cloud_only"
+        "Epoch time per scheme, at the selected split or the paper's inferred cut; % = reduction vs end_to_end"
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     outputs.save_figure(fig, path, dpi=120)
@@ -321,12 +295,12 @@ def plot_sweep(sweep: list[dict], args: argparse.Namespace, path: Path) -> None:
                 )
                 ax.plot(
                     xs,
-                    [r["hierarchical_paper"] for r in pts],
+                    [r["hierarchical_per_batch"] for r in pts],
                     ls="--",
                     color=line.get_color(),
                     label=f"{link} hierarchical (paper)",
                 )
-                ax.axhline(pts[0]["cloud_only"], color=line.get_color(), ls=":", label=f"{link} cloud_only")
+                ax.axhline(pts[0]["end_to_end"], color=line.get_color(), ls=":", label=f"{link} end_to_end")
                 over = [r for r in pts if not r["fits_memory"]]
                 ax.scatter(
                     [r["index"] for r in over],

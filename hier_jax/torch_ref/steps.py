@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hier_jax.optim import SCHEDULES, OptimConfig
+from hier_jax.optim import LR_SCHEDULES, OptimConfig
 from hier_jax.torch_ref import quantization as tq
 
 
 def schedule_fn(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the base learning rate at step t, as hier_jax.optim.make_optimizer's schedule."""
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {config.schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if config.schedule == "constant":
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {config.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if config.lr_schedule == "constant":
         return lambda t: 1.0
     warmup = config.warmup_steps
     if warmup > 0:

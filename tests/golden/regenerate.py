@@ -6,6 +6,7 @@ Run it only when a change is meant to alter the numbers (a new model default, a 
 and say so in the commit; the file records the versions and CPU that produced it.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ def main() -> None:
     process.setup()  # the experiments' process set-up, as the tests have it
     from golden import trajectory
 
-    golden = {"machine": trajectory.machine(), "config": trajectory.CONFIG.__dict__, "runs": trajectory.record()}
+    golden = {"machine": trajectory.machine(), "config": dataclasses.asdict(trajectory.CONFIG), "runs": trajectory.record()}
     path = HERE / "cpu.json"
     path.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {path}")

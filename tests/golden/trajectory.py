@@ -1,7 +1,7 @@
 """The golden trajectory: one fixed tiny run whose numbers any backend must reproduce.
 
 digits, torchvision-style ResNet-18 at width 4 cut after layer1_1, 4-bit hand-off, 20 steps of batch
-32, run sequentially and overlapped. `record()` gives its per-step losses, final accuracies, payload
+32, run in both schedules (sequential, pipelined). `record()` gives its per-step losses, final accuracies, payload
 bytes and a SHA-256 of the final parameters and BatchNorm statistics; tests/golden/regenerate.py
 stores it as cpu.json with the versions and machine that produced it, and tests/test_golden.py
 compares a fresh run with it.
@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from hier_jax import train
-from hier_jax.config import ExperimentConfig
+from hier_jax.config import SCHEDULES, ExperimentConfig, optimizers
 from hier_jax.data import load_dataset
+from hier_jax.models import ExitHeadConfig
 from hier_jax.runtime_model import profiler
 
 CONFIG = ExperimentConfig(
@@ -28,8 +29,8 @@ CONFIG = ExperimentConfig(
     width=4,
     batch_size=32,
     max_steps=20,
-    head_channels=8,
-    learning_rate=0.05,
+    head=ExitHeadConfig(channels=8),
+    **optimizers(learning_rate=0.05),
     seed=0,
     precision="fp32",
 )  # not "auto": the same policy on every backend
@@ -46,13 +47,13 @@ def state_sha256(edge_state, cloud_state) -> str:
 
 
 def record() -> dict:
-    """Both schedules of the golden run: {"sequential": {...}, "overlapped": {...}}."""
+    """Both schedules of the golden run: {"sequential": {...}, "pipelined": {...}}."""
     setup = train.build(CONFIG, load_dataset("digits"))
     runs = {}
-    for mode in train.MODES:
-        result = train.train(setup, mode, progress=False)
+    for schedule in SCHEDULES:
+        result = train.train(setup, schedule=schedule, progress=False)
         accuracy = train.evaluate(setup, result)
-        runs[mode] = {
+        runs[schedule] = {
             "edge_loss": [float(x) for x in result.edge_metrics["loss"]],
             "cloud_loss": [float(x) for x in result.cloud_metrics["loss"]],
             "edge_accuracy": accuracy["edge_accuracy"],
