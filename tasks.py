@@ -50,7 +50,7 @@ BACKEND_XLA_FLAGS = {"gpu": "--xla_gpu_deterministic_ops=true"}
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - tasks.py runs under whatever python3 a user has
         sys.exit(f"hier-jax needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating {VENV} ...", flush=True)

@@ -1,5 +1,6 @@
 """Measured overlap across processes: one edge and one cloud as Ray workers, each pinned to one core,
-the pipelined schedule against the sequential one, per separation point; and the in-process sequential step on all cores.
+the pipelined schedule against the sequential one, per separation point; and the in-process
+sequential step on all cores.
 
 For each split: each side's step time (median of the worker's own timings), the step time of the
 sequential schedule (the edge waits for the cloud and the cloud for the edge) and of the pipelined one
@@ -7,8 +8,9 @@ sequential schedule (the edge waits for the cloud and the cloud for the edge) an
 over --repeats runs (the two schedules interleaved, new worker processes each run, compiled before the
 clock starts). The ideal pipelined speed-up is (edge + cloud) / max(edge, cloud); `of_ideal` is the
 measured speed-up divided by it, `hidden` the fraction of the shorter side that the pipeline hid:
-(sequential - pipelined) / min(edge, cloud). `in_process` is threads.run_sequential's step (batches made inside the clock) with both
-sides in this process on every core, the schedule the pipeline has to beat on a small machine.
+(sequential - pipelined) / min(edge, cloud). `in_process` is threads.run_sequential's step (batches
+made inside the clock) with both sides in this process on every core, the schedule the pipeline has
+to beat on a small machine.
 
     python -m experiments.bench_cluster --model resnet18 --width 32 --batch-size 64 --splits layer1_1,layer2_1 --out DIR
 
@@ -35,7 +37,12 @@ from hier_jax.run import threads
 from hier_jax.runtime_model import profiler
 
 DEFAULTS = ExperimentConfig(
-    model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head=ExitHeadConfig(channels=64),
+    model="resnet18",
+    dataset="digits",
+    split="layer2_1",
+    width=32,
+    batch_size=64,
+    head=ExitHeadConfig(channels=64),
     queue_size=2,
 )
 
@@ -61,7 +68,9 @@ def measure_split(config: ExperimentConfig, dataset, steps: int, repeats: int) -
     edge_s, cloud_s = [], []
     for _ in range(repeats):
         for schedule in runs:
-            result = cluster.run(dataclasses.replace(config, schedule=schedule), dataset, cluster.ClusterConfig(edges=1))
+            result = cluster.run(
+                dataclasses.replace(config, schedule=schedule), dataset, cluster.ClusterConfig(edges=1)
+            )
             runs[schedule].append(result.wall_s / result.steps_per_edge)
             edge_s += result.record.edges[0]["step_s"]
             cloud_s += result.record.cloud["step_s"]
@@ -90,7 +99,8 @@ def table(rows: list[dict], cpu: str, config: ExperimentConfig) -> str:
         f"One edge and one cloud as Ray workers, one core each, on {cpu}: {config.model} width {config.width}, "
         f"batch {config.batch_size}, {config.bits} bits (seconds per step, medians).",
         "",
-        "| split | edge | cloud | sequential | pipelined | speed-up | ideal | of ideal | hidden | in-process, all cores |",
+        "| split | edge | cloud | sequential | pipelined | speed-up | ideal | of ideal | hidden "
+        "| in-process, all cores |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:

@@ -20,8 +20,8 @@ from hier_jax import cli, flags, outputs, process, train
 from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import check
-from hier_jax.models import ExitHeadConfig
 from hier_jax.link.channel import QueueChannel
+from hier_jax.models import ExitHeadConfig
 from hier_jax.run import threads
 
 DEFAULTS = ExperimentConfig(
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> dict:
         seq = threads.run_sequential(h, *train.fresh_states(setup), batches)
         ovl = threads.run_pipelined(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
         if repeat:
-            for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s)):
+            for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s), strict=False):
                 figures[key].append(value / args.steps)
     median = {k: statistics.median(v) for k, v in figures.items()}
     hidden = (median["sequential"] - median["pipelined"]) / min(median["edge"], median["cloud"])

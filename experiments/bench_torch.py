@@ -62,7 +62,6 @@ import sys
 import time
 
 from hier_jax import cli, outputs, process
-from hier_jax.data import STANDARD_SHAPES
 from hier_jax.bench.steps import (
     DEFAULT_SPLIT,
     JAX_VARIANTS,
@@ -75,6 +74,7 @@ from hier_jax.bench.steps import (
     torch_variant,
 )
 from hier_jax.bench.timing import Variant, measure, tune_malloc
+from hier_jax.data import STANDARD_SHAPES
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -27,8 +27,9 @@ from hier_jax.data import load_dataset
 from hier_jax.errors import RunInterrupted, UserError
 from hier_jax.run.record import RUN_FILES, write_run_files
 
-DEFAULTS = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=8, batch_size=32,
-                            epochs=1)
+DEFAULTS = ExperimentConfig(
+    model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=8, batch_size=32, epochs=1
+)
 OUTPUTS = (*RUN_FILES, "checkpoints")
 
 
@@ -42,17 +43,23 @@ def report(result: cluster.ClusterResult) -> None:
     for name, where in result.placement.items():
         print(f"  {name}: {where}")
     for e in result.edges:
-        state = (f"LOST after delivering step {e.last_delivered_step}" if e.lost else
-                 f"edge exit {e.edge_accuracy:.3f}, cloud exit on its features {e.cloud_accuracy:.3f}")
+        state = (
+            f"LOST after delivering step {e.last_delivered_step}"
+            if e.lost
+            else f"edge exit {e.edge_accuracy:.3f}, cloud exit on its features {e.cloud_accuracy:.3f}"
+        )
         restarted = f", restarted {e.restarts}x ({e.replayed} steps replayed)" if e.restarts else ""
         link = f" ({len(e.link_dropped)} by its link)" if e.link_dropped else ""
-        print(f"edge {e.edge}: {e.examples} examples, sent {e.sent}, delivered {e.delivered}, dropped {e.dropped}"
-              f"{link}{restarted}; {state}")
+        print(
+            f"edge {e.edge}: {e.examples} examples, sent {e.sent}, delivered {e.delivered}, dropped {e.dropped}"
+            f"{link}{restarted}; {state}"
+        )
     this_run = len(result.cloud_order) - result.resumed_cloud_steps
-    print(f"cloud: {this_run} steps in {result.wall_s:.2f} s ({result.cloud_steps_per_s:.1f}/s)"
-          + (f", {len(result.cloud_order)} in all since step 0" if result.resumed_cloud_steps else "")
-          + (f", mean cloud accuracy {result.mean_cloud_accuracy:.3f}" if result.mean_cloud_accuracy is not None
-             else ""))
+    print(
+        f"cloud: {this_run} steps in {result.wall_s:.2f} s ({result.cloud_steps_per_s:.1f}/s)"
+        + (f", {len(result.cloud_order)} in all since step 0" if result.resumed_cloud_steps else "")
+        + (f", mean cloud accuracy {result.mean_cloud_accuracy:.3f}" if result.mean_cloud_accuracy is not None else "")
+    )
 
 
 @cli.entry_point
@@ -62,40 +69,67 @@ def main(argv: list[str]) -> dict:
     flags.add_flags(parser, ExperimentConfig, DEFAULTS)
     flags.add_flags(parser, cluster.ClusterConfig)
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its latest checkpoint (same settings)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same settings)"
+    )
     args = parser.parse_args(argv)
     config = flags.parse(ExperimentConfig, args, DEFAULTS)
     topology = flags.parse(cluster.ClusterConfig, args)
     cluster.validate_cluster(topology, config)
     if args.resume and not config.out:
         raise UserError("--resume needs the --out of the run to continue")
-    out = (outputs.prepare_run_dir(config.out, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS,
-                                   resume_hint="--resume") if config.out else None)
+    out = (
+        outputs.prepare_run_dir(
+            config.out, resume=args.resume, overwrite=args.overwrite, outputs=OUTPUTS, resume_hint="--resume"
+        )
+        if config.out
+        else None
+    )
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     if out is not None and args.overwrite:
         outputs.remove_run(out, OUTPUTS)
-    print(f"{config.model} (width {config.width}) on {dataset.name}, split after {config.split}, {config.bits} bits: "
-          f"{topology.edges} edge(s) and a cloud as Ray workers, {config.schedule}, {topology.order} order", flush=True)
+    print(
+        f"{config.model} (width {config.width}) on {dataset.name}, split after {config.split}, {config.bits} bits: "
+        f"{topology.edges} edge(s) and a cloud as Ray workers, {config.schedule}, {topology.order} order",
+        flush=True,
+    )
     hint = f"; continue with: {resume_command(argv)}" if out else ""
     try:
-        result = cluster.run(config, dataset, topology, progress=True,
-                             checkpoint_dir=out / "checkpoints" if out else None, resume=args.resume)
+        result = cluster.run(
+            config,
+            dataset,
+            topology,
+            progress=True,
+            checkpoint_dir=out / "checkpoints" if out else None,
+            resume=args.resume,
+        )
     except cluster.ClusterError as error:
         raise cluster.ClusterError(f"{error}{hint}") from None
     except RunInterrupted as stopped:
         raise RunInterrupted(stopped.step, stopped.checkpoint, hint if stopped.checkpoint else "") from None
-    summary = {"config": dataclasses.asdict(config), "cluster": dataclasses.asdict(topology), "scheme": config.scheme,
-               **result.summary()}
+    summary = {
+        "config": dataclasses.asdict(config),
+        "cluster": dataclasses.asdict(topology),
+        "scheme": config.scheme,
+        **result.summary(),
+    }
     report(result)
     if out is not None:
-        edge_labels = [f"edge {e.edge}" + (" (lost)" if e.lost else f", test acc {e.edge_accuracy:.3f}")
-                       for e in result.edges]
-        cloud_labels = [f"on edge {e.edge}'s payloads" + ("" if e.cloud_accuracy is None else
-                                                         f", test acc {e.cloud_accuracy:.3f}") for e in result.edges]
-        written = write_run_files(out, summary, result.record,
-                                  f"{len(result.edges)} edge(s), {result.schedule}, {result.order}", edge_labels,
-                                  cloud_labels)
+        edge_labels = [
+            f"edge {e.edge}" + (" (lost)" if e.lost else f", test acc {e.edge_accuracy:.3f}") for e in result.edges
+        ]
+        cloud_labels = [
+            f"on edge {e.edge}'s payloads" + ("" if e.cloud_accuracy is None else f", test acc {e.cloud_accuracy:.3f}")
+            for e in result.edges
+        ]
+        written = write_run_files(
+            out,
+            summary,
+            result.record,
+            f"{len(result.edges)} edge(s), {result.schedule}, {result.order}",
+            edge_labels,
+            cloud_labels,
+        )
         print(f"wrote {', '.join(str(out / name) for name in written)}")
     return summary
 

@@ -36,7 +36,6 @@ from hier_jax.errors import ConfigError, UserError, check
 from hier_jax.paper.grid import GridRequest, check_grid_dir, check_request, load_datasets, run_grid
 from hier_jax.paper.profiles import grid_profiles, plan
 
-
 CONFIG_FLAGS = ("edge_device", "cloud_device", "data_dir")
 """The cells' config fields a grid command may set (the rest is the profile's)."""
 

@@ -47,23 +47,38 @@ def resumed_config(resume_dir: Path, given: dict) -> ExperimentConfig:
 def summarize(setup: train.Setup, result, accuracy: dict, link) -> dict:
     config, dataset, h = setup.config, setup.dataset, setup.hierarchy
     summary = {
-        "config": dataclasses.asdict(config), "scheme": result.scheme, "schedule": result.schedule,
-        "dataset": dataset.name, "split": setup.split.point, "steps": setup.total_steps,
-        "resumed_from_step": result.start_step, "precision": setup.precision,
+        "config": dataclasses.asdict(config),
+        "scheme": result.scheme,
+        "schedule": result.schedule,
+        "dataset": dataset.name,
+        "split": setup.split.point,
+        "steps": setup.total_steps,
+        "resumed_from_step": result.start_step,
+        "precision": setup.precision,
         "placement": {"edge": device_name(h.edge_device), "cloud": device_name(h.cloud_device)},
-        "wall_s": result.wall_s, "edge_accuracy": accuracy["edge_accuracy"],
-        "cloud_accuracy": accuracy["cloud_accuracy"], "test_examples": accuracy["examples"],
+        "wall_s": result.wall_s,
+        "edge_accuracy": accuracy["edge_accuracy"],
+        "cloud_accuracy": accuracy["cloud_accuracy"],
+        "test_examples": accuracy["examples"],
         "payload_bytes_per_batch": result.payload_bytes,
         "raw_bytes_per_batch": raw_image_nbytes(config.batch_size, *dataset.image_shape, dataset.num_classes),
-        "final_edge_loss": float(result.edge_metrics["loss"][-10:].mean()) if len(result.edge_metrics["loss"]) else None,
+        "final_edge_loss": float(result.edge_metrics["loss"][-10:].mean())
+        if len(result.edge_metrics["loss"])
+        else None,
         "final_cloud_loss": float(result.cloud_metrics["loss"][-10:].mean()),
         "cloud_steps": len(result.cloud_steps),
     }
     if link is not None:
         stats = link.stats()
-        summary["link"] = {"name": link.link.name, "time_scale": link.time_scale, "outages": link.outages,
-                           "sent": stats.sent, "delivered": stats.delivered, "dropped": stats.dropped,
-                           "dropped_steps": list(stats.dropped_steps)}
+        summary["link"] = {
+            "name": link.link.name,
+            "time_scale": link.time_scale,
+            "outages": link.outages,
+            "sent": stats.sent,
+            "delivered": stats.delivered,
+            "dropped": stats.dropped,
+            "dropped_steps": list(stats.dropped_steps),
+        }
     return summary
 
 
@@ -72,37 +87,58 @@ def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
     flags.add_flags(parser, ExperimentConfig, DEFAULTS)
-    parser.add_argument("--resume", default="", metavar="DIR",
-                        help="continue the run in DIR (its --out) from its latest checkpoint, with its config")
+    parser.add_argument(
+        "--resume",
+        default="",
+        metavar="DIR",
+        help="continue the run in DIR (its --out) from its latest checkpoint, with its config",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     args = parser.parse_args(argv)
     config = flags.parse(ExperimentConfig, args, DEFAULTS)
     if args.resume:
         resume_dir = Path(args.resume)
         if config.out and Path(config.out).absolute() != resume_dir.absolute():
-            raise UserError(f"--resume {args.resume} continues the run in {args.resume}; --out must be that "
-                            f"directory or be left out, got --out {config.out}")
+            raise UserError(
+                f"--resume {args.resume} continues the run in {args.resume}; --out must be that "
+                f"directory or be left out, got --out {config.out}"
+            )
         config = resumed_config(resume_dir, flags.given(ExperimentConfig, args, DEFAULTS))
     validate(config)
-    out = (outputs.prepare_run_dir(config.out, resume=bool(args.resume), overwrite=args.overwrite, outputs=OUTPUTS,
-                                   resume_hint=f"--resume {config.out}") if config.out else None)
+    out = (
+        outputs.prepare_run_dir(
+            config.out,
+            resume=bool(args.resume),
+            overwrite=args.overwrite,
+            outputs=OUTPUTS,
+            resume_hint=f"--resume {config.out}",
+        )
+        if config.out
+        else None
+    )
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     train.check_data(config, dataset)
     setup = train.build(config, dataset)
     if out is not None and args.overwrite:
         outputs.remove_run(out, OUTPUTS)
     h = setup.hierarchy
-    print(f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: {dataset.num_train} train "
-          f"/ {dataset.num_test} test, split after {setup.split.point}, {config.bits} bits, {setup.total_steps} steps "
-          f"of {config.batch_size}, {config.scheme}, {config.schedule}; precision "
-          f"{resolve(setup.precision).describe()}; edge on {device_name(h.edge_device)}, cloud on "
-          f"{device_name(h.cloud_device)}"
-          + (f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}" if out else
-             "; no --out: nothing is saved"))
+    print(
+        f"{config.model} (width {config.width}) on {dataset.name} {dataset.image_shape}: {dataset.num_train} train "
+        f"/ {dataset.num_test} test, split after {setup.split.point}, {config.bits} bits, {setup.total_steps} steps "
+        f"of {config.batch_size}, {config.scheme}, {config.schedule}; precision "
+        f"{resolve(setup.precision).describe()}; edge on {device_name(h.edge_device)}, cloud on "
+        f"{device_name(h.cloud_device)}"
+        + (
+            f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}"
+            if out
+            else "; no --out: nothing is saved"
+        )
+    )
     link = train.link_channel(config) if config.scheme == "hierarchical" and config.schedule == "pipelined" else None
     try:
-        result = train.train(setup, channel=link, checkpoint_dir=out / "checkpoints" if out else None,
-                             resume=bool(args.resume))
+        result = train.train(
+            setup, channel=link, checkpoint_dir=out / "checkpoints" if out else None, resume=bool(args.resume)
+        )
     except RunInterrupted as stopped:
         hint = f"; resume with: python -m experiments.train --resume {out}" if stopped.checkpoint else ""
         raise RunInterrupted(stopped.step, stopped.checkpoint, hint) from None
@@ -114,18 +150,29 @@ def main(argv: list[str]) -> dict:
     summary = summarize(setup, result, accuracy, link)
     if link is not None:
         s = summary["link"]
-        print(f"link {s['name']}: {s['sent']} payloads sent, {s['delivered']} delivered, {s['dropped']} dropped "
-              f"(steps {s['dropped_steps']})")
+        print(
+            f"link {s['name']}: {s['sent']} payloads sent, {s['delivered']} delivered, {s['dropped']} dropped "
+            f"(steps {s['dropped_steps']})"
+        )
     edge = "-" if summary["edge_accuracy"] is None else f"{summary['edge_accuracy']:.4f}"
-    print(f"edge-exit accuracy {edge}, cloud-exit accuracy {summary['cloud_accuracy']:.4f} on {accuracy['examples']} "
-          f"test images; payload {result.payload_bytes:,} B/batch vs raw {summary['raw_bytes_per_batch']:,} B; "
-          f"{result.wall_s:.1f} s")
+    print(
+        f"edge-exit accuracy {edge}, cloud-exit accuracy {summary['cloud_accuracy']:.4f} on {accuracy['examples']} "
+        f"test images; payload {result.payload_bytes:,} B/batch vs raw {summary['raw_bytes_per_batch']:,} B; "
+        f"{result.wall_s:.1f} s"
+    )
     if out is not None:
         exits = f"test acc {edge}", f"test acc {summary['cloud_accuracy']:.3f}"
-        written = write_run_files(out, summary, result.record,
-                                  f"{config.model} on {dataset.name}, split after {setup.split.point}, {config.bits} "
-                                  f"bits, {config.scheme}", [f"edge, {exits[0]}"], [f"cloud, {exits[1]}"])
-        print(f"wrote {', '.join(str(out / name) for name in written)} and {out / 'checkpoints' / str(result.end_step)}")
+        written = write_run_files(
+            out,
+            summary,
+            result.record,
+            f"{config.model} on {dataset.name}, split after {setup.split.point}, {config.bits} bits, {config.scheme}",
+            [f"edge, {exits[0]}"],
+            [f"cloud, {exits[1]}"],
+        )
+        print(
+            f"wrote {', '.join(str(out / name) for name in written)} and {out / 'checkpoints' / str(result.end_step)}"
+        )
     return summary
 
 

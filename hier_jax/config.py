@@ -31,8 +31,10 @@ from hier_jax.optim import LR_SCHEDULES, OptimConfig
 SIDES = ("edge", "cloud")
 SCHEMES = ("hierarchical", "end_to_end", "split_learning")
 SCHEDULES = ("sequential", "pipelined")
-_LEGACY_SCHEDULES = {"overlapped": ("schedule", "pipelined"),
-                     **{name: (f"{flags.SHARED}optimizer.lr_schedule", name) for name in LR_SCHEDULES}}
+_LEGACY_SCHEDULES = {
+    "overlapped": ("schedule", "pipelined"),
+    **{name: (f"{flags.SHARED}optimizer.lr_schedule", name) for name in LR_SCHEDULES},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +43,13 @@ class ExperimentConfig:
     dataset: str = option("digits", "digits | cifar10 | tiny_imagenet | folder:PATH")
     split: str = option("layer1_1", "separation point: the last edge stage")
     scheme: str = option("hierarchical", " | ".join(SCHEMES))
-    schedule: str = option("pipelined", "sequential (the edge waits for the cloud) | pipelined (it runs ahead); "
-                           "--mode and --flow are old spellings", aliases=("--mode", "--flow"),
-                           values=_LEGACY_SCHEDULES, run_only=True)
+    schedule: str = option(
+        "pipelined",
+        "sequential (the edge waits for the cloud) | pipelined (it runs ahead); --mode and --flow are old spellings",
+        aliases=("--mode", "--flow"),
+        values=_LEGACY_SCHEDULES,
+        run_only=True,
+    )
     bits: int = option(4, "1..8 quantized, 16 bfloat16, 32 float32")
     width: int = option(64, "first-stage channels; 64 is the paper's size")
     precision: str = option("auto", "auto | fp32 | tf32 | bf16, both sides (auto: bf16 on TPU, else fp32)")
@@ -64,7 +70,7 @@ class ExperimentConfig:
     keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep", run_only=True)
 
 
-def optimizers(**settings: Any) -> dict[str, OptimConfig]:
+def optimizers(**settings: Any) -> dict[str, Any]:
     """Both sides' optimizers with the same settings: `ExperimentConfig(..., **optimizers(learning_rate=0.1))`."""
     return {f"{side}_optimizer": OptimConfig(**settings) for side in SIDES}
 
@@ -82,31 +88,42 @@ def run_only_fields() -> set[str]:
 
 
 def differences(current: ExperimentConfig, recorded: ExperimentConfig, there: str) -> list[str]:
-    """"FLAG (VALUE here, VALUE `there`)" for every field that shapes training (run-only fields and the
+    """ "FLAG (VALUE here, VALUE `there`)" for every field that shapes training (run-only fields and the
     scheme left out: the scheme is checked on its own) in which two configs differ."""
     skip = run_only_fields() | {"scheme"}
     theirs = {path: value for path, value, _ in flags.paths(recorded)}
-    return [f"{flags.flag_name(ExperimentConfig, path)} ({value!r} here, {theirs[path]!r} {there})"
-            for path, value, _ in flags.paths(current) if path not in skip and value != theirs[path]]
+    return [
+        f"{flags.flag_name(ExperimentConfig, path)} ({value!r} here, {theirs[path]!r} {there})"
+        for path, value, _ in flags.paths(current)
+        if path not in skip and value != theirs[path]
+    ]
 
 
 def check_dataset_spec(spec: str) -> None:
     """ConfigError unless `spec` names a known data set or an existing image folder (nothing is loaded)."""
     folder = spec.removeprefix("folder:") if spec.startswith("folder:") else None
-    check(spec in ("digits", "cifar10", "tiny_imagenet") or bool(folder), "--dataset", spec,
-          "digits, cifar10, tiny_imagenet, folder:PATH")
+    check(
+        spec in ("digits", "cifar10", "tiny_imagenet") or bool(folder),
+        "--dataset",
+        spec,
+        "digits, cifar10, tiny_imagenet, folder:PATH",
+    )
     if folder is not None and not Path(folder).is_dir():
-        raise ConfigError(f"--dataset {spec!r}: {folder} is not a directory (an image folder holds "
-                          f"train/CLASS/*.jpg and test/CLASS/*.jpg)")
+        raise ConfigError(
+            f"--dataset {spec!r}: {folder} is not a directory (an image folder holds "
+            f"train/CLASS/*.jpg and test/CLASS/*.jpg)"
+        )
 
 
 def _check_optimizers(config: ExperimentConfig) -> None:
     """Each side's optimizer; a bad value both sides share is named by its shared flag."""
-    checks = (("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-              ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-              ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-              ("lr_schedule", lambda v: v in LR_SCHEDULES, ", ".join(LR_SCHEDULES)),
-              ("warmup_steps", lambda v: v >= 0, "an integer >= 0"))
+    checks = (
+        ("learning_rate", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+        ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        ("lr_schedule", lambda v: v in LR_SCHEDULES, ", ".join(LR_SCHEDULES)),
+        ("warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    )
     for name, ok, valid in checks:
         values = {side: getattr(optimizer(config, side), name) for side in SIDES}
         bad = [side for side in SIDES if not ok(values[side])]
@@ -131,9 +148,19 @@ def validate(config: ExperimentConfig, edges: int = 1) -> None:
     check(config.bits in VALID_BITS, "--bits", config.bits, ", ".join(map(str, VALID_BITS)))
     check(config.precision in POLICIES, "--precision", config.precision, ", ".join(POLICIES))
     check_dataset_spec(config.dataset)
-    for path, least in (("width", 1), ("batch_size", 1), ("epochs", 1), ("head.channels", 1), ("head.grid", 1),
-                        ("queue_size", 1), ("keep_checkpoints", 1), ("max_steps", 0), ("head.convs", 0),
-                        ("seed", 0), ("checkpoint_every", 0)):
+    for path, least in (
+        ("width", 1),
+        ("batch_size", 1),
+        ("epochs", 1),
+        ("head.channels", 1),
+        ("head.grid", 1),
+        ("queue_size", 1),
+        ("keep_checkpoints", 1),
+        ("max_steps", 0),
+        ("head.convs", 0),
+        ("seed", 0),
+        ("checkpoint_every", 0),
+    ):
         value = _get(config, path)
         check(value >= least, flags.flag_name(ExperimentConfig, path), value, f"an integer >= {least}")
     _check_optimizers(config)

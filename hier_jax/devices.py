@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
+
+if TYPE_CHECKING:
+    Device = Any  # Device aliases an extension type without stubs, which a type checker cannot use
+else:
+    Device = jax.Device
 
 AUTO = "auto"
 ROLES = ("edge", "cloud")
@@ -12,7 +17,7 @@ ROLES = ("edge", "cloud")
 Tree = TypeVar("Tree")
 
 
-def auto_devices() -> tuple[jax.Device, jax.Device]:
+def auto_devices() -> tuple[Device, Device]:
     """What `auto` places (edge, cloud) on. On an accelerator host the edge takes the first accelerator
     and the cloud the last; with a single accelerator both share it (give --edge-device cpu:0 to make
     the edge a weak device instead). On a CPU host, the first two host devices (XLA_FLAGS
@@ -21,11 +26,11 @@ def auto_devices() -> tuple[jax.Device, jax.Device]:
     return devices[0], devices[min(1, len(devices) - 1)] if devices[0].platform == "cpu" else devices[-1]
 
 
-def device_name(device: jax.Device) -> str:
+def device_name(device: Device) -> str:
     return f"{device.platform}:{device.id}"
 
 
-def all_devices() -> list[jax.Device]:
+def all_devices() -> list[Device]:
     """The devices of every platform this process has, the default one first (jax.devices() lists only
     the default platform's: on a GPU host the CPU devices are there too, as cpu:N)."""
     found = list(jax.devices())
@@ -37,7 +42,7 @@ def all_devices() -> list[jax.Device]:
     return found
 
 
-def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
+def resolve_device(spec: str | Device, role: str = "edge") -> Device:
     """'auto' (see `auto_devices`; `role` is "edge" or "cloud"), 'cpu:1', 'gpu:0', 'tpu' (index 0) or a
     jax.Device; ValueError naming the available devices."""
     if isinstance(spec, jax.Device):
@@ -67,7 +72,7 @@ def resolve_device(spec: str | jax.Device, role: str = "edge") -> jax.Device:
     return devices[idx]
 
 
-def place(tree: Tree, device: jax.Device) -> Tree:
+def place(tree: Tree, device: Device) -> Tree:
     """A copy of `tree` on `device`, never an alias of its arrays (dispatched asynchronously).
 
     It copies because the compiled steps donate their state: a step deletes the buffers of the state

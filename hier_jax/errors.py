@@ -49,8 +49,9 @@ class DivergenceError(FloatingPointError):
     """A non-finite training loss: names the side ("edge" or "cloud"), the edge where a run has
     several, and the step it first appeared at."""
 
-    def __init__(self, side: str, step: int, value: float, last_checkpoint: Path | None = None,
-                 edge: int | None = None):
+    def __init__(
+        self, side: str, step: int, value: float, last_checkpoint: Path | None = None, edge: int | None = None
+    ):
         self.side, self.step, self.value, self.last_checkpoint, self.edge = side, step, value, last_checkpoint, edge
         kept = (
             f"; the last finite checkpoint is {last_checkpoint}"

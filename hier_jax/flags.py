@@ -26,12 +26,23 @@ from typing import Any
 SHARED = "@"  # dest prefix of a shared group's flags
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-           aliases: tuple[str, ...] = (), parse: Callable[[str], Any] | None = None, metavar: str | None = None,
-           repeat: bool = False, many: bool = False, run_only: bool = False, prefix: str | None = None,
-           shared: str | None = None, alias_suffixes: tuple[str, ...] = (),
-           values: dict[str, tuple[str, Any]] | None = None, default_factory: Any = dataclasses.MISSING
-           ) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    repeat: bool = False,
+    many: bool = False,
+    run_only: bool = False,
+    prefix: str | None = None,
+    shared: str | None = None,
+    alias_suffixes: tuple[str, ...] = (),
+    values: dict[str, tuple[str, Any]] | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field with what the flag generator needs in its metadata.
 
     flag / aliases: the flag's spelling (default: the field's name) and other spellings of it;
@@ -42,9 +53,20 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     values: old values kept as spellings: {value: (path, value)} sets `path` instead (a path with
     the SHARED prefix names a shared group's field).
     """
-    metadata = {"help": help, "flag": flag, "aliases": aliases, "parse": parse, "metavar": metavar,
-                "repeat": repeat, "many": many, "run_only": run_only, "prefix": prefix, "shared": shared,
-                "alias_suffixes": alias_suffixes, "values": values or {}}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "aliases": aliases,
+        "parse": parse,
+        "metavar": metavar,
+        "repeat": repeat,
+        "many": many,
+        "run_only": run_only,
+        "prefix": prefix,
+        "shared": shared,
+        "alias_suffixes": alias_suffixes,
+        "values": values or {},
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -68,6 +90,7 @@ def is_config(hint: Any) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Flag:
     """One generated flag: the dotted path it sets (or SHARED + group + field), its spellings, its type."""
+
     dest: str
     spellings: tuple[str, ...]
     field: dataclasses.Field
@@ -94,14 +117,19 @@ def flag_specs(cls: type, defaults: Any = None, include: Iterable[str] | None = 
             for sub in flag_specs(hint, default):
                 name = sub.spellings[0].removeprefix("--")
                 spellings = (
-                    (f"--{prefix}-{name}", *(f"--{prefix}-{a.replace('_', '-')}"
-                                             for a in _meta(sub.field, "alias_suffixes", ())))
-                    if prefix else sub.spellings)
+                    (
+                        f"--{prefix}-{name}",
+                        *(f"--{prefix}-{a.replace('_', '-')}" for a in _meta(sub.field, "alias_suffixes", ())),
+                    )
+                    if prefix
+                    else sub.spellings
+                )
                 specs.append(dataclasses.replace(sub, dest=f"{field.name}.{sub.dest}", spellings=spellings))
             if (group := _meta(field, "shared")) and group not in groups:
                 groups[group] = (hint, default)
-                specs += [dataclasses.replace(sub, dest=f"{SHARED}{group}.{sub.dest}")
-                          for sub in flag_specs(hint, default)]
+                specs += [
+                    dataclasses.replace(sub, dest=f"{SHARED}{group}.{sub.dest}") for sub in flag_specs(hint, default)
+                ]
             continue
         flag = _meta(field, "flag") or _dashed(field.name)
         specs.append(Flag(field.name, (flag, *_meta(field, "aliases", ())), field, hint, default))
@@ -114,8 +142,9 @@ def _value_type(hint: Any) -> Callable[[str], Any]:
     return hint
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
-              include: Iterable[str] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, defaults: Any = None, include: Iterable[str] | None = None
+) -> None:
     """Add a flag per field of `cls` (nested configs flattened), every one defaulting to SUPPRESS."""
     for spec in flag_specs(cls, defaults, include):
         field, hint = spec.field, spec.hint
@@ -134,9 +163,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
             kwargs["nargs"] = "+"
         elif _meta(field, "values"):
             prefix = spec.dest.rpartition(".")[0]
-            kwargs["action"] = _rewriting({value: (target if target.startswith(SHARED) or not prefix else
-                                                   f"{prefix}.{target}", new)
-                                           for value, (target, new) in _meta(field, "values").items()})
+            kwargs["action"] = _rewriting(
+                {
+                    value: (target if target.startswith(SHARED) or not prefix else f"{prefix}.{target}", new)
+                    for value, (target, new) in _meta(field, "values").items()
+                }
+            )
         parser.add_argument(*spec.spellings, **kwargs)
 
 
@@ -151,8 +183,7 @@ def _rewriting(rewrite: dict[str, tuple[str, Any]]) -> type[argparse.Action]:
     return Rewriting
 
 
-def _given_values(cls: type, args: argparse.Namespace, defaults: Any, include: Iterable[str] | None
-                  ) -> dict[str, Any]:
+def _given_values(cls: type, args: argparse.Namespace, defaults: Any, include: Iterable[str] | None) -> dict[str, Any]:
     """{dest: value} of the flags of `cls` (those `add_flags` added with `include`) on the command line."""
     given = {}
     for spec in flag_specs(cls, defaults, include):
@@ -177,8 +208,9 @@ def _paths_of(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def given(cls: type, args: argparse.Namespace, defaults: Any = None, include: Iterable[str] | None = None
-          ) -> dict[str, Any]:
+def given(
+    cls: type, args: argparse.Namespace, defaults: Any = None, include: Iterable[str] | None = None
+) -> dict[str, Any]:
     """{dotted field path: value} for every field the command line set (shared flags spread); pass
     the `include` that `add_flags` was given."""
     return _paths_of(cls, _given_values(cls, args, defaults, include))
@@ -243,11 +275,13 @@ def comma_list(text: str) -> tuple[str, ...]:
 def int_pair(form: str, meaning: str, *, ordered: bool = False) -> Callable[[str], tuple[int, int]]:
     """A parser of 'A:B' into two integers >= 0 (with A < B when `ordered`), whose error says `form`
     and `meaning` (argparse shows it after the flag's name)."""
+
     def parse_pair(text: str) -> tuple[int, int]:
         first, sep, last = text.partition(":")
         if sep and first.isdigit() and last.isdigit() and (not ordered or int(first) < int(last)):
             return int(first), int(last)
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; valid: {form}, {meaning}")
+
     return parse_pair
 
 

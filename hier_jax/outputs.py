@@ -25,9 +25,9 @@ import numpy as np
 from hier_jax.errors import UserError
 
 
-
-def prepare_run_dir(out: str | Path, *, outputs: Sequence[str], resume: bool = False, overwrite: bool = False,
-                    resume_hint: str = "") -> Path:
+def prepare_run_dir(
+    out: str | Path, *, outputs: Sequence[str], resume: bool = False, overwrite: bool = False, resume_hint: str = ""
+) -> Path:
     """Check (and create) `out` before any work; UserError for anything that would lose or mix outputs.
     `outputs` are the names a run writes there (any one of them means `out` holds a run); `resume_hint`
     is the flag that would continue it, for the refusal's message (empty: the run cannot be resumed)."""

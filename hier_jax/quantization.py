@@ -174,7 +174,7 @@ def payload_nbytes(feature_shape: Sequence[int], batch: int, bits: int, num_clas
 
 
 def split_bytes(
-    feature_shape: tuple[int, int, int], batch: int, bits: Sequence[int], num_classes: int
+    feature_shape: tuple[int, ...], batch: int, bits: Sequence[int], num_classes: int
 ) -> tuple[dict[int, int], int, int]:
     """Link bytes of one batch cut at `feature_shape`: ({bits: hierarchical payload}, split learning's
     float32 features + labels up, its float32 boundary gradient down)."""

@@ -167,9 +167,17 @@ def warm_up(setup: Setup) -> None:
     jax.block_until_ready(h.cloud_eval(cloud_state, jax.device_put(eval_payload, h.cloud_device)))
 
 
-def train(setup: Setup, *, scheme: str | None = None, schedule: str | None = None, channel: Channel | None = None,
-          progress: bool = True, checkpoint_dir: str | Path | None = None, resume: bool = False,
-          timeout_s: float | None = None) -> threads.RunResult:
+def train(
+    setup: Setup,
+    *,
+    scheme: str | None = None,
+    schedule: str | None = None,
+    channel: Channel | None = None,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    timeout_s: float | None = None,
+) -> threads.RunResult:
     """Train from the initial states, or with `resume=True` from the latest checkpoint in
     `checkpoint_dir`; returns the whole run's record and final states.
 
@@ -201,24 +209,39 @@ def train(setup: Setup, *, scheme: str | None = None, schedule: str | None = Non
         baseline, edge_state, cloud_state = build_baseline(setup, scheme)
     else:
         edge_state, cloud_state = fresh_states(setup)
-    checkpoints = (None if checkpoint_dir is None else
-                   RunCheckpoints(checkpoint_dir, keep=config.keep_checkpoints,
-                                  read_only=resume and not Path(checkpoint_dir).is_dir()))
+    checkpoints = (
+        None
+        if checkpoint_dir is None
+        else RunCheckpoints(
+            checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir()
+        )
+    )
     meta = None
     try:
         if resume:
             assert checkpoints is not None
             meta = record.read_meta(checkpoints.read_meta())
-            record.check_resumable(meta, config=run_config, scheme=scheme, precision=setup.precision,
-                                   total_steps=setup.total_steps, where=checkpoints.path(meta["step"]))
+            record.check_resumable(
+                meta,
+                config=run_config,
+                scheme=scheme,
+                precision=setup.precision,
+                total_steps=setup.total_steps,
+                where=checkpoints.path(meta["step"]),
+            )
             edge_state, cloud_state, _ = checkpoints.restore(edge_state, cloud_state, meta["step"])
         elif checkpoints is not None and checkpoints.steps():
-            raise ConfigError(f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
-                              f"resume=True to continue that run, or another checkpoint_dir")
+            raise ConfigError(
+                f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
+                f"resume=True to continue that run, or another checkpoint_dir"
+            )
         start = 0 if meta is None else int(meta["step"])
         before = record.record_of(meta)
         wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
-        saved: dict[str, Any] = {"step": start, "path": None if meta is None else checkpoints.path(start)}
+        saved: dict[str, Any] = {"step": start, "path": None}
+        if meta is not None:
+            assert checkpoints is not None  # meta is read from them
+            saved["path"] = checkpoints.path(start)
         per_epoch = num_train_steps(setup.dataset, config.batch_size)
 
         def save(step: int, edge, cloud, new: record.RunRecord, wall_s: float) -> None:
@@ -235,29 +258,46 @@ def train(setup: Setup, *, scheme: str | None = None, schedule: str | None = Non
             if step in checkpoints.steps():  # this run saved it already, then was interrupted before noting it
                 saved.update(step=step, path=checkpoints.path(step))
                 return
-            written = record.run_meta(step=step, total_steps=setup.total_steps, scheme=scheme, schedule=schedule,
-                                   precision=setup.precision, config=run_config, record=before.joined(new),
-                                   wall_s=wall_s, steps_per_epoch=per_epoch)
+            written = record.run_meta(
+                step=step,
+                total_steps=setup.total_steps,
+                scheme=scheme,
+                schedule=schedule,
+                precision=setup.precision,
+                config=run_config,
+                record=before.joined(new),
+                wall_s=wall_s,
+                steps_per_epoch=per_epoch,
+            )
             saved.update(step=step, path=checkpoints.save(step, edge, cloud, written))
 
         def on_snapshot(snap: supervisor.Snapshot) -> None:
-            save(snap.step, snap.edge_state, snap.cloud_state, snap.record,
-                 wall_before + time.perf_counter() - started)
+            save(snap.step, snap.edge_state, snap.cloud_state, snap.record, wall_before + time.perf_counter() - started)
 
         every = config.checkpoint_every if checkpoints is not None else 0
         batches = TrainBatches(setup, start)
         started = time.perf_counter()
-        kwargs: dict[str, Any] = dict(start_step=start, snapshot_every=every, on_snapshot=on_snapshot if every else None,
-                                      timeout_s=timeout_s, progress=progress)
+        kwargs: dict[str, Any] = dict(
+            start_step=start,
+            snapshot_every=every,
+            on_snapshot=on_snapshot if every else None,
+            timeout_s=timeout_s,
+            progress=progress,
+        )
         try:
             if scheme in BASELINES:
                 result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
             elif schedule == "sequential":
                 result = threads.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
             else:
-                result = threads.run_pipelined(setup.hierarchy, edge_state, cloud_state, batches,
-                                               channel=QueueChannel(config.queue_size) if channel is None else channel,
-                                               **kwargs)
+                result = threads.run_pipelined(
+                    setup.hierarchy,
+                    edge_state,
+                    cloud_state,
+                    batches,
+                    channel=QueueChannel(config.queue_size) if channel is None else channel,
+                    **kwargs,
+                )
         except DivergenceError as error:
             raise error.with_checkpoint(saved["path"]) from None
         wall_s = wall_before + result.wall_s
@@ -269,11 +309,18 @@ def train(setup: Setup, *, scheme: str | None = None, schedule: str | None = Non
     if result.interrupted and result.end_step < setup.total_steps:
         raise RunInterrupted(result.end_step, saved["path"])
     return dataclasses.replace(
-        result, record=before.joined(result.record), wall_s=wall_s, start_step=start,
+        result,
+        record=before.joined(result.record),
+        wall_s=wall_s,
+        start_step=start,
         # A resumed run that was already complete ran no step: its payload size comes from the shapes
         # (always, for the baselines: what their link carries includes the labels).
-        payload_bytes=payload_nbytes(setup, scheme) if scheme in BASELINES or not result.payload_bytes
-        else result.payload_bytes, scheme=scheme, schedule=schedule)
+        payload_bytes=payload_nbytes(setup, scheme)
+        if scheme in BASELINES or not result.payload_bytes
+        else result.payload_bytes,
+        scheme=scheme,
+        schedule=schedule,
+    )
 
 
 def link_channel(config: ExperimentConfig) -> SimulatedLink | None:
@@ -281,8 +328,9 @@ def link_channel(config: ExperimentConfig) -> SimulatedLink | None:
     link = config.link.preset(0)
     if link is None:
         return None
-    return SimulatedLink(link, capacity=config.link.buffer, outages=config.link.outages,
-                         time_scale=config.link.time_scale)
+    return SimulatedLink(
+        link, capacity=config.link.buffer, outages=config.link.outages, time_scale=config.link.time_scale
+    )
 
 
 def payload_nbytes(setup: Setup, scheme: str) -> int:
@@ -301,6 +349,8 @@ def evaluate(setup: Setup, result: threads.RunResult) -> dict[str, float | None]
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
     if result.scheme in BASELINES:
         baseline, _, _ = build_baseline(setup, result.scheme)
-        return {"edge_accuracy": None,
-                **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches)}
+        return {
+            "edge_accuracy": None,
+            **baselines.evaluate_baseline(baseline, result.edge_state, result.cloud_state, batches),
+        }
     return dict(evaluate_exits(setup.hierarchy, result.edge_state, result.cloud_state, batches))

@@ -36,8 +36,8 @@ def test_iid_shards_are_disjoint_near_equal_and_cover_everything():
     parts = cluster.shard_indices(labels, 3, seed=1)
     assert sorted(len(p) for p in parts) == [103, 103, 104]
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
-    assert all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=1)))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=2)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=1), strict=False))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, cluster.shard_indices(labels, 3, seed=2), strict=False))
 
 
 def test_dirichlet_shards_skew_the_labels_and_still_cover_everything():
@@ -74,6 +74,7 @@ def test_a_shard_smaller_than_a_batch_is_refused_before_ray_starts(digits):
 
 
 # --- real workers ------------------------------------------------------------------------------------
+
 
 def needs_ray(test):
     """A test that starts Ray workers: slow, and skipped without the ray extra."""
@@ -313,15 +314,21 @@ def test_an_outage_on_the_ray_backend_buffers_drops_oldest_and_counts_every_payl
     dropped (the oldest), 4 and 5 reach the cloud when the link is back (at step 6), every payload is
     delivered or counted as dropped, and the cloud's losses are those of an in-process run that loses
     the same two payloads."""
-    config = replace_paths(CONFIG, {"max_steps": 8, "link.presets": ("4g",), "link.time_scale": 1e-3,
-                                    "link.outages": ((2, 6),), "link.buffer": 2})
+    config = replace_paths(
+        CONFIG,
+        {"max_steps": 8, "link.presets": ("4g",), "link.time_scale": 1e-3, "link.outages": ((2, 6),), "link.buffer": 2},
+    )
     result = cluster.run(config, digits, cluster.ClusterConfig(edges=1))
     edge = result.edges[0]
     assert edge.link_dropped == [2, 3] and (edge.sent, edge.delivered, edge.dropped) == (8, 6, 2)
     assert result.cloud_order == [(0, t) for t in (0, 1, 4, 5, 6, 7)]
     assert len(result.record.edges[0]["loss"]) == 8  # the edge trained through the outage
-    local = train.train(train.build(dataclasses.replace(config, link=CONFIG.link), digits),
-                        schedule="pipelined", channel=DroppingChannel({2, 3}), progress=False)
+    local = train.train(
+        train.build(dataclasses.replace(config, link=CONFIG.link), digits),
+        schedule="pipelined",
+        channel=DroppingChannel({2, 3}),
+        progress=False,
+    )
     assert local.cloud_steps.tolist() == [0, 1, 4, 5, 6, 7]
     assert result.cloud_losses == local.cloud_metrics["loss"].tolist()
     assert result.record.edges[0]["loss"] == local.edge_metrics["loss"].tolist()

@@ -99,7 +99,7 @@ def test_eval_covers_test_set_exactly_once_without_augmentation() -> None:
     ds = make_dataset("pad_crop_flip")
     batches = [tuple(np.asarray(a) for a in b) for b in eval_batches(ds, 10)]
     assert len(batches) == 3 and all(b[0].shape == (10, 8, 8, 3) for b in batches)
-    images, labels, mask = (np.concatenate(parts) for parts in zip(*batches))
+    images, labels, mask = (np.concatenate(parts) for parts in zip(*batches, strict=False))
     assert mask.sum() == ds.num_test and mask[: ds.num_test].all() and not mask[ds.num_test :].any()
     assert np.array_equal(labels[mask], ds.test_labels)
     np.testing.assert_array_equal(images[mask], normalized(ds, ds.test_images))
@@ -121,7 +121,7 @@ def test_train_augmentation_is_pad_crop_flip_of_the_originals() -> None:
     assert np.array_equal(labels, ds.train_labels[order])
     pad = 4
     params = []  # the (dy, dx, flip) that reproduces each augmented image
-    for got, index in zip(images, order):
+    for got, index in zip(images, order, strict=False):
         padded = np.pad(ds.train_images[index], ((pad, pad), (pad, pad), (0, 0)))
         matches = [
             (dy, dx, flip)
@@ -133,7 +133,7 @@ def test_train_augmentation_is_pad_crop_flip_of_the_originals() -> None:
         ]
         assert len(matches) == 1, f"train image {index} is not exactly one crop/flip of its original"
         params.append(matches[0])
-    dys, dxs, flips = zip(*params)
+    dys, dxs, flips = zip(*params, strict=False)
     assert set(dys) == set(dxs) == set(range(2 * pad + 1))  # every offset occurs, the extremes included
     assert 0 < sum(flips) < len(flips)
     assert params[:16] != params[16:32]  # each step draws fresh randomness
@@ -297,13 +297,13 @@ def test_tiny_imagenet_builds_from_archive(form: str, tiny_manual_dirs: dict[str
     assert ds.augmentation == "crop_flip"
     sorted_wnids = sorted(TINY_WNIDS)
     train_values = {tiny_value(w, i): sorted_wnids.index(w) for w in TINY_WNIDS for i in range(3)}
-    for image, label in zip(ds.train_images, ds.train_labels):
+    for image, label in zip(ds.train_images, ds.train_labels, strict=False):
         value = min(train_values, key=lambda v: abs(v - int(image.mean())))
         assert abs(value - int(image.mean())) <= 2 and train_values[value] == label
     val_values = sorted((tiny_value(w, i), sorted_wnids.index(w)) for i, (_, w) in enumerate(TINY_VAL))
-    got = sorted((round(float(x.mean())), int(y)) for x, y in zip(ds.test_images, ds.test_labels))
+    got = sorted((round(float(x.mean())), int(y)) for x, y in zip(ds.test_images, ds.test_labels, strict=False))
     assert [label for _, label in got] == [label for _, label in val_values]
-    assert all(abs(a - b) <= 2 for (a, _), (b, _) in zip(got, val_values))
+    assert all(abs(a - b) <= 2 for (a, _), (b, _) in zip(got, val_values, strict=False))
     from hier_jax.data.tiny_imagenet import TinyImagenet
 
     info = TinyImagenet(data_dir=str(tmp_path)).info
@@ -360,7 +360,7 @@ def test_image_folder_png_and_jpg(tmp_path: Path) -> None:
         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
         # Label order is sorted class names; within a class, file order (sort is stable).
         by_class = sorted(written[split], key=lambda item: sorted(FOLDER_CLASSES).index(item[1]))
-        for position, (image, label, (pixels, name, suffix)) in enumerate(zip(images, labels, by_class)):
+        for position, (image, label, (pixels, name, suffix)) in enumerate(zip(images, labels, by_class, strict=False)):
             assert ds.class_names[label] == name
             if suffix == ".png":
                 np.testing.assert_array_equal(image, pixels)

@@ -18,7 +18,7 @@ from hier_jax.models.split import pool_grid
 def vgg16_cifar_count() -> int:
     """Hand count: 13 conv (3x3 kernels + bias), 13 BN (scale + bias), one 512->10 linear."""
     channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
-    convs = sum(9 * cin * cout + cout for cin, cout in zip(channels[:-1], channels[1:]))
+    convs = sum(9 * cin * cout + cout for cin, cout in zip(channels[:-1], channels[1:], strict=False))
     bns = sum(2 * c for c in channels[1:])
     return convs + bns + 512 * 10 + 10
 

@@ -56,11 +56,11 @@ def test_the_edge_learning_rate_reaches_the_edge_only(digits):
     edge0 = train.fresh_states(train.build(one, digits))[0]["params"]
     moved = [
         np.abs(np.asarray(a) - np.asarray(b)).max()
-        for a, b in zip(jax.tree.leaves(edge["params"]), jax.tree.leaves(edge0))
+        for a, b in zip(jax.tree.leaves(edge["params"]), jax.tree.leaves(edge0), strict=False)
     ]
     moved2 = [
         np.abs(np.asarray(a) - np.asarray(b)).max()
-        for a, b in zip(jax.tree.leaves(edge2["params"]), jax.tree.leaves(edge0))
+        for a, b in zip(jax.tree.leaves(edge2["params"]), jax.tree.leaves(edge0), strict=False)
     ]
     assert np.allclose(np.asarray(moved2), 6 * np.asarray(moved), rtol=1e-3, atol=1e-8)
 
@@ -72,8 +72,20 @@ def parse(argv: list[str], defaults: ExperimentConfig = BASE) -> ExperimentConfi
 
 
 def test_a_shared_flag_sets_both_sides_and_a_side_flag_one_whatever_the_order():
-    config = parse(["--edge-learning-rate", "0.1", "--learning-rate", "0.3", "--cloud-warmup-steps", "7",
-                    "--nesterov", "--no-cloud-nesterov", "--edge-lr-schedule", "constant"])
+    config = parse(
+        [
+            "--edge-learning-rate",
+            "0.1",
+            "--learning-rate",
+            "0.3",
+            "--cloud-warmup-steps",
+            "7",
+            "--nesterov",
+            "--no-cloud-nesterov",
+            "--edge-lr-schedule",
+            "constant",
+        ]
+    )
     assert config.edge_optimizer == OptimConfig(0.1, 0.9, 5e-4, "constant", 0, True)
     assert config.cloud_optimizer == OptimConfig(0.3, 0.9, 5e-4, "cosine", 7, False)
     assert parse([]) == BASE
@@ -91,8 +103,22 @@ def test_old_spellings_still_work():
 
 
 def test_nested_configs_links_and_lists_get_flags():
-    config = parse(["--head-channels", "4", "--head-grid", "2", "--link", "3g,wifi", "--outage", "2:5",
-                    "--outage", "7:9", "--link-buffer", "3"])
+    config = parse(
+        [
+            "--head-channels",
+            "4",
+            "--head-grid",
+            "2",
+            "--link",
+            "3g,wifi",
+            "--outage",
+            "2:5",
+            "--outage",
+            "7:9",
+            "--link-buffer",
+            "3",
+        ]
+    )
     assert config.head == ExitHeadConfig(channels=4, convs=1, grid=2)
     assert config.link.presets == ("3g", "wifi") and config.link.outages == ((2, 5), (7, 9))
     assert config.link.buffer == 3 and parse(["--links", "4g"]).link.presets == ("4g",)
@@ -101,8 +127,9 @@ def test_nested_configs_links_and_lists_get_flags():
 def test_given_names_exactly_the_fields_the_command_line_set():
     parser = argparse.ArgumentParser()
     flags.add_flags(parser, ExperimentConfig, BASE)
-    given = flags.given(ExperimentConfig, parser.parse_args(["--learning-rate", "0.2", "--cloud-learning-rate",
-                                                             "0.4", "--bits", "8"]))
+    given = flags.given(
+        ExperimentConfig, parser.parse_args(["--learning-rate", "0.2", "--cloud-learning-rate", "0.4", "--bits", "8"])
+    )
     assert given == {"edge_optimizer.learning_rate": 0.2, "cloud_optimizer.learning_rate": 0.4, "bits": 8}
 
 
@@ -125,8 +152,10 @@ def test_a_bad_flag_value_is_refused_by_the_parser(argv, message):
     [
         ({"edge_optimizer.learning_rate": 0.0}, "--edge-learning-rate 0.0 is invalid; valid: a finite number > 0"),
         ({"cloud_optimizer.learning_rate": float("nan")}, "--cloud-learning-rate nan is invalid"),
-        ({"edge_optimizer.lr_schedule": "step", "cloud_optimizer.lr_schedule": "step"},
-         "--lr-schedule 'step' is invalid; valid: cosine, constant"),
+        (
+            {"edge_optimizer.lr_schedule": "step", "cloud_optimizer.lr_schedule": "step"},
+            "--lr-schedule 'step' is invalid; valid: cosine, constant",
+        ),
         ({"cloud_optimizer.lr_schedule": "linear"}, "--cloud-lr-schedule 'linear' is invalid; valid: cosine, constant"),
         ({"edge_optimizer.warmup_steps": -1}, "--edge-warmup-steps -1 is invalid; valid: an integer >= 0"),
         ({"link.presets": ("3g", "4g")}, "--link '3g,4g' is invalid; valid: one preset, or one per edge (1)"),
@@ -143,11 +172,27 @@ def test_bad_settings_fail_clearly(change, message):
 
 def test_a_format1_config_reads_as_todays_nested_one():
     """Format 1 recorded the optimizers and the head flat, the side fields None where they fell back."""
-    flat = {"model": "resnet18_tv", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-            "schedule": "constant", "warmup_steps": 2, "nesterov": False, "edge_learning_rate": 0.2,
-            "edge_schedule": None, "edge_warmup_steps": None, "edge_nesterov": True, "cloud_learning_rate": None,
-            "cloud_schedule": "cosine", "cloud_warmup_steps": None, "cloud_nesterov": None, "head_channels": 8,
-            "head_convs": 0, "head_grid": 2, "some_field_since_removed": 1}
+    flat = {
+        "model": "resnet18_tv",
+        "learning_rate": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "constant",
+        "warmup_steps": 2,
+        "nesterov": False,
+        "edge_learning_rate": 0.2,
+        "edge_schedule": None,
+        "edge_warmup_steps": None,
+        "edge_nesterov": True,
+        "cloud_learning_rate": None,
+        "cloud_schedule": "cosine",
+        "cloud_warmup_steps": None,
+        "cloud_nesterov": None,
+        "head_channels": 8,
+        "head_convs": 0,
+        "head_grid": 2,
+        "some_field_since_removed": 1,
+    }
     config = from_dict(ExperimentConfig, flat)
     assert config.edge_optimizer == OptimConfig(0.2, 0.9, 5e-4, "constant", 2, True)
     assert config.cloud_optimizer == OptimConfig(0.05, 0.9, 5e-4, "cosine", 2, False)

@@ -216,7 +216,10 @@ def refuse(*args, **kwargs):
     [
         (["--profile", "huge"], "--profile 'huge' is invalid; valid: smoke, cpu, full"),
         (SMOKE + ["--models", "alexnet"], "--models alexnet is invalid; valid: resnet18_tv (the smoke profile's)"),
-        (SMOKE + ["--cuts", "layer4_1"], "--cuts layer4_1 is invalid; valid: layer1_1, layer2_1 (the cuts of resnet18_tv)"),
+        (
+            SMOKE + ["--cuts", "layer4_1"],
+            "--cuts layer4_1 is invalid; valid: layer1_1, layer2_1 (the cuts of resnet18_tv)",
+        ),
         (SMOKE + ["--bits", "12"], "--bits 12 is invalid; valid: 1, 2, 3"),
         (SMOKE + ["--bits", "8"], "--bits 8 is invalid; valid: 2, 4, 32 (the smoke grid's)"),
         (SMOKE + ["--edge-device", "tpu:7"], "--edge-device: device 'tpu:7' does not exist"),
@@ -248,15 +251,19 @@ def test_a_grid_of_another_profile_or_a_foreign_directory_is_refused(tmp_path, m
     (tmp_path / "cpu_grid" / "grid.json").write_text(json.dumps({"profile": "cpu"}))
     with pytest.raises(UserError, match="holds a grid of the 'cpu' profile; a 'smoke' grid needs another --out"):
         paper.main.__wrapped__(SMOKE + ["--out", str(tmp_path / "cpu_grid")])
-    faster = replace_paths(profiles.grid_profiles()["smoke"].config, {**{f"{side}_optimizer.learning_rate": 0.1
-                                                                          for side in ("edge", "cloud")},
-                                                                       "edge_device": "cpu:1"})  # run-only: may differ
+    faster = replace_paths(
+        profiles.grid_profiles()["smoke"].config,
+        {**{f"{side}_optimizer.learning_rate": 0.1 for side in ("edge", "cloud")}, "edge_device": "cpu:1"},
+    )  # run-only: may differ
     (tmp_path / "old_smoke").mkdir()
     (tmp_path / "old_smoke" / "grid.json").write_text(
         json.dumps({"profile": "smoke", "config": dataclasses.asdict(faster)})
     )
-    with pytest.raises(UserError, match=r"made with other settings: --edge-learning-rate \(0\.05 here, 0\.1 there\); "
-                                         r"--cloud-learning-rate \(0\.05 here, 0\.1 there\); use"):
+    with pytest.raises(
+        UserError,
+        match=r"made with other settings: --edge-learning-rate \(0\.05 here, 0\.1 there\); "
+        r"--cloud-learning-rate \(0\.05 here, 0\.1 there\); use",
+    ):
         paper.main.__wrapped__(SMOKE + ["--out", str(tmp_path / "old_smoke")])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine\n")

@@ -21,8 +21,7 @@ from hier_jax.run.record import check_resumable
 
 NUM_CLASSES = 10
 SMALL = ExperimentConfig(
-    model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3,
-    head=ExitHeadConfig(channels=8)
+    model="vgg16", dataset="digits", split="pool2", width=4, batch_size=32, max_steps=3, head=ExitHeadConfig(channels=8)
 )
 
 
@@ -108,7 +107,7 @@ def test_bf16_activations_are_bfloat16_and_parameters_float32():
     images, _ = batch()
     assert layer_dtypes(model) == layer_dtypes(parts.edge) == layer_dtypes(parts.cloud) == {"bfloat16"}
     for stop in range(1, len(model.stage_names) + 1):
-        assert jax.eval_shape(lambda x: model.features(x, False, stop=stop), images).dtype == jnp.bfloat16
+        assert jax.eval_shape(lambda x, stop=stop: model.features(x, False, stop=stop), images).dtype == jnp.bfloat16
     logits, features = jax.eval_shape(lambda x: parts.edge(x, False), images)
     assert features.dtype == logits.dtype == jnp.bfloat16
     assert float_dtypes(nnx.state(model)) == {"float32"}  # parameters and BatchNorm statistics
@@ -133,7 +132,8 @@ def test_bf16_hierarchical_steps_train_with_float32_state():
     # The BatchNorm running statistics moved (they are updated, in float32).
     initial = build_hierarchy(parts, bits=4, edge_tx=tx(), cloud_tx=tx())[1]["batch_stats"]
     assert not all(
-        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(edge_state["batch_stats"]))
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(edge_state["batch_stats"]), strict=False)
     )
 
 
@@ -192,7 +192,7 @@ def test_cpu_convolution_paths_in_bf16_round_the_float32_result_once(case):
     want = jax.jit(lambda: results("xla", jnp.float32))()
     for impl in ("xla", "cpu", "cpu-ynn"):
         got = jax.jit(lambda impl=impl: results(impl, jnp.bfloat16))()
-        for what, a, e in zip(("output", "input grad", "kernel grad"), got, want):
+        for what, a, e in zip(("output", "input grad", "kernel grad"), got, want, strict=False):
             assert a.dtype == jnp.bfloat16, (impl, what)
             e = np.asarray(e)
             np.testing.assert_allclose(

@@ -44,7 +44,7 @@ def test_round_trip_within_half_step(bits):
 def test_more_bits_means_less_error():
     x = jnp.asarray(_rand((1000,), seed=1))
     errs = [float(jnp.abs(q.dequantize(*q.quantize(x, b)) - x).max()) for b in CODE_BITS]
-    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False))
 
 
 @pytest.mark.parametrize("value", [0.0, -3.25, 7.5])
@@ -137,7 +137,9 @@ def test_bfloat16_features_encode_as_their_float32_values(bits):
     x16 = x.astype(jnp.bfloat16)
     got, want = q.encode(x16, y, bits, 10), q.encode(x16.astype(jnp.float32), y, bits, 10)
     assert got.nbytes == want.nbytes == q.encode(x, y, bits, 10).nbytes
-    for a, b in zip((got.data, got.scale, got.offset, got.labels), (want.data, want.scale, want.offset, want.labels)):
+    for a, b in zip(
+        (got.data, got.scale, got.offset, got.labels), (want.data, want.scale, want.offset, want.labels), strict=False
+    ):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert got.data.dtype == {16: jnp.bfloat16, 32: jnp.float32}.get(bits, jnp.uint8)

@@ -21,9 +21,19 @@ from hier_jax.run.record import METRICS_COLUMNS, RunRecord, check_finite, metric
 
 FORMAT1 = Path(__file__).parent / "data" / "format1"
 # What tests/data/format1/make.py ran (format 1 recorded it flat; this is the same config today).
-CONFIG = ExperimentConfig(model="resnet18_tv", dataset="digits", split="layer1_1", bits=4, width=4, batch_size=32,
-                          max_steps=6, head=ExitHeadConfig(channels=8), queue_size=1, checkpoint_every=3,
-                          keep_checkpoints=3)
+CONFIG = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=4,
+    batch_size=32,
+    max_steps=6,
+    head=ExitHeadConfig(channels=8),
+    queue_size=1,
+    checkpoint_every=3,
+    keep_checkpoints=3,
+)
 
 
 def two_edge_record() -> RunRecord:
@@ -40,8 +50,13 @@ def two_edge_record() -> RunRecord:
 def test_the_metrics_csv_has_a_row_per_edge_step_with_the_cloud_step_that_trained_on_it():
     lines = metrics_csv(two_edge_record()).splitlines()
     assert lines[0] == ",".join(METRICS_COLUMNS)
-    assert lines[1:] == ["0,0,2.0,0.0,,0,3.0,0.5,0.25", "0,1,1.5,0.1,,,,,", "0,2,1.0,0.2,,2,2.5,0.5,0.25",
-                         "1,0,2.5,0.0,,1,2.75,0.5,0.25", "1,1,2.25,0.1,,,,,"]
+    assert lines[1:] == [
+        "0,0,2.0,0.0,,0,3.0,0.5,0.25",
+        "0,1,1.5,0.1,,,,,",
+        "0,2,1.0,0.2,,2,2.5,0.5,0.25",
+        "1,0,2.5,0.0,,1,2.75,0.5,0.25",
+        "1,1,2.25,0.1,,,,,",
+    ]
 
 
 def test_a_cut_keeps_the_steps_before_it_and_a_join_puts_them_back():
@@ -49,17 +64,24 @@ def test_a_cut_keeps_the_steps_before_it_and_a_join_puts_them_back():
     cut = record.cut(1)
     assert [e["step"] for e in cut.edges] == [[0], [0]]
     assert cut.cloud["step"] == [0, 0]  # the cloud's steps before its first one on a step >= 1
-    later = RunRecord([{k: [v for v, t in zip(e[k], e["step"]) if t >= 1] for k in e} for e in record.edges],
-                      {k: v[2:] for k, v in record.cloud.items()})
+    later = RunRecord(
+        [{k: [v for v, t in zip(e[k], e["step"], strict=False) if t >= 1] for k in e} for e in record.edges],
+        {k: v[2:] for k, v in record.cloud.items()},
+    )
     assert cut.joined(later).to_json() == {**record.to_json()}
     assert RunRecord.from_json(record.to_json()).to_json() == record.to_json()
     record.forget_edge_steps(0, 1)  # a restarted edge recomputes from step 1
     assert record.edges[0]["step"] == [0] and record.delivered(0) == {0, 2}
 
 
-@pytest.mark.parametrize("side, edge, words", [("edge", None, "the edge loss is nan at step 3"),
-                                                ("edge", 1, "the edge loss of edge 1 is nan at step 3"),
-                                                ("cloud", 0, "the cloud loss on edge 0's payload is nan at step 3")])
+@pytest.mark.parametrize(
+    "side, edge, words",
+    [
+        ("edge", None, "the edge loss is nan at step 3"),
+        ("edge", 1, "the edge loss of edge 1 is nan at step 3"),
+        ("cloud", 0, "the cloud loss on edge 0's payload is nan at step 3"),
+    ],
+)
 def test_a_non_finite_loss_names_side_edge_and_step(side, edge, words):
     check_finite(side, 3, 1.25, edge=edge)  # finite: nothing happens
     with pytest.raises(DivergenceError, match=words):
@@ -101,12 +123,14 @@ def test_a_format1_checkpoint_of_the_in_process_runner_resumes_to_the_uninterrup
         meta = read_meta(checkpoints.read_meta())
     assert (meta["format"], meta["scheme"], meta["schedule"], meta["step"]) == (2, "hierarchical", "sequential", 3)
     setup = train.build(CONFIG, digits)
-    resumed = train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path / "train",
-                          resume=True)
+    resumed = train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path / "train", resume=True)
     straight = train.train(setup, schedule="sequential", progress=False)
     assert resumed.start_step == 3
-    for a, b in zip(jax.tree.leaves((resumed.edge_state, resumed.cloud_state)),
-                    jax.tree.leaves((straight.edge_state, straight.cloud_state)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((resumed.edge_state, resumed.cloud_state)),
+        jax.tree.leaves((straight.edge_state, straight.cloud_state)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
     for key in ("loss", "accuracy"):  # the history before step 3 came from the format-1 metadata
         np.testing.assert_array_equal(resumed.edge_metrics[key], straight.edge_metrics[key])
@@ -119,12 +143,14 @@ def test_a_format1_checkpoint_of_the_ray_runner_resumes_to_the_uninterrupted_end
     """tests/data/format1/cluster: two edges in round robin, step 3 of 6 per edge, written by the code
     before the run record ("reports" and "taken" in its metadata, the flow in its cluster settings)."""
     shutil.copytree(FORMAT1 / "cluster", tmp_path / "cluster")
-    resumed = cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=2), checkpoint_dir=tmp_path / "cluster",
-                          resume=True)
+    resumed = cluster.run(
+        CONFIG, digits, cluster.ClusterConfig(edges=2), checkpoint_dir=tmp_path / "cluster", resume=True
+    )
     straight = cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=2))
     assert resumed.resumed_cloud_steps == 6
     assert resumed.cloud_order == straight.cloud_order == [(e, t) for t in range(6) for e in range(2)]
     assert resumed.cloud_losses == straight.cloud_losses
     assert [e["loss"] for e in resumed.record.edges] == [e["loss"] for e in straight.record.edges]
-    assert [(e.edge_accuracy, e.cloud_accuracy) for e in resumed.edges] == \
-        [(e.edge_accuracy, e.cloud_accuracy) for e in straight.edges]
+    assert [(e.edge_accuracy, e.cloud_accuracy) for e in resumed.edges] == [
+        (e.edge_accuracy, e.cloud_accuracy) for e in straight.edges
+    ]

@@ -132,9 +132,15 @@ def test_resume_from_a_periodic_checkpoint_in_the_other_schedule(setup, referenc
 
 @pytest.mark.parametrize(
     "change, flag",
-    [({"bits": 8}, "--bits"), ({"split": "pool3"}, "--split"), ({"edge_optimizer.learning_rate": 0.1},
-     "--edge-learning-rate"), ({"seed": 1}, "--seed"), ({"precision": "bf16"}, "--precision"),
-     ({"head.channels": 16}, "--head-channels"), ({"link.outages": ((1, 2),)}, "--outage")],
+    [
+        ({"bits": 8}, "--bits"),
+        ({"split": "pool3"}, "--split"),
+        ({"edge_optimizer.learning_rate": 0.1}, "--edge-learning-rate"),
+        ({"seed": 1}, "--seed"),
+        ({"precision": "bf16"}, "--precision"),
+        ({"head.channels": 16}, "--head-channels"),
+        ({"link.outages": ((1, 2),)}, "--outage"),
+    ],
 )
 def test_resume_with_another_config_is_refused_naming_the_flag(setup, tmp_path, change, flag):
     train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
@@ -144,8 +150,9 @@ def test_resume_with_another_config_is_refused_naming_the_flag(setup, tmp_path, 
     with pytest.raises(ResumeMismatchError, match=f"differs in {flag} "):
         check_resumable(meta, config=replace_paths(CONFIG, change), **args)
     # Where and how the run happens (devices, queue, checkpoint cadence, schedule) may change.
-    check_resumable(meta, config=replace_paths(CONFIG, {"queue_size": 5, "checkpoint_every": 2,
-                                                        "schedule": "pipelined"}), **args)
+    check_resumable(
+        meta, config=replace_paths(CONFIG, {"queue_size": 5, "checkpoint_every": 2, "schedule": "pipelined"}), **args
+    )
     with pytest.raises(ResumeMismatchError, match="belongs to a run of 12 steps, this one has 13"):
         check_resumable(meta, config=CONFIG, **{**args, "total_steps": 13})
 
@@ -181,8 +188,7 @@ def test_non_finite_loss_stops_the_run_naming_side_and_step(setup, tmp_path, sid
 def test_a_real_divergence_is_caught(tmp_path, digits):
     config = dataclasses.replace(CONFIG, **optimizers(learning_rate=1e3), checkpoint_every=2)
     with pytest.raises(DivergenceError, match="training diverged: the (edge|cloud) loss is (nan|inf)"):
-        train.train(train.build(config, digits), schedule="pipelined", progress=False,
-                    checkpoint_dir=tmp_path)
+        train.train(train.build(config, digits), schedule="pipelined", progress=False, checkpoint_dir=tmp_path)
 
 
 def test_damaged_checkpoints_name_the_file_and_the_side(setup, tmp_path):
@@ -321,13 +327,17 @@ def test_split_learning_trains_what_end_to_end_trains(setup):
     assert sl.payload_bytes == 2 * 32 * 8 * 8 * 8 * 4 + 32 and e2e.payload_bytes == 0  # + uint8 labels
     # Every scheme starts from the weights of a model built afresh from the config's seed: the hierarchy's
     # edge and cloud stages, the end-to-end model and split learning's parts (exit head and classifier aside).
-    fresh = nnx.state(build_model(CONFIG.model, num_classes=10, input_shape=(32, 32, 3), width=CONFIG.width,
-                                  seed=CONFIG.seed), nnx.Param)["stages"]
+    fresh = nnx.state(
+        build_model(CONFIG.model, num_classes=10, input_shape=(32, 32, 3), width=CONFIG.width, seed=CONFIG.seed),
+        nnx.Param,
+    )["stages"]
     edge, cloud = (state["params"]["stages"] for state in train.fresh_states(setup))
     _, sl_edge, sl_cloud = train.build_baseline(setup, "split_learning")
-    for starts in ([*edge.values(), *cloud.values()], [*train.build_baseline(setup, "end_to_end")[2]["params"]
-                                                       ["stages"].values()],
-                   [*sl_edge["params"]["stages"].values(), *sl_cloud["params"]["stages"].values()]):
+    for starts in (
+        [*edge.values(), *cloud.values()],
+        [*train.build_baseline(setup, "end_to_end")[2]["params"]["stages"].values()],
+        [*sl_edge["params"]["stages"].values(), *sl_cloud["params"]["stages"].values()],
+    ):
         assert len(starts) == len(fresh)
         for got, want in zip(starts, fresh.values(), strict=True):
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -76,7 +76,7 @@ def test_full_width_parameter_counts(tr):
         ("resnet18", (64, 64, 3), 200),
         ("vgg16", (64, 64, 3), 200),
     ]:
-        abstract = nnx.eval_shape(lambda: build_model(name, num_classes=classes, input_shape=shape))
+        abstract = nnx.eval_shape(lambda n=name, c=classes, s=shape: build_model(n, num_classes=c, input_shape=s))
         assert tr.param_count(tr.build_model(name, num_classes=classes, input_shape=shape)) == param_count(abstract)
 
 
@@ -189,7 +189,7 @@ def torch_grads_as_jax(tr, t_module, j_module):
     clone = nnx.clone(j_module)
     tr.torch_to_jax(t_module, clone)
     with torch.no_grad():
-        for p, s in zip(t_module.parameters(), saved):
+        for p, s in zip(t_module.parameters(), saved, strict=False):
             p.copy_(s)
     return nnx.state(clone, nnx.Param)
 
@@ -346,7 +346,7 @@ def test_cpu_convolution_paths_match_lax(case):
         grads = jax.jit(jax.grad(lambda x_, k_, conv=conv: jnp.sum(conv(x_, k_) * ct), (0, 1)))(x, kern)
         results[impl] = (y, *grads)
     for impl in ("cpu", "cpu-ynn"):
-        for what, a, e in zip(("output", "input grad", "kernel grad"), results[impl], results["xla"]):
+        for what, a, e in zip(("output", "input grad", "kernel grad"), results[impl], results["xla"], strict=False):
             close(a, e, 1e-5, f"{impl} {what}")
 
 
@@ -362,7 +362,7 @@ def test_block_max_pool_matches_lax_including_ties(shape, window):
             pool = layers.MaxPool(window, window)
         y = jax.jit(lambda x_, pool=pool: pool(x_, True))(x)
         ct = jnp.asarray(np.random.RandomState(13).randn(*y.shape), jnp.float32)
-        grad = jax.jit(jax.grad(lambda x_, pool=pool: jnp.sum(pool(x_, True) * ct)))(x)
+        grad = jax.jit(jax.grad(lambda x_, pool=pool, ct=ct: jnp.sum(pool(x_, True) * ct)))(x)
         out[impl] = (y, grad)
-    for a, e in zip(out["cpu"], out["xla"]):
+    for a, e in zip(out["cpu"], out["xla"], strict=False):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

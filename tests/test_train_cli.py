@@ -134,7 +134,9 @@ def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys)
     assert "precision bf16 (bfloat16" in capsys.readouterr().out
     # A resumed run must keep the policy: the recorded config is refused with another.
     code, lines = run_cli(train_experiment.main, ["--resume", str(tmp_path), "--precision", "fp32"], capsys)
-    assert code == 2 and len(lines) == 1 and "differs in --precision ('fp32' here, 'bf16' in the checkpoint)" in lines[0]
+    assert (
+        code == 2 and len(lines) == 1 and "differs in --precision ('fp32' here, 'bf16' in the checkpoint)" in lines[0]
+    )
 
 
 def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):

@@ -1,4 +1,5 @@
-"""Per-op variants for bench_layers: each convolution pass (forward, dx, dw) and BatchNorm+ReLU in every JAX formulation and in PyTorch, checked against lax and timed in turns."""
+"""Per-op variants for bench_layers: each convolution pass (forward, dx, dw) and BatchNorm+ReLU in every
+JAX formulation and in PyTorch, checked against lax and timed in turns."""
 
 from __future__ import annotations
 
@@ -47,16 +48,14 @@ def jax_conv_variant(formulation: str, shape: ConvShape, x, w, dy) -> Variant:
     eigen, stock = xla_cpu.XLA_CPU_COMPILER_OPTIONS, xla_cpu.XLA_CPU_DEFAULT_COMPILER_OPTIONS
     options = {"eigen": eigen, "ynnpack": stock, "cpu": eigen, "cpu-ynn": stock}[formulation]
     strides, padding = shape.strides, shape.padding
-    if formulation in ("eigen", "ynnpack"):
 
-        def conv(x, w):
-            return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=CONV_DIMENSIONS)
-    else:
+    def lax_conv(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=CONV_DIMENSIONS)
 
-        def conv(x, w):
-            return xla_cpu.conv_general_dilated(
-                x, w, strides, padding, dimension_numbers=CONV_DIMENSIONS, impl=formulation
-            )
+    def xla_cpu_conv(x, w):
+        return xla_cpu.conv_general_dilated(x, w, strides, padding, dimension_numbers=CONV_DIMENSIONS, impl=formulation)
+
+    conv = lax_conv if formulation in ("eigen", "ynnpack") else xla_cpu_conv
 
     fns = {
         "forward": (lambda x, w, dy: conv(x, w)),
@@ -288,7 +287,12 @@ def run(todo: list[tuple[str, ConvShape | BNShape]], args) -> list[dict]:
     rows: list[dict] = []
     for index, (op, shape) in enumerate(todo, start=1):
         start = time.perf_counter()
-        done = run_conv(shape, args) if op == "conv" else run_bn(shape, args)
+        if op == "conv":
+            assert isinstance(shape, ConvShape)
+            done = run_conv(shape, args)
+        else:
+            assert isinstance(shape, BNShape)
+            done = run_bn(shape, args)
         rows += done
         bad = [f"{r['pass']} {r['framework']} {r['variant']}" for r in done if not r["matches_lax"]]
         print(

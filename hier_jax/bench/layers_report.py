@@ -1,4 +1,5 @@
-"""bench_layers' record: the environment it was measured in, and its Markdown table (one per op and pass, the fastest JAX variant over the fastest PyTorch one)."""
+"""bench_layers' record: the environment it was measured in, and its Markdown table (one per op and pass,
+the fastest JAX variant over the fastest PyTorch one)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def environment(args, malloc_tuned: bool) -> dict:
     return {
         "cpu_model": profiler.host_cpu(),
         "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        "jaxlib": jaxlib.__version__,  # pyright: ignore[reportPrivateImportUsage] - jaxlib does not re-export it
         "torch": torch_version,
         "threads": threads,
         "torch_threads": torch_threads,

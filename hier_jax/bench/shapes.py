@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import cast
 
 INPUT_SHAPE, NUM_CLASSES = (32, 32, 3), 10  # CIFAR-10
 CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -81,11 +82,12 @@ def conv_shape(eqn) -> ConvShape:
         raise NotImplementedError(
             f"bench_layers times NHWC/HWIO convolutions without dilation or groups; the model has {p}"
         )
+    # NHWC (checked above): two spatial dimensions, so two strides and two (low, high) paddings.
     return ConvShape(
         tuple(eqn.invars[0].aval.shape),
         tuple(eqn.invars[1].aval.shape),
-        tuple(int(s) for s in p["window_strides"]),
-        tuple(tuple(int(v) for v in pad) for pad in p["padding"]),
+        cast(tuple[int, int], tuple(int(s) for s in p["window_strides"])),
+        cast(tuple[tuple[int, int], tuple[int, int]], tuple(tuple(int(v) for v in pad) for pad in p["padding"])),
         tuple(eqn.outvars[0].aval.shape),
     )
 

@@ -1,4 +1,5 @@
-"""The train steps bench_torch times: JAX's (the library's own, jitted and compiled ahead) and PyTorch's (torch_ref, eager and compiled), at one precision policy on one device."""
+"""The train steps bench_torch times: JAX's (the library's own, jitted and compiled ahead) and PyTorch's
+(torch_ref, eager and compiled), at one precision policy on one device."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def torch_variant(args, mode: str, shapes) -> Variant:
     model, parts = model_and_split(args, shapes)
     t_model, t_parts = tr.torch_split_like(parts, model)
     for module in (t_model, t_parts.edge, t_parts.cloud):
-        module.to(device=device, memory_format=memory_format).train()
+        module.to(device=device, memory_format=memory_format).train()  # pyright: ignore[reportCallIssue] - torch's overloads omit memory_format
     config = OptimConfig()
     e_opt, e_sched = tr.make_optimizer(t_parts.edge, config, 10_000, tensor_lr=compile)
     c_opt, c_sched = tr.make_optimizer(t_parts.cloud, config, 10_000, tensor_lr=compile)

@@ -1,4 +1,5 @@
-"""Timing whole steps fairly: the host allocator tuned for both frameworks, and variants that take turns (interleaved rounds, every call waited for)."""
+"""Timing whole steps fairly: the host allocator tuned for both frameworks, and variants that take turns
+(interleaved rounds, every call waited for)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,6 @@ from hier_jax.cluster.results import ClusterResult, EdgeReport
 from hier_jax.cluster.shards import shard, shard_indices
 
 __all__ = [
-    "FLOWS",
     "ORDERS",
     "ClusterConfig",
     "ClusterError",

@@ -47,8 +47,13 @@ def edge_links(config: ExperimentConfig, edges: int) -> list[BufferedLink | None
     links = []
     for e in range(edges):
         preset = config.link.preset(e)
-        links.append(None if preset is None else BufferedLink(
-            LinkClock(preset, time_scale=config.link.time_scale, outages=config.link.outages), config.link.buffer))
+        links.append(
+            None
+            if preset is None
+            else BufferedLink(
+                LinkClock(preset, time_scale=config.link.time_scale, outages=config.link.outages), config.link.buffer
+            )
+        )
     return links
 
 
@@ -57,10 +62,24 @@ class Driver:
     live worker at `step` and returns the edges' saved states, `checkpoint_path(step)` says where;
     `average(edges)` averages the given edges' models."""
 
-    def __init__(self, ray, edges: list, cloud, spawn_edge: Callable, cluster: ClusterConfig,
-                 config: ExperimentConfig, reports: list[EdgeReport], record: RunRecord, steps: int, first: int,
-                 checkpoint: Callable | None, checkpoint_path: Callable | None, average: Callable,
-                 saved_states: dict[int, Any], policy: str):
+    def __init__(
+        self,
+        ray,
+        edges: list,
+        cloud,
+        spawn_edge: Callable,
+        cluster: ClusterConfig,
+        config: ExperimentConfig,
+        reports: list[EdgeReport],
+        record: RunRecord,
+        steps: int,
+        first: int,
+        checkpoint: Callable | None,
+        checkpoint_path: Callable | None,
+        average: Callable,
+        saved_states: dict[int, Any],
+        policy: str,
+    ):
         self.ray, self.edges, self.cloud, self.spawn_edge = ray, edges, cloud, spawn_edge
         self.cluster, self.config, self.steps, self.policy = cluster, config, steps, policy
         self.checkpoint, self.checkpoint_path, self.average = checkpoint, checkpoint_path, average
@@ -82,8 +101,9 @@ class Driver:
         # critical path. Otherwise the cloud is handed only finished edge steps, so no cloud step ever
         # waits on a payload a dying edge will never produce, and the link's clock knows when it was ready.
         self.eager = cluster.order == "round_robin" and cluster.max_restarts == 0 and not any(self.links)
-        self.rr_next = collections.deque(sorted(((e, t) for t in range(first, steps) for e in range(n)),
-                                                key=self.turn_order))
+        self.rr_next = collections.deque(
+            sorted(((e, t) for t in range(first, steps) for e in range(n)), key=self.turn_order)
+        )
         self.restarting: set[int] = set()  # edges whose process died and that will come back
         self.restarted_placement: dict[int, Any] = {}
         self.synced_through = first - first % cluster.edge_sync if cluster.edge_sync else 0
@@ -145,12 +165,15 @@ class Driver:
                     break
                 ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=self.cluster.timeout_s)
                 if not ready:
-                    raise ClusterError(f"no worker finished a step within {self.cluster.timeout_s:g} s "
-                                       f"({len(self.pending)} steps outstanding)")
+                    raise ClusterError(
+                        f"no worker finished a step within {self.cluster.timeout_s:g} s "
+                        f"({len(self.pending)} steps outstanding)"
+                    )
                 kind, e, t = self.pending.pop(ready[0])
                 taken = len(self.record.cloud["step"])
                 {"edge": self.on_edge_step, "cloud": self.on_cloud_step, "restart": self.on_restart}[kind](
-                    ready[0], e, t)
+                    ready[0], e, t
+                )
                 for _ in range(len(self.record.cloud["step"]) - taken):
                     bar.update(self.record.cloud["loss"][-1])
         finally:
@@ -160,8 +183,11 @@ class Driver:
     def submit_edge_steps(self, barrier: int) -> None:
         """Ask each live edge for its next steps, up to the barrier and `ahead` steps past the cloud."""
         for e in range(self.n):
-            while (self.alive(e) and self.submitted[e] < min(self.steps, barrier)
-                   and self.submitted[e] < self.settled[e] + self.held(e) + self.ahead):
+            while (
+                self.alive(e)
+                and self.submitted[e] < min(self.steps, barrier)
+                and self.submitted[e] < self.settled[e] + self.held(e) + self.ahead
+            ):
                 t = self.submitted[e]
                 payload, metrics = self.edges[e].step.options(num_returns=2).remote(t)
                 self.pending[metrics] = ("edge", e, t)
@@ -203,14 +229,23 @@ class Driver:
 
     def sync_due(self, barrier: int) -> bool:
         """Every live edge has reached a multiple of edge_sync (the last step too), not yet averaged."""
-        return bool(self.cluster.edge_sync and self.synced_through < barrier and barrier % self.cluster.edge_sync == 0
-                    and not self.restarting
-                    and all(r.lost or r.sent >= barrier for r in self.reports))
+        return bool(
+            self.cluster.edge_sync
+            and self.synced_through < barrier
+            and barrier % self.cluster.edge_sync == 0
+            and not self.restarting
+            and all(r.lost or r.sent >= barrier for r in self.reports)
+        )
 
     def save_due(self, next_save: int, barrier: int) -> bool:
         """Every live edge has reached the checkpoint step and the cloud has settled all of it."""
-        return bool(self.every and next_save < self.steps and barrier == next_save and not self.restarting
-                    and all(r.lost or self.settled[r.edge] + self.held(r.edge) >= next_save for r in self.reports))
+        return bool(
+            self.every
+            and next_save < self.steps
+            and barrier == next_save
+            and not self.restarting
+            and all(r.lost or self.settled[r.edge] + self.held(r.edge) >= next_save for r in self.reports)
+        )
 
     # --- what came back -------------------------------------------------------------------------
 
@@ -249,10 +284,15 @@ class Driver:
             metrics = ray.get(ref, timeout=self.cluster.timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
             if not alive(ray, self.cloud, self.cluster):
-                raise ClusterError(f"the cloud worker died at its step {len(self.record.cloud['step'])} (edge {e}, "
-                                   f"step {t}): {str(error).splitlines()[0]}") from None
-            if (isinstance(error, ray.exceptions.RayTaskError) and "ActorDiedError" not in type(error).__name__
-                    and not isinstance(error, ray.exceptions.RayActorError)):
+                raise ClusterError(
+                    f"the cloud worker died at its step {len(self.record.cloud['step'])} (edge {e}, "
+                    f"step {t}): {str(error).splitlines()[0]}"
+                ) from None
+            if (
+                isinstance(error, ray.exceptions.RayTaskError)
+                and "ActorDiedError" not in type(error).__name__
+                and not isinstance(error, ray.exceptions.RayActorError)
+            ):
                 raise  # the cloud step itself raised: a bug, not a lost edge
             self.fail(e, t)  # the payload's edge died before handing it over
             return
@@ -327,8 +367,18 @@ class Driver:
             if self.alive(e):
                 accuracy_ref, bundle = self.edges[e].evaluate.options(num_returns=2).remote()
                 report.edge_accuracy = self.get(accuracy_ref, f"edge {e}'s evaluation")["edge_accuracy"]
-                report.cloud_accuracy = self.get(self.cloud.evaluate.remote(bundle),
-                                                 f"the cloud's evaluation on edge {e}'s features")
+                report.cloud_accuracy = self.get(
+                    self.cloud.evaluate.remote(bundle), f"the cloud's evaluation on edge {e}'s features"
+                )
             report.dropped = report.sent - report.delivered
-        return ClusterResult(self.config.schedule, self.cluster.order, self.steps, self.reports, self.record, wall_s,
-                             placement, self.policy, self.resumed_cloud_steps)
+        return ClusterResult(
+            self.config.schedule,
+            self.cluster.order,
+            self.steps,
+            self.reports,
+            self.record,
+            wall_s,
+            placement,
+            self.policy,
+            self.resumed_cloud_steps,
+        )

@@ -74,7 +74,9 @@ class ClusterResult:
             "mean_cloud_accuracy": self.mean_cloud_accuracy,
             "placement": self.placement,
             "precision": self.precision,
-            "edges": [dataclasses.asdict(e) | {"median_step_s": median(self.record.edges[e.edge]["step_s"])}
-                      for e in self.edges],
+            "edges": [
+                dataclasses.asdict(e) | {"median_step_s": median(self.record.edges[e.edge]["step_s"])}
+                for e in self.edges
+            ],
             "median_cloud_step_s": median(self.record.cloud["step_s"]),
         }

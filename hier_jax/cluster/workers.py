@@ -53,8 +53,15 @@ def _crash() -> None:
 
 
 class EdgeWorker(_Side):
-    def __init__(self, edge: int, config: ExperimentConfig, dataset: ImageDataset, steps: int,
-                 cores: Sequence[int] | None, kill_at: int | None):
+    def __init__(
+        self,
+        edge: int,
+        config: ExperimentConfig,
+        dataset: ImageDataset,
+        steps: int,
+        cores: Sequence[int] | None,
+        kill_at: int | None,
+    ):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, "cpu")
         from hier_jax import train
 
@@ -77,8 +84,13 @@ class EdgeWorker(_Side):
         start = time.perf_counter()
         payload, metrics = jax.device_get(self._train())
         step_s = time.perf_counter() - start
-        return payload, {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "step_s": step_s,
-                         "nbytes": payload.nbytes, "done_at": time.time()}
+        return payload, {
+            "loss": float(metrics["loss"]),
+            "accuracy": float(metrics["accuracy"]),
+            "step_s": step_s,
+            "nbytes": payload.nbytes,
+            "done_at": time.time(),
+        }
 
     def _train(self) -> tuple[Any, dict]:
         images, labels = next(self.batches)
@@ -134,8 +146,15 @@ class EdgeWorker(_Side):
 
 
 class CloudWorker(_Side):
-    def __init__(self, config: ExperimentConfig, dataset: ImageDataset, steps: int, cores: Sequence[int] | None,
-                 platform: str, kill_at: int):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        dataset: ImageDataset,
+        steps: int,
+        cores: Sequence[int] | None,
+        platform: str,
+        kill_at: int,
+    ):
         super().__init__(dataclasses.replace(config, max_steps=steps), dataset, cores, platform)
         self.kill_at, self.steps_done = kill_at, 0
 
@@ -160,8 +179,14 @@ class CloudWorker(_Side):
         start = time.perf_counter()
         self.state, metrics = self.setup.hierarchy.cloud_step(self.state, jax.device_put(payload, self.device))
         metrics = jax.device_get(metrics)  # waits for the step
-        return {"index": index, "edge": edge, "step": t, "loss": float(metrics["loss"]),
-                "accuracy": float(metrics["accuracy"]), "step_s": time.perf_counter() - start}
+        return {
+            "index": index,
+            "edge": edge,
+            "step": t,
+            "loss": float(metrics["loss"]),
+            "accuracy": float(metrics["accuracy"]),
+            "step_s": time.perf_counter() - start,
+        }
 
     def state_now(self) -> Any:
         return jax.device_get(self.state)

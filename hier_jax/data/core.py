@@ -74,7 +74,7 @@ class ImageDataset:
         return len(self.class_names)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
     @property

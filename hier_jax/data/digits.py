@@ -8,6 +8,8 @@ replicated to 3 channels so CIFAR-shaped models run on them unchanged.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from hier_jax.data.core import ImageDataset, channel_stats
@@ -23,13 +25,14 @@ def load_digits_dataset() -> ImageDataset:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    grey = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8]
+    grey = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # pyright: ignore[reportAttributeAccessIssue] - a Bunch, typed as the (X, y) form; [N, 8, 8]
     scale = SIZE // grey.shape[1]
     big = np.repeat(np.repeat(grey, scale, axis=1), scale, axis=2)
     images = np.repeat(big[..., None], 3, axis=-1)
-    labels = bunch.target.astype(np.int32)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    labels = bunch.target.astype(np.int32)  # pyright: ignore[reportAttributeAccessIssue] - a Bunch, typed as the (X, y) form
+    train_x, test_x, train_y, test_y = cast(  # arrays in, arrays out (sklearn types them as any array-like)
+        list[np.ndarray],
+        train_test_split(images, labels, test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED),
     )
     mean, std = channel_stats(train_x)
     return ImageDataset(

@@ -171,7 +171,7 @@ def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.partial.npz")
-        np.savez(partial, **arrays)
+        np.savez(partial, **arrays)  # pyright: ignore[reportArgumentType] - numpy's stub lets **kwds fill allow_pickle; these are array names
         partial.replace(cache_file)
     except OSError as error:
         warnings.warn(f"could not write decoded-image cache {cache_file}: {error}", stacklevel=3)

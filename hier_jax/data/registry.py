@@ -16,7 +16,7 @@ DATASETS = ("digits", "cifar10", "tiny_imagenet", "folder:PATH")
 class DataShape:
     """What a model and the runtime model need of a data set: image shape, classes, training examples."""
 
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     num_classes: int
     num_train: int
 

@@ -62,7 +62,7 @@ def no_stray_tempdirs() -> Iterator[None]:
 
 def _split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The whole split in file order (batched reads; batch_size=-1 crashes TF under tfds mocking)."""
-    reader = builder.as_dataset(split=split, batch_size=_READ_BATCH, shuffle_files=False)
+    reader = builder.as_dataset(split=split, batch_size=_READ_BATCH, shuffle_files=False)  # pyright: ignore[reportCallIssue] - tfds's logging decorator hides the parameters
     batches = list(tfds.as_numpy(reader))
     images = np.concatenate([b["image"] for b in batches]).astype(np.uint8, copy=False)
     return images, np.concatenate([b["label"] for b in batches]).astype(np.int32)
@@ -138,5 +138,5 @@ def load_tiny_imagenet(
         f"`python -m hier_jax.data.tiny_imagenet --manual-dir DIR{data_arg}` "
         "(or load_dataset('tiny_imagenet', data_dir=..., download=True, manual_dir=DIR)).",
     )
-    names = builder.info.metadata.get("class_names") or builder.info.features["label"].names
+    names = builder.info.metadata.get("class_names") or builder.info.features["label"].names  # pyright: ignore[reportOptionalMemberAccess, reportIndexIssue, reportOptionalSubscript] - tfds types info.metadata and info.features loosely
     return _to_dataset(builder, "tiny_imagenet", "validation", tuple(names), "crop_flip")

@@ -112,8 +112,8 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
         tree = _ArchiveTree(find_archive(Path(dl_manager.manual_dir)))
         wnids = sorted(_lines(tree, "wnids.txt"))
         words = dict(line.split("\t", 1) for line in _lines(tree, "words.txt"))
-        self.info.features["label"].names = wnids
-        self.info.metadata["class_names"] = [words.get(wnid, wnid).strip() for wnid in wnids]
+        self.info.features["label"].names = wnids  # pyright: ignore[reportIndexIssue, reportOptionalSubscript] - tfds features are untyped
+        self.info.metadata["class_names"] = [words.get(wnid, wnid).strip() for wnid in wnids]  # pyright: ignore[reportOptionalSubscript] - set in _info
         train = [(path, wnid) for wnid in wnids for path in tree.images(f"train/{wnid}/images")]
         val_labels = {}
         for line in _lines(tree, "val/val_annotations.txt"):

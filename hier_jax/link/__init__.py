@@ -8,4 +8,17 @@ from hier_jax.link.clock import BufferedLink, LinkClock
 from hier_jax.link.simulated import LinkStats, SimulatedLink
 from hier_jax.link.spec import LINKS, Link, LinkConfig, custom_link, get_link, validate_link
 
-__all__ = ["LINKS", "BufferedLink", "Channel", "Link", "LinkClock", "LinkConfig", "LinkStats", "QueueChannel", "SimulatedLink", "custom_link", "get_link", "validate_link"]
+__all__ = [
+    "LINKS",
+    "BufferedLink",
+    "Channel",
+    "Link",
+    "LinkClock",
+    "LinkConfig",
+    "LinkStats",
+    "QueueChannel",
+    "SimulatedLink",
+    "custom_link",
+    "get_link",
+    "validate_link",
+]

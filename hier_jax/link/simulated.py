@@ -33,11 +33,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-_POLL_S = 0.05
-
-
 from hier_jax.link.clock import LinkClock
 from hier_jax.link.spec import Link
+
+_POLL_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,13 +94,23 @@ class LinkConfig:
     for every edge (or one per edge), its delays scaled, outages scripted in edge steps, and the
     payloads an edge buffers while its link is down (older ones are dropped)."""
 
-    presets: tuple[str, ...] = option((), "simulate a link: one preset for every edge, or one per edge (3g,wifi); "
-                                      f"presets: {', '.join(LINKS)}", flag="--link", aliases=("--links",),
-                                      parse=comma_list, metavar="PRESET[,PRESET...]")
+    presets: tuple[str, ...] = option(
+        (),
+        f"simulate a link: one preset for every edge, or one per edge (3g,wifi); presets: {', '.join(LINKS)}",
+        flag="--link",
+        aliases=("--links",),
+        parse=comma_list,
+        metavar="PRESET[,PRESET...]",
+    )
     time_scale: float = option(1.0, "multiply the link's delays by this", run_only=True)
     outages: tuple[tuple[int, int], ...] = option(
-        (), "link down from edge step A until step B (repeatable)", flag="--outage", repeat=True, metavar="A:B",
-        parse=int_pair("A:B", "two step numbers with 0 <= A < B", ordered=True))
+        (),
+        "link down from edge step A until step B (repeatable)",
+        flag="--outage",
+        repeat=True,
+        metavar="A:B",
+        parse=int_pair("A:B", "two step numbers with 0 <= A < B", ordered=True),
+    )
     buffer: int = option(4, "payloads an edge buffers while its link is down", flag="--link-buffer")
 
     def preset(self, edge: int) -> Link | None:
@@ -112,12 +122,20 @@ class LinkConfig:
 
 def validate_link(config: LinkConfig, edges: int = 1) -> None:
     """ConfigError naming the flag, before anything starts."""
-    check(len(config.presets) in (0, 1, edges), "--link", ",".join(config.presets),
-          f"one preset, or one per edge ({edges})")
+    check(
+        len(config.presets) in (0, 1, edges),
+        "--link",
+        ",".join(config.presets),
+        f"one preset, or one per edge ({edges})",
+    )
     for name in config.presets:
         check(name in LINKS, "--link", name, ", ".join(LINKS))
-    check(math.isfinite(config.time_scale) and config.time_scale > 0, "--time-scale", config.time_scale,
-          "a finite number > 0")
+    check(
+        math.isfinite(config.time_scale) and config.time_scale > 0,
+        "--time-scale",
+        config.time_scale,
+        "a finite number > 0",
+    )
     check(config.buffer >= 1, "--link-buffer", config.buffer, "an integer >= 1")
     for a, b in config.outages:
         check(0 <= a < b, "--outage", f"{a}:{b}", "A:B, two step numbers with 0 <= A < B")

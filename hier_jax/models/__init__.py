@@ -35,7 +35,7 @@ def build_model(
     name: str,
     *,
     num_classes: int,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     width: int = 64,
     seed: int = 0,
     conv_impl: str | None = None,

@@ -14,6 +14,8 @@ keeps its statistics in float32 whatever the activations' dtype (`_promote_input
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,16 +26,18 @@ from hier_jax.models import xla_cpu
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_Args = TypeVar("_Args", bound=tuple)
 
 
-def _promote_input_only(args: tuple, dtype=None) -> tuple:
+def _promote_input_only(args: _Args, dtype: Any = None, *, inexact: bool = True) -> _Args:
     """BatchNorm's promote_dtype: the input in the compute dtype, the running mean/var, scale and bias
     as they are (float32). flax's default casts them all to `dtype`, which under bfloat16 would
     normalize with bf16-rounded running statistics in inference; this way the normalization runs in
     float32 and only its output is cast (flax computes the batch statistics in at least float32, and
-    the running averages it stores stay float32, either way)."""
+    the running averages it stores stay float32, either way). `inexact` is flax's PromoteDtypeFn
+    parameter, unused here (BatchNorm does not pass it)."""
     x, *rest = args
-    return (x if dtype is None else jnp.asarray(x, dtype), *rest)
+    return cast(_Args, (x if dtype is None else jnp.asarray(x, dtype), *rest))
 
 
 def batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -102,7 +106,7 @@ class MaxPool(nnx.Module):
         ):
             return xla_cpu.block_max_pool(x, k)
         pad = ((self.padding, self.padding), (self.padding, self.padding))
-        return nnx.max_pool(x, (self.window, self.window), (self.stride, self.stride), padding=pad)
+        return nnx.max_pool(x, (self.window, self.window), (self.stride, self.stride), padding=pad)  # pyright: ignore[reportArgumentType] - flax leaves padding unannotated; (low, high) pairs are valid
 
 
 class BasicBlock(nnx.Module):
@@ -125,7 +129,11 @@ class BasicBlock(nnx.Module):
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = self.bn2(self.conv2(y), use_running_average=ura)
-        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x), use_running_average=ura)
+        if self.shortcut_conv is None:
+            shortcut = x
+        else:
+            assert self.shortcut_bn is not None  # set together with shortcut_conv
+            shortcut = self.shortcut_bn(self.shortcut_conv(x), use_running_average=ura)
         return nnx.relu(y + shortcut)
 
 

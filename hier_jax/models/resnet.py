@@ -20,14 +20,14 @@ STEMS = ("cifar", "imagenet")
 
 
 def resnet18(
-    num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64, stem: str = "cifar", rngs: nnx.Rngs
+    num_classes: int, input_shape: tuple[int, ...], *, width: int = 64, stem: str = "cifar", rngs: nnx.Rngs
 ) -> StagedNet:
     """ResNet-18; `width` is layer1's channel count (64 in the paper), later layers scale with it."""
     if stem not in STEMS:
         raise ValueError(f"unknown ResNet stem {stem!r}; valid stems: {', '.join(STEMS)}")
     cin = input_shape[-1]
     if stem == "cifar":
-        stages = [("stem", ConvBNReLU(cin, width, 3, 1, bias=False, rngs=rngs))]
+        stages: list[tuple[str, nnx.Module]] = [("stem", ConvBNReLU(cin, width, 3, 1, bias=False, rngs=rngs))]
     else:
         stages = [("stem", ConvBNReLU(cin, width, 7, 2, bias=False, rngs=rngs)), ("maxpool", MaxPool(3, 2, padding=1))]
     cin = width

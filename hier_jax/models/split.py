@@ -17,6 +17,7 @@ probe on globally pooled features; more convs a deeper exit.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +47,7 @@ def pool_grid(height: int, width: int, grid: int) -> tuple[int, int]:
 class ExitHead(nnx.Module):
     """Early-exit classifier: `convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear."""
 
-    def __init__(
-        self, feature_shape: tuple[int, int, int], num_classes: int, config: ExitHeadConfig, *, rngs: nnx.Rngs
-    ):
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, config: ExitHeadConfig, *, rngs: nnx.Rngs):
         if config.convs < 0 or config.channels < 1 or config.grid < 1:
             raise ValueError(f"invalid exit head {config}: need convs >= 0, channels >= 1, grid >= 1")
         height, width, cin = feature_shape
@@ -79,7 +78,7 @@ class EdgeNet(nnx.Module):
         self,
         stages: list[nnx.Module],
         head: ExitHead | None,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],
         precision: str | None = None,
     ):
         self.stages = nnx.List(stages)
@@ -97,6 +96,7 @@ class EdgeNet(nnx.Module):
     def __call__(self, images_BHWC: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         """(early-exit logits, feature map sent to the cloud)."""
         features = self.features(images_BHWC, train)
+        assert self.head is not None  # an edge without an early exit (vanilla) is run through features()
         return self.head(features, train), features
 
 
@@ -131,11 +131,21 @@ class Split:
     cloud: CloudNet
     point: str
     index: int
-    feature_shape: tuple[int, int, int]  # per example, (H, W, C)
+    feature_shape: tuple[int, ...]  # per example, (H, W, C)
     num_classes: int
 
 
-def resolve_point(model: StagedNet, point: str | int) -> int:
+class NamedStages(Protocol):
+    """What `resolve_point` reads of a model: hier-jax's StagedNet and torch_ref's twin both have it."""
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def stage_names(self) -> tuple[str, ...]: ...
+
+
+def resolve_point(model: NamedStages, point: str | int) -> int:
     """Index of the last edge stage; ValueError listing the valid names for anything else."""
     names = model.stage_names
     if isinstance(point, str) and point in names:
@@ -148,7 +158,7 @@ def resolve_point(model: StagedNet, point: str | int) -> int:
     )
 
 
-def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
+def stage_output_shape(model: StagedNet, index: int) -> tuple[int, ...]:
     """Per-example shape (H, W, C) of the output of stage `index`, without running the model."""
     probe = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
     out = jax.eval_shape(lambda x: model.features(x, False, stop=index + 1), probe)

@@ -16,7 +16,7 @@ from hier_jax import precision
 from hier_jax.models import xla_cpu
 
 
-def check_images(images: jax.Array, input_shape: tuple[int, int, int]) -> None:
+def check_images(images: jax.Array, input_shape: tuple[int, ...]) -> None:
     """Raise a clear error for images that are not [B, H, W, C] of the model's input shape."""
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(input_shape):
         raise ValueError(
@@ -33,7 +33,7 @@ class StagedNet(nnx.Module):
         arch: str,
         stages: Sequence[tuple[str, nnx.Module]],
         classifier: nnx.Module,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],
         num_classes: int,
     ):
         self.arch = arch

@@ -17,7 +17,7 @@ from hier_jax.models.staged import StagedNet
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
-def vgg16(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64, rngs: nnx.Rngs) -> StagedNet:
+def vgg16(num_classes: int, input_shape: tuple[int, ...], *, width: int = 64, rngs: nnx.Rngs) -> StagedNet:
     """VGG-16; `width` is the first block's channel count (64 in the paper), later blocks scale with it."""
     stages = []
     cin = input_shape[-1]

@@ -124,7 +124,9 @@ def probe_conv_hlo(compiler_options: dict | None = None) -> str:
     x = jax.ShapeDtypeStruct((1, 4, 4, 32), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)
     lowered = jax.jit(lambda x, w: _lax_conv(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w)
-    return lowered.compile(compiler_options=compiler_options).as_text()
+    text = lowered.compile(compiler_options=compiler_options).as_text()
+    assert text is not None  # None only where a backend has no text view
+    return text
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""One cell: trained through the library (`train.build`, `train.train`), resumed from its checkpoints, its result row; and the rows of every cell in a grid directory, as results.csv."""
+"""One cell: trained through the library (`train.build`, `train.train`), resumed from its checkpoints, its
+result row; and the rows of every cell in a grid directory, as results.csv."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from hier_jax import outputs, train
-from hier_jax.data import ImageDataset
+from hier_jax.data import DataShape, ImageDataset
 from hier_jax.link import SimulatedLink, get_link
 from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, cell_config, cut_order, dataset_key
-from hier_jax.data import DataShape
 from hier_jax.paper.runtime import REPORT_LINKS
 from hier_jax.quantization import raw_image_nbytes
 from hier_jax.run.checkpoint import RunCheckpoints
@@ -64,7 +64,7 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
     link = outage_link(setup.total_steps) if cell.scheme == "hierarchical_outage" else None
     result = train.train(setup, channel=link, checkpoint_dir=checkpoints, resume=resume)
     accuracy = train.evaluate(setup, result)
-    raw = raw_image_nbytes(1, *dataset.image_shape, dataset.num_classes)
+    raw = raw_image_nbytes(1, *dataset.image_shape, num_classes=dataset.num_classes)
     row = {
         "model": cell.model,
         "dataset": dataset_key(cell.dataset),

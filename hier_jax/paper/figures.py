@@ -24,7 +24,7 @@ def plot_accuracy_vs_cut(rows: list[dict], path: Path, bits: int) -> None:
     hier, e2e, sl = group_rows(rows, "hierarchical"), group_rows(rows, "end_to_end"), group_rows(rows, "split_learning")
     panels = sorted({(k[0], k[1]) for k in hier})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
-    for ax, (dataset, model) in zip(axes[0], panels):
+    for ax, (dataset, model) in zip(axes[0], panels, strict=False):
         order = cut_order(model)
         for b, style in ((bits, "-"), (32, "--")):
             pts = sorted(((order[k[2]], k[2], v) for k, v in hier.items() if k[:2] == (dataset, model) and k[3] == b))
@@ -75,7 +75,7 @@ def plot_accuracy_vs_bits(rows: list[dict], path: Path, sweep_cut: dict[str, str
     hier, e2e = group_rows(rows, "hierarchical"), group_rows(rows, "end_to_end")
     panels = sorted({(k[0], k[1], sweep_cut[k[1]]) for k in hier if k[2] == sweep_cut.get(k[1])})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.6), squeeze=False)
-    for ax, (dataset, model, cut) in zip(axes[0], panels):
+    for ax, (dataset, model, cut) in zip(axes[0], panels, strict=False):
         pts = sorted((k[3], v) for k, v in hier.items() if k[:3] == (dataset, model, cut))
         xs = [p[0] for p in pts]
         ax.plot(xs, [100 * np.mean([r["cloud_accuracy"] for r in p[1]]) for p in pts], "o-", label="cloud exit")
@@ -112,7 +112,7 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(PLOT_LINKS), figsize=(4.8 * len(PLOT_LINKS), 3.8), squeeze=False)
     series = sorted({(r["dataset"], r["model"]) for r in done})
-    for ax, link in zip(axes[0], PLOT_LINKS):
+    for ax, link in zip(axes[0], PLOT_LINKS, strict=False):
         for i, (dataset, model) in enumerate(series):
             for scheme, marker in (("hierarchical", "o"), ("split_learning", "x")):
                 pts = [r for r in done if (r["dataset"], r["model"], r["scheme"]) == (dataset, model, scheme)]
@@ -130,7 +130,7 @@ def plot_accuracy_vs_reduction(rows: list[dict], path: Path) -> None:
                     label=f"{model} on {dataset} ({scheme.replace('_', ' ')})",
                 )
                 if scheme == "hierarchical":
-                    for x, y, r in zip(xs, ys, pts):
+                    for x, y, r in zip(xs, ys, pts, strict=False):
                         ax.annotate(f"{r['cut']}/{r['bits']}b", (x, y), fontsize=5)
             paper = paper_reduction(model, dataset)
             if link == "3g" and paper is not None:

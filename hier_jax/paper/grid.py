@@ -1,4 +1,5 @@
-"""Running a grid: its flags checked against the profile, its directory checked, its data sets loaded, every cell not yet done run (results.csv rewritten after each), then the report."""
+"""Running a grid: its flags checked against the profile, its directory checked, its data sets loaded,
+every cell not yet done run (results.csv rewritten after each), then the report."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import numpy as np
 
 from hier_jax import cli, outputs
 from hier_jax.config import ExperimentConfig, differences, from_dict
-from hier_jax.data import ImageDataset, load_dataset
+from hier_jax.data import DataShape, ImageDataset, load_dataset
 from hier_jax.errors import RunInterrupted, UserError, check
 from hier_jax.flags import option
 from hier_jax.paper.cells import load_rows, run_cell, write_results
 from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, dataset_key, grid_profiles
 from hier_jax.paper.report import write_report
-from hier_jax.data import DataShape
 from hier_jax.paper.runtime import RuntimeModel, add_runtime
 from hier_jax.quantization import VALID_BITS
 
@@ -31,20 +31,22 @@ class GridRequest:
 
     profile: str = option("", f"the budget: {', '.join(grid_profiles())} (required)")
     out: str = option("", "the grid's directory (rerun the same command to resume; required)")
-    dataset: tuple[str, ...] = option((), "data sets (default: the profile's): cifar10, tiny_imagenet, digits, "
-                                      "folder:PATH", many=True)
+    dataset: tuple[str, ...] = option(
+        (), "data sets (default: the profile's): cifar10, tiny_imagenet, digits, folder:PATH", many=True
+    )
     models: tuple[str, ...] = option((), "narrow the grid to these models", many=True)
     cuts: tuple[str, ...] = option((), "narrow the grid to these cuts", many=True)
-    bits: tuple[int, ...] = option((), "narrow the hierarchical cells to these bit widths (the baselines always "
-                                   "run)", many=True)
+    bits: tuple[int, ...] = option(
+        (), "narrow the hierarchical cells to these bit widths (the baselines always run)", many=True
+    )
     schemes: tuple[str, ...] = option((), f"narrow the grid: {', '.join(SCHEMES)}", many=True)
     seeds: int = option(1, "seeds per cell (the report gives mean ± std)")
-    tolerance_pts: float = option(1.0, "the chosen cut's cloud exit may be at most this many points below "
-                                  "end-to-end")
+    tolerance_pts: float = option(1.0, "the chosen cut's cloud exit may be at most this many points below end-to-end")
 
 
-def check_request(request: GridRequest, profile: GridProfile
-                  ) -> tuple[list[str], list[str] | None, list[int] | None, list[str]]:
+def check_request(
+    request: GridRequest, profile: GridProfile
+) -> tuple[list[str], list[str] | None, list[int] | None, list[str]]:
     """Validate the narrowing flags against the profile (ConfigError listing the valid choices):
     (models, cuts or None, bits or None, schemes)."""
     models = list(request.models) or list(profile.cuts)
@@ -62,8 +64,12 @@ def check_request(request: GridRequest, profile: GridProfile
     bad = [s for s in schemes if s not in SCHEMES]
     check(not bad, "--schemes", bad, ", ".join(SCHEMES))
     check(request.seeds >= 1, "--seeds", request.seeds, "an integer >= 1")
-    check(math.isfinite(request.tolerance_pts) and request.tolerance_pts >= 0, "--tolerance-pts",
-          request.tolerance_pts, "a finite number >= 0")
+    check(
+        math.isfinite(request.tolerance_pts) and request.tolerance_pts >= 0,
+        "--tolerance-pts",
+        request.tolerance_pts,
+        "a finite number >= 0",
+    )
     return models, list(request.cuts) or None, list(request.bits) or None, schemes
 
 

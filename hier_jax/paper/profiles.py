@@ -1,4 +1,5 @@
-"""The grid's budgets (`GridProfile`: smoke, cpu, full) and its cells: which (data set, model, cut, bits, scheme, seed) a profile trains, and each cell's config."""
+"""The grid's budgets (`GridProfile`: smoke, cpu, full) and its cells: which (data set, model, cut, bits,
+scheme, seed) a profile trains, and each cell's config."""
 
 from __future__ import annotations
 

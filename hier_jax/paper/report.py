@@ -1,4 +1,5 @@
-"""REPORT.md: the grid's tables (accuracy per cut and bit width, baselines, bytes and modeled runtime, the outage) and the chosen cut."""
+"""REPORT.md: the grid's tables (accuracy per cut and bit width, baselines, bytes and modeled runtime, the
+outage) and the chosen cut."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from hier_jax import outputs
+from hier_jax.data import DataShape
 from hier_jax.link import get_link
 from hier_jax.paper.cells import OUTAGE_BUFFER, OUTAGE_FRACTION, group_rows
 from hier_jax.paper.figures import plot_accuracy_vs_bits, plot_accuracy_vs_cut, plot_accuracy_vs_reduction
 from hier_jax.paper.profiles import Cell, GridProfile, cut_order
-from hier_jax.data import DataShape
 from hier_jax.paper.runtime import REPORT_LINKS, RuntimeModel
-from hier_jax.runtime_model.reported import paper_reduction
 from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import K620_MEMORY_BYTES
+from hier_jax.runtime_model.reported import paper_reduction
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -25,11 +26,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def fmt(values: list[float | None], scale: float = 100, digits: int = 1) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+    present = [v for v in values if v is not None]
+    if not present:
         return "–"
-    mean, std = mean_std(values)
-    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(values) > 1 else "")
+    mean, std = mean_std(present)
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if len(present) > 1 else "")
 
 
 def markdown_table(header: list[str], lines: list[list[str]]) -> str:
@@ -81,7 +82,7 @@ def accuracy_table(rows: list[dict]) -> str:
 def baseline_table(rows: list[dict]) -> str:
     lines = []
     for scheme in ("end_to_end", "split_learning"):
-        for (dataset, model, cut, bits), cell_rows in sorted(group_rows(rows, scheme).items()):
+        for (dataset, model, cut, _bits), cell_rows in sorted(group_rows(rows, scheme).items()):
             lines.append(
                 [
                     dataset,
@@ -208,6 +209,7 @@ def chosen_cuts(
                     max_accuracy_drop=tolerance_pts / 100,
                     reference_accuracy=ref_acc,
                 ).best
+                assert chosen.accuracy is not None  # with an accuracy table, only measured points are eligible
                 base = costmodel.epoch_time(
                     "end_to_end",
                     selection.workload(
@@ -304,7 +306,8 @@ def write_report(
         "",
         "## Baselines at the same budget",
         "",
-        "End-to-end training of the unsplit model is what the paper's cloud-only training computes; vanilla split learning "
+        "End-to-end training of the unsplit model is what the paper's cloud-only training computes; vanilla "
+        "split learning "
         "backpropagates through the cut, so it trains the same function (its accuracy should match end-to-end's "
         "up to float reassociation).",
         "",

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hier_jax.data import DataShape
 from hier_jax.link import get_link
 from hier_jax.models import build_model
 from hier_jax.paper.profiles import GridProfile
-from hier_jax.data import DataShape
 from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import paper_devices
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from hier_jax import steps
-from hier_jax.devices import AUTO, place, resolve_device
+from hier_jax.devices import AUTO, Device, place, resolve_device
 from hier_jax.models import Split
 from hier_jax.run.evaluate import accuracy
 from hier_jax.run.supervisor import Snapshot
@@ -28,8 +28,8 @@ class Baseline:
     model is the cloud state, and the edge state `{"step": 0}` is a placeholder nothing updates.
     """
 
-    edge_device: jax.Device
-    cloud_device: jax.Device
+    edge_device: Device
+    cloud_device: Device
     train_step: Callable | None = None  # end-to-end: (state, images, labels) -> (state, metrics)
     edge_forward: Callable | None = None  # split learning: (edge_state, images) -> (features, vjp, bn)
     cloud_step: Callable | None = None  # split learning: (cloud_state, features, labels) -> (.., grad, ..)
@@ -39,7 +39,7 @@ class Baseline:
 
 
 def build_end_to_end(
-    model: Any, tx: optax.GradientTransformation, device: str | jax.Device = AUTO
+    model: Any, tx: optax.GradientTransformation, device: str | Device = AUTO
 ) -> tuple[Baseline, steps.State, steps.State]:
     """The unsplit model trained on one device: what cloud-only training computes. Returns
     (baseline, the placeholder edge state `{"step": 0}`, the model's state)."""
@@ -61,8 +61,8 @@ def build_split_learning(
     *,
     edge_tx: optax.GradientTransformation,
     cloud_tx: optax.GradientTransformation,
-    edge_device: str | jax.Device = AUTO,
-    cloud_device: str | jax.Device = AUTO,
+    edge_device: str | Device = AUTO,
+    cloud_device: str | Device = AUTO,
 ) -> tuple[Baseline, steps.State, steps.State]:
     """Vanilla split learning: the cloud's boundary gradient goes back and the edge backpropagates it."""
     edge_device, cloud_device = resolve_device(edge_device, "edge"), resolve_device(cloud_device, "cloud")
@@ -87,6 +87,7 @@ def _baseline_pair_step(b: Baseline) -> PairStep:
     if b.train_step is not None:
 
         def end_to_end(edge_state, cloud_state, images, labels):
+            assert b.train_step is not None  # b is frozen: still the one checked above
             cloud_state, metrics = b.train_step(
                 cloud_state, jax.device_put(images, b.cloud_device), jax.device_put(labels, b.cloud_device)
             )
@@ -95,6 +96,8 @@ def _baseline_pair_step(b: Baseline) -> PairStep:
         return end_to_end
 
     def split_learning(edge_state, cloud_state, images, labels):
+        # no train_step: split learning, built with all three
+        assert b.edge_forward is not None and b.cloud_step is not None and b.edge_backward is not None
         features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))
         cloud_state, boundary_grad, metrics = b.cloud_step(
             cloud_state, jax.device_put(features, b.cloud_device), jax.device_put(labels, b.cloud_device)
@@ -147,6 +150,7 @@ def evaluate_baseline(
     def final_exit(images):
         if b.edge_eval is not None:
             images = jax.device_put(b.edge_eval(edge_state, jax.device_put(images, b.edge_device)), b.cloud_device)
+        assert b.cloud_eval is not None  # every baseline has one
         return {"cloud": b.cloud_eval(cloud_state, jax.device_put(images, b.cloud_device))}
 
     return accuracy(final_exit, batches)

@@ -14,6 +14,7 @@ directory and the item (side) at fault, as a `CheckpointError`; reading never cr
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def _first_line(error: BaseException) -> str:
 class RunCheckpoints:
     """The checkpoints of one run under `directory`. Writing creates it; reading requires it to exist."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, read_only: bool = False):
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()

@@ -41,12 +41,15 @@ def accuracy(logits_fn: Logits, batches: Iterable[tuple[Any, Any, Any]]) -> dict
     if n == 0:
         raise ValueError("evaluation got no examples")
     labels_host = np.concatenate(labels_all)
-    return {(f"{name}_accuracy" if name else "accuracy"): float(((np.concatenate(p) == labels_host) & mask).sum()) / n
-            for name, p in predictions.items()} | {"examples": n}
+    return {
+        (f"{name}_accuracy" if name else "accuracy"): float(((np.concatenate(p) == labels_host) & mask).sum()) / n
+        for name, p in predictions.items()
+    } | {"examples": n}
 
 
-def evaluate(h: Hierarchy, edge_state: steps.State, cloud_state: steps.State,
-             batches: Iterable[tuple[Any, Any, Any]]) -> dict[str, float]:
+def evaluate(
+    h: Hierarchy, edge_state: steps.State, cloud_state: steps.State, batches: Iterable[tuple[Any, Any, Any]]
+) -> dict[str, float]:
     """Accuracy of the early exit (the edge alone, as when the link is down) and of the final exit:
     {"edge_accuracy", "cloud_accuracy", "examples"}."""
 

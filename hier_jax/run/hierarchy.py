@@ -1,4 +1,5 @@
-"""The compiled steps of one split (edge and cloud jitted separately, their states donated) and the devices they run on."""
+"""The compiled steps of one split (edge and cloud jitted separately, their states donated) and the devices
+they run on."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import optax
 
 from hier_jax import steps
-from hier_jax.devices import AUTO, place, resolve_device
+from hier_jax.devices import AUTO, Device, place, resolve_device
 from hier_jax.models import Split
 
 
@@ -17,8 +18,8 @@ from hier_jax.models import Split
 class Hierarchy:
     """The compiled steps of one split, and the device each side runs on."""
 
-    edge_device: jax.Device
-    cloud_device: jax.Device
+    edge_device: Device
+    cloud_device: Device
     edge_step: Callable
     cloud_step: Callable
     edge_eval: Callable
@@ -33,8 +34,8 @@ def build_hierarchy(
     bits: int,
     edge_tx: optax.GradientTransformation,
     cloud_tx: optax.GradientTransformation,
-    edge_device: str | jax.Device = AUTO,
-    cloud_device: str | jax.Device = AUTO,
+    edge_device: str | Device = AUTO,
+    cloud_device: str | Device = AUTO,
 ) -> tuple[Hierarchy, steps.State, steps.State]:
     """Jit the steps of `split` and return them with initial edge and cloud states on their devices;
     each side's steps are traced under the precision policy its part was built with."""

@@ -34,11 +34,24 @@ from hier_jax.errors import DivergenceError, ResumeMismatchError
 FORMAT = 2
 EDGE_FIELDS = ("step", "loss", "accuracy", "step_s")
 CLOUD_FIELDS = ("edge", "step", "loss", "accuracy", "step_s")
-METRICS_COLUMNS = ("edge", "step", "edge_loss", "edge_accuracy", "edge_step_s", "cloud_index", "cloud_loss",
-                   "cloud_accuracy", "cloud_step_s")
+METRICS_COLUMNS = (
+    "edge",
+    "step",
+    "edge_loss",
+    "edge_accuracy",
+    "edge_step_s",
+    "cloud_index",
+    "cloud_loss",
+    "cloud_accuracy",
+    "cloud_step_s",
+)
 # Format 1: how the in-process runner named (scheme, schedule) in one word.
-_FORMAT1_MODES = {"sequential": ("hierarchical", "sequential"), "overlapped": ("hierarchical", "pipelined"),
-                  "end_to_end": ("end_to_end", "sequential"), "split_learning": ("split_learning", "sequential")}
+_FORMAT1_MODES = {
+    "sequential": ("hierarchical", "sequential"),
+    "overlapped": ("hierarchical", "pipelined"),
+    "end_to_end": ("end_to_end", "sequential"),
+    "split_learning": ("split_learning", "sequential"),
+}
 
 
 def _value(metrics: Mapping[str, Any], key: str) -> float:
@@ -77,17 +90,23 @@ class RunRecord:
 
     def edge_metrics(self, edge: int = 0) -> dict[str, np.ndarray]:
         entry = self.edges[edge]
-        return {"step": np.asarray(entry["step"], np.int64),
-                **{k: np.asarray(entry[k], np.float32) for k in ("loss", "accuracy")},
-                "step_s": np.asarray(entry["step_s"], np.float64)}
+        return {
+            "step": np.asarray(entry["step"], np.int64),
+            **{k: np.asarray(entry[k], np.float32) for k in ("loss", "accuracy")},
+            "step_s": np.asarray(entry["step_s"], np.float64),
+        }
 
     def cloud_metrics(self, edge: int | None = None) -> dict[str, np.ndarray]:
         """The cloud's steps (on `edge`'s payloads only, when given), in the order it took them."""
         pick = [i for i, e in enumerate(self.cloud["edge"]) if edge is None or e == edge]
         values = {k: [self.cloud[k][i] for i in pick] for k in CLOUD_FIELDS}
-        return {"edge": np.asarray(values["edge"], np.int64), "step": np.asarray(values["step"], np.int64),
-                **{k: np.asarray(values[k], np.float32) for k in ("loss", "accuracy")},
-                "step_s": np.asarray(values["step_s"], np.float64), "index": np.asarray(pick, np.int64)}
+        return {
+            "edge": np.asarray(values["edge"], np.int64),
+            "step": np.asarray(values["step"], np.int64),
+            **{k: np.asarray(values[k], np.float32) for k in ("loss", "accuracy")},
+            "step_s": np.asarray(values["step_s"], np.float64),
+            "index": np.asarray(pick, np.int64),
+        }
 
     def delivered(self, edge: int) -> set[int]:
         """The edge steps of `edge` the cloud trained on."""
@@ -96,27 +115,33 @@ class RunRecord:
     def cut(self, step: int) -> RunRecord:
         """The record of the steps before `step`: each edge's steps < step, and the cloud's steps up to
         its first step on a payload of step >= `step` (a checkpoint at `step` holds exactly these)."""
-        edges = [{k: [v for v, t in zip(e[k], e["step"], strict=True) if t < step] for k in EDGE_FIELDS}
-                 for e in self.edges]
+        edges = [
+            {k: [v for v, t in zip(e[k], e["step"], strict=True) if t < step] for k in EDGE_FIELDS} for e in self.edges
+        ]
         n = next((i for i, t in enumerate(self.cloud["step"]) if t >= step), len(self.cloud["step"]))
         return RunRecord(edges, {k: v[:n] for k, v in self.cloud.items()})
 
     def joined(self, later: RunRecord) -> RunRecord:
         """This record followed by a later one (a resumed run's steps after its checkpoint's)."""
-        return RunRecord([{k: a[k] + b[k] for k in EDGE_FIELDS} for a, b in zip(self.edges, later.edges, strict=True)],
-                         {k: self.cloud[k] + later.cloud[k] for k in CLOUD_FIELDS})
+        return RunRecord(
+            [{k: a[k] + b[k] for k in EDGE_FIELDS} for a, b in zip(self.edges, later.edges, strict=True)],
+            {k: self.cloud[k] + later.cloud[k] for k in CLOUD_FIELDS},
+        )
 
     def to_json(self) -> dict:
         return {"edges": self.edges, "cloud": self.cloud}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
-        return cls([{k: list(e.get(k, [])) for k in EDGE_FIELDS} for e in data["edges"]],
-                   {k: list(data["cloud"].get(k, [])) for k in CLOUD_FIELDS})
+        return cls(
+            [{k: list(e.get(k, [])) for k in EDGE_FIELDS} for e in data["edges"]],
+            {k: list(data["cloud"].get(k, [])) for k in CLOUD_FIELDS},
+        )
 
 
-def check_finite(side: str, step: int, loss: float, *, edge: int | None = None,
-                 last_checkpoint: Path | None = None) -> None:
+def check_finite(
+    side: str, step: int, loss: float, *, edge: int | None = None, last_checkpoint: Path | None = None
+) -> None:
     """DivergenceError naming the side, the edge (where a run has several) and the step of a
     non-finite loss."""
     if not math.isfinite(float(loss)):
@@ -127,24 +152,48 @@ def tree_is_finite(tree: Any) -> bool:
     """Every floating-point leaf of a pytree of arrays (on any device, or host) is finite."""
     import jax
 
-    return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree)
-               if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+    return all(
+        np.isfinite(np.asarray(leaf)).all()
+        for leaf in jax.tree.leaves(tree)
+        if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+    )
 
 
 # ------------------------------------------------------------------------------------ metadata
 
 
-def run_meta(*, step: int, total_steps: int | None, scheme: str, schedule: str, precision: str,
-             config: ExperimentConfig, record: RunRecord, wall_s: float, steps_per_epoch: int,
-             cluster: Any = None, workers: dict | None = None) -> dict:
+def run_meta(
+    *,
+    step: int,
+    total_steps: int | None,
+    scheme: str,
+    schedule: str,
+    precision: str,
+    config: ExperimentConfig,
+    record: RunRecord,
+    wall_s: float,
+    steps_per_epoch: int,
+    cluster: Any = None,
+    workers: dict | None = None,
+) -> dict:
     """The metadata of a checkpoint at `step` (format 2)."""
     meta = {
-        "format": FORMAT, "step": step, "total_steps": total_steps, "scheme": scheme, "schedule": schedule,
-        "precision": precision, "config": dataclasses.asdict(config),
-        "data": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                 "steps_per_epoch": steps_per_epoch, "order": "epoch_permutation(seed, epoch)"},
+        "format": FORMAT,
+        "step": step,
+        "total_steps": total_steps,
+        "scheme": scheme,
+        "schedule": schedule,
+        "precision": precision,
+        "config": dataclasses.asdict(config),
+        "data": {
+            "epoch": step // steps_per_epoch,
+            "batch_in_epoch": step % steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "order": "epoch_permutation(seed, epoch)",
+        },
         "rng": {"seed": config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
-        "record": record.to_json(), "wall_s": wall_s,
+        "record": record.to_json(),
+        "wall_s": wall_s,
     }
     if cluster is not None:
         meta["cluster"] = dataclasses.asdict(cluster)
@@ -161,16 +210,31 @@ def read_meta(meta: Mapping[str, Any]) -> dict:
     scheme, schedule = _FORMAT1_MODES[meta["mode"]]
     metrics = meta.get("metrics", {})
     n = len(metrics.get("edge_loss", []))
-    edge = {"step": list(range(meta["step"] - n, meta["step"])), "loss": metrics.get("edge_loss", []),
-            "accuracy": metrics.get("edge_accuracy", []), "step_s": [math.nan] * n}
+    edge = {
+        "step": list(range(meta["step"] - n, meta["step"])),
+        "loss": metrics.get("edge_loss", []),
+        "accuracy": metrics.get("edge_accuracy", []),
+        "step_s": [math.nan] * n,
+    }
     cloud_steps = metrics.get("cloud_steps", [])
-    cloud = {"edge": [0] * len(cloud_steps), "step": cloud_steps, "loss": metrics.get("cloud_loss", []),
-             "accuracy": metrics.get("cloud_accuracy", []), "step_s": [math.nan] * len(cloud_steps)}
-    config = dataclasses.asdict(from_dict(ExperimentConfig, meta["config"]) if isinstance(meta["config"], dict)
-                                else ExperimentConfig())
-    return {**{k: v for k, v in meta.items() if k not in ("mode", "metrics")}, "format": FORMAT,
-            "scheme": scheme, "schedule": schedule, "config": {**config, "scheme": scheme, "schedule": schedule},
-            "record": {"edges": [edge], "cloud": cloud}}
+    cloud = {
+        "edge": [0] * len(cloud_steps),
+        "step": cloud_steps,
+        "loss": metrics.get("cloud_loss", []),
+        "accuracy": metrics.get("cloud_accuracy", []),
+        "step_s": [math.nan] * len(cloud_steps),
+    }
+    config = dataclasses.asdict(
+        from_dict(ExperimentConfig, meta["config"]) if isinstance(meta["config"], dict) else ExperimentConfig()
+    )
+    return {
+        **{k: v for k, v in meta.items() if k not in ("mode", "metrics")},
+        "format": FORMAT,
+        "scheme": scheme,
+        "schedule": schedule,
+        "config": {**config, "scheme": scheme, "schedule": schedule},
+        "record": {"edges": [edge], "cloud": cloud},
+    }
 
 
 def _cluster_format1(meta: Mapping[str, Any]) -> dict:
@@ -180,22 +244,43 @@ def _cluster_format1(meta: Mapping[str, Any]) -> dict:
     schedule = topology.pop("flow", "pipelined")
     presets, time_scale = topology.pop("links", []), topology.pop("time_scale", 1.0)
     config = from_dict(ExperimentConfig, meta["config"])
-    config = flags.replace_paths(config, {"scheme": "hierarchical", "schedule": schedule,
-                                          "link.presets": tuple(presets), "link.time_scale": time_scale})
+    config = flags.replace_paths(
+        config,
+        {"scheme": "hierarchical", "schedule": schedule, "link.presets": tuple(presets), "link.time_scale": time_scale},
+    )
     edges = []
     for report in meta["reports"]:
         n = len(report.get("losses", []))
-        edges.append({"step": list(range(n)), "loss": report.get("losses", []), "accuracy": [math.nan] * n,
-                      "step_s": report.get("step_s", [math.nan] * n)})
+        edges.append(
+            {
+                "step": list(range(n)),
+                "loss": report.get("losses", []),
+                "accuracy": [math.nan] * n,
+                "step_s": report.get("step_s", [math.nan] * n),
+            }
+        )
     taken = sorted(meta["taken"], key=lambda m: m["index"])
-    cloud = {"edge": [m["edge"] for m in taken], "step": [m["step"] for m in taken],
-             "loss": [m["loss"] for m in taken], "accuracy": [math.nan] * len(taken),
-             "step_s": [m.get("step_s", math.nan) for m in taken]}
+    cloud = {
+        "edge": [m["edge"] for m in taken],
+        "step": [m["step"] for m in taken],
+        "loss": [m["loss"] for m in taken],
+        "accuracy": [math.nan] * len(taken),
+        "step_s": [m.get("step_s", math.nan) for m in taken],
+    }
     reports = [{k: v for k, v in r.items() if k not in ("losses", "step_s")} for r in meta["reports"]]
-    return {"format": FORMAT, "step": meta["step"], "total_steps": None, "scheme": "hierarchical",
-            "schedule": schedule, "precision": meta.get("precision"), "config": dataclasses.asdict(config),
-            "record": {"edges": edges, "cloud": cloud}, "wall_s": meta.get("wall_s", 0.0), "cluster": topology,
-            "workers": {"saved_edges": meta["saved_edges"], "reports": reports}}
+    return {
+        "format": FORMAT,
+        "step": meta["step"],
+        "total_steps": None,
+        "scheme": "hierarchical",
+        "schedule": schedule,
+        "precision": meta.get("precision"),
+        "config": dataclasses.asdict(config),
+        "record": {"edges": edges, "cloud": cloud},
+        "wall_s": meta.get("wall_s", 0.0),
+        "cluster": topology,
+        "workers": {"saved_edges": meta["saved_edges"], "reports": reports},
+    }
 
 
 def record_of(meta: Mapping[str, Any] | None, edges: int = 1) -> RunRecord:
@@ -203,31 +288,46 @@ def record_of(meta: Mapping[str, Any] | None, edges: int = 1) -> RunRecord:
     return RunRecord.empty(edges) if meta is None else RunRecord.from_json(meta["record"])
 
 
-def check_resumable(meta: Mapping[str, Any], *, config: ExperimentConfig, scheme: str, precision: str,
-                    total_steps: int | None, where: Path, cluster: Any = None) -> None:
+def check_resumable(
+    meta: Mapping[str, Any],
+    *,
+    config: ExperimentConfig,
+    scheme: str,
+    precision: str,
+    total_steps: int | None,
+    where: Path,
+    cluster: Any = None,
+) -> None:
     """ResumeMismatchError naming what differs between this run and the (format-2) checkpoint at
     `where`: the scheme, a config field that shapes training (run-only fields may change), the
     resolved precision, the run's length, or the Ray topology."""
     recorded_scheme = meta.get("scheme", "hierarchical")
     if recorded_scheme != scheme:
-        raise ResumeMismatchError(f"cannot resume from {where}: it is a checkpoint of {recorded_scheme} training, "
-                                  f"not {scheme}")
+        raise ResumeMismatchError(
+            f"cannot resume from {where}: it is a checkpoint of {recorded_scheme} training, not {scheme}"
+        )
     differ = differences(config, from_dict(ExperimentConfig, meta.get("config", {})), "in the checkpoint")
     if differ:
         raise ResumeMismatchError(f"cannot resume from {where}: the config differs in " + "; ".join(differ))
     if meta.get("precision") not in (None, precision):  # "auto" resolves per backend
-        raise ResumeMismatchError(f"cannot resume from {where}: it was trained in precision {meta['precision']}, "
-                                  f"this run's resolves to {precision}")
+        raise ResumeMismatchError(
+            f"cannot resume from {where}: it was trained in precision {meta['precision']}, "
+            f"this run's resolves to {precision}"
+        )
     if meta.get("total_steps") not in (None, total_steps):
-        raise ResumeMismatchError(f"cannot resume from {where}: it belongs to a run of {meta['total_steps']} steps, "
-                                  f"this one has {total_steps} (has the data set changed?)")
+        raise ResumeMismatchError(
+            f"cannot resume from {where}: it belongs to a run of {meta['total_steps']} steps, "
+            f"this one has {total_steps} (has the data set changed?)"
+        )
     if cluster is not None:
         recorded_cluster = meta.get("cluster", {})
         for path in flags.trajectory_paths(type(cluster)):
             if path in recorded_cluster and recorded_cluster[path] != getattr(cluster, path):
                 flag = flags.flag_name(type(cluster), path)
-                raise ResumeMismatchError(f"checkpoint {where} was made with {flag} {recorded_cluster[path]!r}, "
-                                          f"not {getattr(cluster, path)!r}")
+                raise ResumeMismatchError(
+                    f"checkpoint {where} was made with {flag} {recorded_cluster[path]!r}, "
+                    f"not {getattr(cluster, path)!r}"
+                )
 
 
 # ---------------------------------------------------------------------------------- metrics files
@@ -299,8 +399,9 @@ def plot_curves(record: RunRecord, path: Path, title: str, edge_labels: list[str
 RUN_FILES = ("summary.json", "metrics.csv", "curves.png")
 
 
-def write_run_files(out: Path, summary: dict, record: RunRecord, title: str, edge_labels: list[str],
-                    cloud_labels: list[str]) -> list[str]:
+def write_run_files(
+    out: Path, summary: dict, record: RunRecord, title: str, edge_labels: list[str], cloud_labels: list[str]
+) -> list[str]:
     """summary.json, metrics.csv and curves.png of a run, each written atomically; the names written."""
     outputs.write_json(out / "summary.json", summary)
     write_metrics(out / "metrics.csv", record)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 
 from hier_jax import steps
-from hier_jax.devices import place
+from hier_jax.devices import Device, place
 from hier_jax.run.record import RunRecord, check_finite
 
 POLL_S = 0.05  # how often a blocked wait checks the run's stop event
@@ -119,7 +119,7 @@ class Supervisor:
         k = -(-k // self.every) * self.every
         return range(k, last + 1, self.every)
 
-    def offer(self, side: str, step: int, state: steps.State, device: jax.Device) -> None:
+    def offer(self, side: str, step: int, state: steps.State, device: Device) -> None:
         """Hand over a copy of `side`'s state after `step` steps, once the writer's backlog allows."""
         with self._written:
             while self._unwritten >= WRITE_BACKLOG and not self.stop.is_set():
@@ -163,6 +163,7 @@ class Supervisor:
             step, edge_state, cloud_state = pair
             try:
                 if not self.errors:  # a failed run saves nothing more
+                    assert self.on_snapshot is not None  # pairs are made only when there is one (self.every > 0)
                     self.on_snapshot(Snapshot(step, edge_state, cloud_state, metrics(step)))
             except BaseException as error:  # noqa: BLE001 - a failed save stops the run, re-raised by the caller
                 self.fail(error)

@@ -26,11 +26,12 @@ import jax
 import numpy as np
 
 from hier_jax import steps
+from hier_jax.devices import Device
 from hier_jax.errors import RunAborted
 from hier_jax.link.channel import Channel, QueueChannel
 from hier_jax.run.hierarchy import Hierarchy
-from hier_jax.run.record import RunRecord
 from hier_jax.run.progress import Progress
+from hier_jax.run.record import RunRecord
 from hier_jax.run.supervisor import FINITE_LAG, JOIN_GRACE_S, FiniteCheck, Snapshot, Supervisor
 
 
@@ -83,9 +84,11 @@ def _record(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_st
     return record
 
 
-def _record_before(edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
-                   ) -> Callable[[int], RunRecord]:
+def _record_before(
+    edge_metrics: list, cloud_metrics: list, cloud_steps: list, start_step: int
+) -> Callable[[int], RunRecord]:
     """The record of this call's steps before k, read while the workers append to the lists."""
+
     def upto(k: int) -> RunRecord:
         n_cloud = bisect.bisect_left(cloud_steps[: len(cloud_metrics)], k)
         return _record(edge_metrics[: k - start_step], cloud_metrics[:n_cloud], cloud_steps[:n_cloud], start_step)
@@ -112,7 +115,7 @@ payload_bytes): one step of both sides, dispatched from the run's worker thread.
 
 def run_pairs(
     pair_step: PairStep,
-    devices: tuple[jax.Device, jax.Device],
+    devices: tuple[Device, Device],
     edge_state: steps.State,
     cloud_state: steps.State,
     batches: Iterable[tuple[Any, Any]],

@@ -42,8 +42,14 @@ import math
 
 from hier_jax.link import Link
 
-MODELED = ("end_to_end", "end_to_end_once", "split_learning", "hierarchical_sequential", "hierarchical_per_batch",
-           "hierarchical_pipelined")
+MODELED = (
+    "end_to_end",
+    "end_to_end_once",
+    "split_learning",
+    "hierarchical_sequential",
+    "hierarchical_per_batch",
+    "hierarchical_pipelined",
+)
 """Valid names for `training_time` and `epoch_time`: a scheme, with its schedule where it has several."""
 
 

@@ -45,7 +45,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hier_jax import optim, quantization, steps
-from hier_jax.devices import place, resolve_device
+from hier_jax.devices import Device, place, resolve_device
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, param_count, split, stage_output_shape
 
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ class SplitProfile:
 
     name: str
     index: int
-    feature_shape: tuple[int, int, int]
+    feature_shape: tuple[int, ...]
     head: Timing
     payload_bytes: dict[int, int]  # bits -> bytes of one encoded batch
     activation_bytes: int  # float32 features + labels (encode at 32 bits)
@@ -98,7 +98,7 @@ class Profile:
     """Everything measured about one model on one device."""
 
     model: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     device: str
     batch: int  # batch size the times were measured at
@@ -221,6 +221,7 @@ def _time_module(module: nnx.Module, x: jax.Array, *, input_grad: bool, warmup: 
 
 def _flops(compiled: jax.stages.Compiled) -> float:
     cost = compiled.cost_analysis()
+    assert cost is not None  # None only where a backend has no cost model
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
 
 
@@ -250,7 +251,7 @@ def _memory(module: nnx.Module, in_shape: tuple[int, ...], *, input_grad: bool, 
 def _summed(memory: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
     """The edge's (parameter, BN statistic, per-example residual) bytes: the sum of its parts' `_memory`
     (the composed backward pass keeps each part's residuals)."""
-    return tuple(sum(m[j] for m in memory) for j in range(3))
+    return sum(m[0] for m in memory), sum(m[1] for m in memory), sum(m[2] for m in memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +310,7 @@ def with_payload_batch(profile: Profile, batch: int, bits: Sequence[int] = DEFAU
         profile,
         splits=tuple(splits),
         payload_batch=batch,
-        raw_bytes=quantization.raw_image_nbytes(batch, *profile.input_shape, profile.num_classes),
+        raw_bytes=quantization.raw_image_nbytes(batch, *profile.input_shape, num_classes=profile.num_classes),
     )
 
 
@@ -317,7 +318,7 @@ def profile_model(
     model: StagedNet,
     *,
     batch: int,
-    device: str | jax.Device = "cpu:0",
+    device: str | Device = "cpu:0",
     repeats: int = 5,
     warmup: int = 1,
     head: ExitHeadConfig = ExitHeadConfig(),
@@ -336,14 +337,14 @@ def profile_model(
     if batch < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch >= 1, repeats >= 1, warmup >= 0; got {batch}, {repeats}, {warmup}")
     bits = tuple(quantization.check_bits(b) for b in bits)
-    device = resolve_device(device)
+    dev = resolve_device(device)
     payload_batch = batch if payload_batch is None else payload_batch
     names = model.stage_names
     shapes = [tuple(model.input_shape)] + [stage_output_shape(model, i) for i in range(len(names))]
     rng = np.random.default_rng(seed)
 
     def random_input(shape: tuple[int, ...]) -> jax.Array:  # numpy: no compile per shape
-        return jax.device_put(rng.standard_normal((batch, *shape), np.float32), device)
+        return jax.device_put(rng.standard_normal((batch, *shape), np.float32), dev)
 
     bar = tqdm(
         total=2 * len(names) + 1 + int(measure_whole), desc=f"profile {model.arch}", disable=not progress, leave=False
@@ -367,7 +368,13 @@ def profile_model(
         bar.set_postfix_str(f"head@{name}")
         feature_shape = shapes[i + 1]
         if feature_shape not in heads:
-            exit_head = _random_module(lambda: split(model, i, head).edge.head, rng)
+
+            def make_head(i: int = i) -> nnx.Module:
+                made = split(model, i, head).edge.head
+                assert made is not None  # `head` is a config, never None
+                return made
+
+            exit_head = _random_module(make_head, rng)
             heads[feature_shape] = (
                 _time_module(exit_head, random_input(feature_shape), input_grad=True, warmup=warmup, repeats=repeats),
                 _memory(exit_head, feature_shape, input_grad=True, labels=True),
@@ -394,26 +401,26 @@ def profile_model(
     whole = None
     if measure_whole:
         bar.set_postfix_str("whole model")
-        whole = _time_whole(model, batch, device, warmup, repeats)
+        whole = _time_whole(model, batch, dev, warmup, repeats)
         bar.update()
     bar.close()
     return Profile(
         model.arch,
         tuple(model.input_shape),
         model.num_classes,
-        f"{device.platform}:{device.id}",
+        f"{dev.platform}:{dev.id}",
         batch,
         names,
         tuple(stage_timings),
         classifier,
         tuple(splits),
         payload_batch,
-        quantization.raw_image_nbytes(payload_batch, *model.input_shape, model.num_classes),
+        quantization.raw_image_nbytes(payload_batch, *model.input_shape, num_classes=model.num_classes),
         whole,
     )
 
 
-def _time_whole(model: StagedNet, batch: int, device: jax.Device, warmup: int, repeats: int) -> float:
+def _time_whole(model: StagedNet, batch: int, device: Device, warmup: int, repeats: int) -> float:
     """The fused train step of the unsplit model (steps.make_train_step), for comparison with the sum."""
     tx = optim.make_optimizer(optim.OptimConfig(), total_steps=1000)
     graphdef, state = steps.init_state(model, tx)
@@ -482,8 +489,9 @@ def load_profile(path: str | Path) -> Profile:
     )
 
 
-def cached_profile(path: str | Path, model: Callable[[], StagedNet], *, refresh: bool = False, **options: Any
-                   ) -> Profile:
+def cached_profile(
+    path: str | Path, model: Callable[[], StagedNet], *, refresh: bool = False, **options: Any
+) -> Profile:
     """The profile saved at `path`, else (or with `refresh`) `profile_model(model(), **options)`,
     saved there for the next call; the model is built only when it is measured."""
     path = Path(path)

@@ -1,4 +1,6 @@
-"""The modeled runtime table: every scheme's epoch time for each model, data set and link, at the split the selection chooses and at the paper's inferred cut, with the split sweep and their figures (experiments.runtime_table)."""
+"""The modeled runtime table: every scheme's epoch time for each model, data set and link, at the split the
+selection chooses and at the paper's inferred cut, with the split sweep and their figures
+(experiments.runtime_table)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import io
 from pathlib import Path
 
 from hier_jax import outputs
+from hier_jax.data import STANDARD_SHAPES
 from hier_jax.errors import UserError
 from hier_jax.link import get_link
 from hier_jax.models import build_model
-from hier_jax.data import STANDARD_SHAPES
 from hier_jax.runtime_model import costmodel, profiler, reported, selection
 from hier_jax.runtime_model.hardware import paper_devices
-
 
 HIER_SCHEMES = ("split_learning", "hierarchical_per_batch", "hierarchical_pipelined")
 SCHEME_ORDER = ("end_to_end", "end_to_end_once") + HIER_SCHEMES
@@ -196,7 +197,10 @@ def print_table(rows: list[dict], lines: list[str]) -> None:
             f"{r['split']:<9} {str(r['bits']):>4} {r['epoch_s']:>9.1f} {100 * r['reduction_vs_end_to_end']:>8.0f}% "
             f"{paper:>6} {memory:>9}"
         )
-    print("(! = over the edge memory budget; paper = the paper's reduction vs its cloud-only (end-to-end) baseline over 3G)")
+    print(
+        "(! = over the edge memory budget; paper = the paper's reduction vs its cloud-only (end-to-end) "
+        "baseline over 3G)"
+    )
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -239,7 +243,7 @@ def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
                     label=scheme + (" @ paper's cut" if choice == "paper_inferred" else ""),
                 )
                 if scheme.startswith("hier"):
-                    for x, r in zip(xs, values):
+                    for x, r in zip(xs, values, strict=False):
                         ax.annotate(
                             f"{100 * r['reduction_vs_end_to_end']:.0f}%",
                             (x, r["epoch_s"]),
@@ -249,12 +253,7 @@ def plot_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
                             rotation=90,
                         )
             labels = [
-                m
-                + (
-                    ""
-                    if paper_reduction(m, dataset, link) is None
-                    else f"\npaper {100 * paper_reduction(m, dataset, link):.0f}%"
-                )
+                m + ("" if (paper := paper_reduction(m, dataset, link)) is None else f"\npaper {100 * paper:.0f}%")
                 for m in args.model
             ]
             ax.set_xticks(range(len(args.model)), labels, fontsize=8)

@@ -71,7 +71,11 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        shortcut = x if self.shortcut_conv is None else self.shortcut_bn(self.shortcut_conv(x))
+        if self.shortcut_conv is None:
+            shortcut = x
+        else:
+            assert self.shortcut_bn is not None  # set together with shortcut_conv
+            shortcut = self.shortcut_bn(self.shortcut_conv(x))
         return F.relu(y + shortcut)
 
 
@@ -92,7 +96,7 @@ class StagedNet(nn.Module):
         arch: str,
         stages: Sequence[tuple[str, nn.Module]],
         classifier: nn.Module,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],
         num_classes: int,
     ):
         super().__init__()
@@ -112,7 +116,7 @@ class StagedNet(nn.Module):
         return self.classifier(self.features(images_BCHW))
 
 
-def vgg16(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64) -> StagedNet:
+def vgg16(num_classes: int, input_shape: tuple[int, ...], *, width: int = 64) -> StagedNet:
     stages: list[tuple[str, nn.Module]] = []
     cin = input_shape[-1]
     for block, (channels, layers) in enumerate(VGG16_BLOCKS, start=1):
@@ -124,7 +128,7 @@ def vgg16(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 6
     return StagedNet("vgg16", stages, Classifier(cin, num_classes), input_shape, num_classes)
 
 
-def resnet18(num_classes: int, input_shape: tuple[int, int, int], *, width: int = 64, stem: str = "cifar") -> StagedNet:
+def resnet18(num_classes: int, input_shape: tuple[int, ...], *, width: int = 64, stem: str = "cifar") -> StagedNet:
     if stem not in ("cifar", "imagenet"):
         raise ValueError(f"unknown ResNet stem {stem!r}; valid stems: cifar, imagenet")
     cin = input_shape[-1]
@@ -151,7 +155,7 @@ MODELS: dict[str, Callable[..., StagedNet]] = {
 
 
 def build_model(
-    name: str, *, num_classes: int, input_shape: tuple[int, int, int], width: int = 64, seed: int = 0
+    name: str, *, num_classes: int, input_shape: tuple[int, ...], width: int = 64, seed: int = 0
 ) -> StagedNet:
     """Same registry and arguments as hier_jax.models.build_model (PyTorch's own initialisation)."""
     if name not in MODELS:
@@ -171,7 +175,7 @@ def param_count(module: nn.Module) -> int:
 class ExitHead(nn.Module):
     """`convs` x (3x3 conv-BN-ReLU), average pooling to a grid, linear on (row, col, channel) cells."""
 
-    def __init__(self, feature_shape: tuple[int, int, int], num_classes: int, config: ExitHeadConfig):
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, config: ExitHeadConfig):
         super().__init__()
         height, width, cin = feature_shape
         layers = []
@@ -206,6 +210,7 @@ class EdgeNet(nn.Module):
     def forward(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(early-exit logits, feature map sent to the cloud)."""
         features = self.features(images_BCHW)
+        assert self.head is not None  # an edge without an early exit (vanilla) is run through features()
         return self.head(features), features
 
 
@@ -228,11 +233,11 @@ class Split:
     cloud: CloudNet
     point: str
     index: int
-    feature_shape: tuple[int, int, int]  # per example, (H, W, C) as in hier-jax
+    feature_shape: tuple[int, ...]  # per example, (H, W, C) as in hier-jax
     num_classes: int
 
 
-def stage_output_shape(model: StagedNet, index: int) -> tuple[int, int, int]:
+def stage_output_shape(model: StagedNet, index: int) -> tuple[int, ...]:
     h, w, c = model.input_shape
     with torch.no_grad():
         out = model.features(torch.zeros(1, c, h, w), stop=index + 1)

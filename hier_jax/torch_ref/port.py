@@ -12,9 +12,13 @@ Both trees are walked by path: every nnx.Conv / nnx.BatchNorm / nnx.Linear at pa
 Images and feature maps: NHWC in hier-jax, NCHW in PyTorch (`to_torch_images` / `to_jax_images`).
 """
 
+# pyright: reportArgumentType=false, reportIndexIssue=false, reportOptionalSubscript=false
+# (the layers are found by walking the two module trees by path: torch types each attribute as
+# `Tensor | Module` and nnx each optional bias as `Param | None`, neither known until run time)
+
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +28,12 @@ from flax import nnx
 from torch import nn
 
 from hier_jax.models import split as jax_split_module
+from hier_jax.models.layers import ConvBNReLU
 from hier_jax.models.staged import StagedNet as JaxStagedNet
 from hier_jax.torch_ref import models as tm
 
 _PORTED = (nnx.Conv, nnx.BatchNorm, nnx.Linear)
+TorchModule = TypeVar("TorchModule", bound=nn.Module)
 
 
 def _torch_at(module: nn.Module, path: tuple[Any, ...]) -> nn.Module:
@@ -60,7 +66,7 @@ def _pairs(jax_module: nnx.Module, torch_module: nn.Module):
         raise ValueError("the two modules do not have the same layers")
 
 
-def jax_to_torch(jax_module: nnx.Module, torch_module: nn.Module) -> nn.Module:
+def jax_to_torch(jax_module: nnx.Module, torch_module: TorchModule) -> TorchModule:
     """Copy parameters and BatchNorm statistics of a hier-jax module into its PyTorch twin (in place)."""
     for path, node, target in _pairs(jax_module, torch_module):
         if isinstance(node, nnx.Conv):
@@ -109,7 +115,8 @@ def torch_to_jax(torch_module: nn.Module, jax_module: nnx.Module) -> nnx.Module:
 
 def width_of(jax_model: JaxStagedNet) -> int:
     """The `width` a hier-jax backbone was built with (channels of its first conv)."""
-    return int(jax_model.stages[0].conv.kernel[...].shape[-1])
+    first = cast(ConvBNReLU, jax_model.stages[0])  # both backbones start with a conv-BN-ReLU
+    return int(first.conv.kernel[...].shape[-1])
 
 
 def torch_model_like(jax_model: JaxStagedNet) -> tm.StagedNet:
@@ -137,9 +144,11 @@ def torch_split_like(jax_split: jax_split_module.Split, jax_model: JaxStagedNet)
         config = tm.ExitHeadConfig(channels=channels, convs=len(convs), grid=max(head.grid))
     t_split = tm.split(model, jax_split.index, config)
     if head is not None:
-        if t_split.edge.head.grid != tuple(head.grid):
-            raise ValueError(f"exit-head grid differs: {t_split.edge.head.grid} vs {head.grid}")
-        jax_to_torch(head, t_split.edge.head)
+        t_head = t_split.edge.head
+        assert t_head is not None  # split with a config (built from `head`) makes one
+        if t_head.grid != tuple(head.grid):
+            raise ValueError(f"exit-head grid differs: {t_head.grid} vs {head.grid}")
+        jax_to_torch(head, t_head)
     return model, t_split
 
 

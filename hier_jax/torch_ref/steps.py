@@ -55,7 +55,8 @@ def schedule_fn(config: OptimConfig, total_steps: int) -> Callable[[int], float]
 def make_optimizer(
     module: nn.Module, config: OptimConfig, total_steps: int, *, tensor_lr: bool = False
 ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD(momentum, weight_decay, Nesterov as configured) over all parameters and its schedule (step it after each update)."""
+    """SGD(momentum, weight_decay, Nesterov as configured) over all parameters and its schedule (step it
+    after each update)."""
     lr = torch.tensor(config.learning_rate) if tensor_lr else config.learning_rate
     opt = torch.optim.SGD(
         module.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
@@ -120,7 +121,7 @@ class EdgeStep(_Step):
         *,
         bits: int,
         num_classes: int,
-        feature_shape: tuple[int, int, int],
+        feature_shape: tuple[int, ...],
         compile: bool = False,
         autocast: torch.dtype | None = None,
     ):

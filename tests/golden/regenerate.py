@@ -23,7 +23,11 @@ def main() -> None:
     process.setup()  # the experiments' process set-up, as the tests have it
     from golden import trajectory
 
-    golden = {"machine": trajectory.machine(), "config": dataclasses.asdict(trajectory.CONFIG), "runs": trajectory.record()}
+    golden = {
+        "machine": trajectory.machine(),
+        "config": dataclasses.asdict(trajectory.CONFIG),
+        "runs": trajectory.record(),
+    }
     path = HERE / "cpu.json"
     path.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {path}")
