@@ -7,7 +7,7 @@ import pytest
 from hier_jax.link import LINKS, Link, custom_link, get_link
 from hier_jax.runtime_model import costmodel as cm
 from hier_jax.runtime_model import selection
-from hier_jax.runtime_model.profiler import Profile, SplitProfile, Timing
+from hier_jax.runtime_model.profile import Profile, SplitProfile, Timing
 
 # 1 Mbit/s up, 2 Mbit/s down, 10 ms one way: 1,000 bytes take 8 ms to serialize up.
 LINK = Link("test", 1e6, 2e6, 0.010)

@@ -12,6 +12,7 @@ from flax import nnx
 from hier_jax import quantization, steps
 from hier_jax.models import build_model, param_count, split
 from hier_jax.runtime_model import profiler
+from hier_jax.runtime_model.profile import with_payload_batch
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_bytes_come_from_real_payloads(tiny):
         assert quantization.encode(features, labels, bits, 5).nbytes == nbytes
     assert s.activation_bytes == quantization.encode(features, labels, 32, 5).nbytes
     assert s.gradient_bytes == features.size * 4
-    rebatched = profiler.with_payload_batch(p, 8, bits=(4,))
+    rebatched = with_payload_batch(p, 8, bits=(4,))
     assert rebatched.split("layer1_1").payload_bytes == {4: quantization.payload_nbytes(s.feature_shape, 8, 4, 5)}
     assert rebatched.raw_bytes == 2 * p.raw_bytes
 

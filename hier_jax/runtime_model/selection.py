@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from hier_jax.link import Link
 from hier_jax.runtime_model.costmodel import Workload, epoch_time
-from hier_jax.runtime_model.profiler import Profile
+from hier_jax.runtime_model.profile import Profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def workload(edge: Profile, cloud: Profile, point: str, bits: int, *, batch: int
     if batch != edge.payload_batch:
         raise ValueError(
             f"the profile's bytes are for batch {edge.payload_batch}, not {batch}; "
-            f"recompute them with profiler.with_payload_batch(profile, {batch})"
+            f"recompute them with profile.with_payload_batch(profile, {batch})"
         )
     if num_examples < batch:
         raise ValueError(f"need at least one batch: num_examples {num_examples} < batch {batch}")

@@ -16,6 +16,7 @@ from hier_jax.link import get_link
 from hier_jax.models import build_model
 from hier_jax.runtime_model import costmodel, profiler, reported, selection
 from hier_jax.runtime_model.hardware import paper_devices
+from hier_jax.runtime_model.profile import with_payload_batch
 
 HIER_SCHEMES = ("split_learning", "hierarchical_per_batch", "hierarchical_pipelined")
 SCHEME_ORDER = ("end_to_end", "end_to_end_once") + HIER_SCHEMES
@@ -46,7 +47,7 @@ def load_or_profile(args: argparse.Namespace, model_name: str, dataset: str) -> 
         measure_whole=False,
     )
     if profile.payload_batch != args.batch or not set(bits) <= set(profile.splits[0].payload_bytes):
-        profile = profiler.with_payload_batch(profile, args.batch, bits)
+        profile = with_payload_batch(profile, args.batch, bits)
     return profile
 
 
