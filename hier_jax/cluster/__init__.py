@@ -50,7 +50,7 @@ from hier_jax.cluster.config import ORDERS, ClusterConfig, ClusterError, validat
 from hier_jax.cluster.driver import run
 from hier_jax.cluster.host import start_ray
 from hier_jax.cluster.results import ClusterResult, EdgeReport
-from hier_jax.cluster.shards import shard, shard_indices
+from hier_jax.data.shards import shard, shard_indices
 
 __all__ = [
     "ORDERS",

@@ -15,10 +15,10 @@ from hier_jax.cluster.config import ClusterConfig, validate_cluster
 from hier_jax.cluster.host import core_plan, get, resource, start_ray
 from hier_jax.cluster.loop import Driver
 from hier_jax.cluster.results import ClusterResult, EdgeReport
-from hier_jax.cluster.shards import shard, shard_indices
 from hier_jax.cluster.workers import CloudWorker, EdgeWorker
 from hier_jax.config import ExperimentConfig
 from hier_jax.data import ImageDataset, num_train_steps
+from hier_jax.data.shards import shard, shard_indices
 from hier_jax.errors import DivergenceError, RunInterrupted, UserError
 from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.run.record import RunRecord, check_resumable, read_meta, record_of, run_meta, tree_is_finite

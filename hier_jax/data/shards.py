@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from hier_jax.data import ImageDataset
+from hier_jax.data.core import ImageDataset
 
 
 def shard_indices(labels: np.ndarray, edges: int, *, dirichlet: float = 0.0, seed: int = 0) -> list[np.ndarray]:
