@@ -3,7 +3,9 @@
 With perfect overlap a step of the pair costs max(edge, cloud); run one after the other it costs
 edge + cloud. `hidden` is the fraction of the shorter side that the pipelined schedule hid:
 (sequential - pipelined) / min(edge, cloud). Each figure is the median over --repeats runs of
---steps steps (after a warm-up run), from blocking wall time.
+--steps steps (after a warm-up run), from blocking wall time. The pair is the library's own run
+(`train.train`: the scheduler over one edge and the cloud, each on its device's dispatch thread), and
+every figure makes its batches inside the clock, as a run does.
 
     python -m experiments.bench_overlap --model resnet18 --split layer2_1 --width 32 --batch-size 64 --out DIR
 """
@@ -11,6 +13,7 @@ edge + cloud. `hidden` is the fraction of the shorter side that the pipelined sc
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -20,9 +23,7 @@ from hier_jax import cli, flags, outputs, process, train
 from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import check
-from hier_jax.link.channel import QueueChannel
 from hier_jax.models import ExitHeadConfig
-from hier_jax.run import threads
 
 DEFAULTS = ExperimentConfig(
     model="resnet18", dataset="digits", split="layer2_1", width=32, batch_size=64, head=ExitHeadConfig(channels=64)
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     args = parser.parse_args(argv)
     config = flags.parse(ExperimentConfig, args, DEFAULTS)
+    config = dataclasses.replace(config, max_steps=args.steps, checkpoint_every=0)
     # Every check that needs no data, before anything is loaded or built.
     validate(config)
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
@@ -55,23 +57,27 @@ def main(argv: list[str]) -> dict:
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     train.check_data(config, dataset)
     setup = train.build(config, dataset)
+    check(
+        setup.total_steps == args.steps,
+        "--steps",
+        args.steps,
+        f"at most the {setup.total_steps} steps of --epochs {config.epochs}",
+    )
     h = setup.hierarchy
-    batches = [tuple(jax.device_get(b)) for b in list(train.TrainBatches(setup))[:1]] * args.steps
-    edge_inputs = [(jax.device_put(x, h.edge_device), jax.device_put(y, h.edge_device)) for x, y in batches]
     train.warm_up(setup)
     edge_state, _ = train.fresh_states(setup)
-    _, payload, _ = h.edge_step(edge_state, *edge_inputs[0])
+    _, payload, _ = h.edge_step(edge_state, *next(iter(train.TrainBatches(setup))))
     cloud_inputs = [(jax.device_put(payload, h.cloud_device),)] * args.steps
 
     figures: dict[str, list[float]] = {"edge": [], "cloud": [], "sequential": [], "pipelined": []}
     for repeat in range(args.repeats + 1):  # the first round warms caches and threads up
         edge_state, cloud_state = train.fresh_states(setup)
-        edge_s, _ = time_side(h.edge_step, edge_state, edge_inputs)
+        edge_s, _ = time_side(h.edge_step, edge_state, itertools.islice(train.TrainBatches(setup), args.steps))
         cloud_s, _ = time_side(h.cloud_step, cloud_state, cloud_inputs)
-        seq = threads.run_sequential(h, *train.fresh_states(setup), batches)
-        ovl = threads.run_pipelined(h, *train.fresh_states(setup), batches, channel=QueueChannel(config.queue_size))
+        seq = train.train(setup, schedule="sequential", progress=False)
+        ovl = train.train(setup, schedule="pipelined", progress=False)
         if repeat:
-            for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s), strict=False):
+            for key, value in zip(figures, (edge_s, cloud_s, seq.wall_s, ovl.wall_s), strict=True):
                 figures[key].append(value / args.steps)
     median = {k: statistics.median(v) for k, v in figures.items()}
     hidden = (median["sequential"] - median["pipelined"]) / min(median["edge"], median["cloud"])

@@ -18,7 +18,7 @@ the others); at the end DIR/REPORT.md and its figures (DIR/*.png) are written.
 Cells: `hierarchical` at every cut of each model with the profile's bit widths at every cut and its
 bit sweep at one cut; `end_to_end` (the unsplit model, what cloud-only training computes) and
 `split_learning` (at the sweep cut) at the same budget; `hierarchical_outage`, the link down for
-20 % of the steps (SimulatedLink), at the sweep cut. --bits narrows the hierarchical cells (the
+20 % of the steps (the link clock), at the sweep cut. --bits narrows the hierarchical cells (the
 baselines send float32 and always run); --cuts without the sweep cut leaves out split learning and the
 outage. The modeled runtime columns are computed when results.csv is written, from a profile of each
 model at the profile's runtime width with the trained exit head.

@@ -79,7 +79,7 @@ def main(argv: list[str]) -> dict:
         )
     )
     accuracy = train.evaluate(setup, pipelined)
-    raw_bytes = raw_image_nbytes(config.batch_size, *dataset.image_shape, dataset.num_classes)
+    raw_bytes = raw_image_nbytes(config.batch_size, *dataset.image_shape, num_classes=dataset.num_classes)
     footprint = edge_footprint(setup.split, config.batch_size, config.bits)
     if footprint.payload_bytes != pipelined.payload_bytes:
         raise AssertionError(f"payload bytes: modeled {footprint.payload_bytes}, sent {pipelined.payload_bytes}")

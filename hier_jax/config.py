@@ -23,7 +23,7 @@ from typing import Any
 
 from hier_jax import flags
 from hier_jax.errors import ConfigError, check, invalid
-from hier_jax.flags import option
+from hier_jax.flags import int_pair, option
 from hier_jax.link.spec import LinkConfig, validate_link
 from hier_jax.models.split import ExitHeadConfig
 from hier_jax.optim import LR_SCHEDULES, OptimConfig
@@ -31,6 +31,8 @@ from hier_jax.optim import LR_SCHEDULES, OptimConfig
 SIDES = ("edge", "cloud")
 SCHEMES = ("hierarchical", "end_to_end", "split_learning")
 SCHEDULES = ("sequential", "pipelined")
+BACKENDS = ("threads", "ray")
+ORDERS = ("round_robin", "async")
 _LEGACY_SCHEDULES = {
     "overlapped": ("schedule", "pipelined"),
     **{name: (f"{flags.SHARED}optimizer.lr_schedule", name) for name in LR_SCHEDULES},
@@ -63,6 +65,29 @@ class ExperimentConfig:
     edge_device: str = option("auto", "auto: the first accelerator, else host device 0", run_only=True)
     cloud_device: str = option("auto", "auto: the last accelerator, else host device 1", run_only=True)
     queue_size: int = option(2, "payloads the edge may run ahead of the cloud", run_only=True)
+    backend: str = option(
+        "threads", "where the workers run: threads (this process) | ray (a process each)", run_only=True
+    )
+    edges: int = option(1, "edges, each on a shard of the training split, against one cloud")
+    order: str = option("round_robin", "the cloud's order: round_robin (reproducible) | async (arrival order)")
+    dirichlet: float = option(0.0, "> 0: non-IID shards, label proportions ~ Dirichlet(ALPHA); 0: IID")
+    edge_sync: int = option(0, "> 0: average the edge models every this many steps")
+    max_restarts: int = option(
+        0, "bring a lost edge back up to R times, from the last checkpoint", metavar="R", run_only=True
+    )
+    timeout_s: float = option(600.0, "the longest any single wait may take (s)", flag="--timeout", run_only=True)
+    kill_edges: tuple[tuple[int, int], ...] = option(
+        (),
+        "fault injection: that edge's worker dies at that step (repeatable)",
+        flag="--kill-edge",
+        repeat=True,
+        metavar="EDGE:STEP",
+        parse=int_pair("EDGE:STEP", "two integers >= 0"),
+        run_only=True,
+    )
+    kill_cloud: int = option(
+        -1, "fault injection: the cloud's worker dies at its step STEP (-1: never)", metavar="STEP", run_only=True
+    )
     seed: int = option(0, "initialisation, shuffling and augmentation")
     data_dir: str = option("", "tfds data_dir / cache dir; empty: the library default", run_only=True)
     out: str = option("", "output directory; empty: write nothing", run_only=True)
@@ -133,7 +158,48 @@ def _check_optimizers(config: ExperimentConfig) -> None:
             raise invalid(f"--{side}-{name.replace('_', '-')}", values[side], valid)
 
 
-def validate(config: ExperimentConfig, edges: int = 1) -> None:
+def _check_topology(config: ExperimentConfig) -> None:
+    check(config.backend in BACKENDS, "--backend", config.backend, ", ".join(BACKENDS))
+    check(config.edges >= 1, "--edges", config.edges, "an integer >= 1")
+    check(config.order in ORDERS, "--order", config.order, ", ".join(ORDERS))
+    check(
+        config.dirichlet >= 0 and math.isfinite(config.dirichlet),
+        "--dirichlet",
+        config.dirichlet,
+        "a number > 0 (non-IID), or 0 (IID)",
+    )
+    check(config.edge_sync >= 0, "--edge-sync", config.edge_sync, "an integer >= 0")
+    check(config.kill_cloud >= -1, "--kill-cloud", config.kill_cloud, "a cloud step >= 0, or -1 (never)")
+    check(config.max_restarts >= 0, "--max-restarts", config.max_restarts, "an integer >= 0")
+    check(
+        math.isfinite(config.timeout_s) and config.timeout_s > 0,
+        "--timeout",
+        config.timeout_s,
+        "a number of seconds > 0",
+    )
+    for edge, step in config.kill_edges:
+        check(
+            0 <= edge < config.edges and step >= 0,
+            "--kill-edge",
+            f"{edge}:{step}",
+            f"EDGE:STEP with EDGE in 0..{config.edges - 1}",
+        )
+    if config.scheme != "hierarchical":  # a baseline is one edge and one cloud taking turns
+        for flag, value, alone in (
+            ("--edges", config.edges, 1),
+            ("--edge-sync", config.edge_sync, 0),
+            ("--max-restarts", config.max_restarts, 0),
+        ):
+            check(
+                value == alone,
+                flag,
+                value,
+                f"{alone} with --scheme {config.scheme} (hierarchical training "
+                f"has several edges, their averaging and restarts)",
+            )
+
+
+def validate(config: ExperimentConfig) -> None:
     """Check every field that needs no data; ConfigError naming the flag, the value and the valid choices."""
     from hier_jax.devices import resolve_device
     from hier_jax.models import MODELS, stage_names
@@ -164,12 +230,19 @@ def validate(config: ExperimentConfig, edges: int = 1) -> None:
         value = _get(config, path)
         check(value >= least, flags.flag_name(ExperimentConfig, path), value, f"an integer >= {least}")
     _check_optimizers(config)
-    validate_link(config.link, edges)
+    _check_topology(config)
+    validate_link(config.link, config.edges)
     for field in ("edge_device", "cloud_device"):
         try:
             resolve_device(getattr(config, field), field.removesuffix("_device"))
         except ValueError as error:
             raise ConfigError(f"--{field.replace('_', '-')}: {error}") from None
+
+
+def as_run(config: ExperimentConfig) -> ExperimentConfig:
+    """The config a run trains with: a baseline's sides take turns (split learning's edge waits for its
+    gradient, end-to-end has nothing to overlap), so its schedule is sequential whatever was asked."""
+    return config if config.scheme == "hierarchical" else dataclasses.replace(config, schedule="sequential")
 
 
 def _get(config: Any, path: str) -> Any:

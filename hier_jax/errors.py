@@ -42,7 +42,11 @@ class ResumeMismatchError(UserError, ValueError):
 
 
 class WorkerError(RuntimeError):
-    """A worker process of a distributed run died or stopped answering (hier_jax.cluster); exit 1."""
+    """A worker of a run died or stopped answering (the cloud, or Ray itself); exit 1."""
+
+
+class WorkerTimeout(WorkerError, TimeoutError):
+    """No worker finished a task within the run's timeout (`--timeout`)."""
 
 
 class DivergenceError(FloatingPointError):

@@ -289,3 +289,24 @@ def trajectory_paths(cls: type) -> list[str]:
     """Dotted paths of the fields not marked run_only: what a resumed run must share with its checkpoint."""
     run_only = run_only_paths(cls)
     return [path for path, _, _ in paths(cls()) if path not in run_only]
+
+
+def as_argv(cls: type, values: dict[str, Any]) -> list[str]:
+    """The flags that give these {path: value} (from `given`), as a command line would spell them."""
+    argv: list[str] = []
+    for spec in flag_specs(cls):
+        if spec.dest not in values:
+            continue
+        value, flag = values[spec.dest], spec.spellings[0]
+        if spec.hint is bool:
+            argv.append(flag if value else f"--no-{flag.removeprefix('--')}")
+        elif _meta(spec.field, "repeat"):
+            for item in value:
+                argv += [flag, ":".join(map(str, item)) if isinstance(item, tuple) else str(item)]
+        elif _meta(spec.field, "many"):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, tuple):  # a comma list (`comma_list`)
+            argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv

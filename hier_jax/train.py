@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import jax
 
 from hier_jax import quantization, steps
-from hier_jax.config import SCHEDULES, SCHEMES, ExperimentConfig, validate
+from hier_jax.config import SCHEDULES, SCHEMES, ExperimentConfig, as_run, validate
 from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
 from hier_jax.devices import place
-from hier_jax.errors import ConfigError, DivergenceError, RunInterrupted, check
-from hier_jax.link import Channel, QueueChannel, SimulatedLink
+from hier_jax.errors import ConfigError, check
 from hier_jax.models import Split, StagedNet, build_model, check_input_size, split
 from hier_jax.optim import make_optimizer
-from hier_jax.run import baselines, record, supervisor, threads
-from hier_jax.run.checkpoint import RunCheckpoints
+from hier_jax.run import baselines, driver
 from hier_jax.run.evaluate import evaluate as evaluate_exits
 from hier_jax.run.hierarchy import Hierarchy, build_hierarchy
+from hier_jax.run.result import RunResult
 
 BASELINES = ("end_to_end", "split_learning")
 """The paper's comparisons, trained from the same Setup (same initial weights of every stage, same
@@ -70,7 +67,7 @@ def check_data(config: ExperimentConfig, dataset: ImageDataset) -> None:
 
 def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     """Validate the config against the data, then build and split the model, the optimizers and the
-    compiled steps."""
+    compiled steps. `total_steps` is each edge's: the fewest steps any edge's shard gives."""
     validate(config)
     check_data(config, dataset)
     model = build_model(
@@ -86,12 +83,14 @@ def build(config: ExperimentConfig, dataset: ImageDataset) -> Setup:
     except ValueError as error:
         raise ConfigError(f"--model {config.model} on --dataset {config.dataset}: {error}") from None
     parts = split(model, config.split, config.head, seed=config.seed)
-    n_steps = total_steps(config, dataset)
+    # Each edge takes n_steps steps on its shard, the cloud one per edge step: each side's learning-rate
+    # schedule spans its own steps (with one edge, both the run's).
+    n_steps = driver.steps_per_edge(config, driver.shards_of(config, dataset))
     hierarchy, edge_state, cloud_state = build_hierarchy(
         parts,
         bits=config.bits,
         edge_tx=make_optimizer(config.edge_optimizer, n_steps),
-        cloud_tx=make_optimizer(config.cloud_optimizer, n_steps),
+        cloud_tx=make_optimizer(config.cloud_optimizer, n_steps * config.edges),
         edge_device=config.edge_device,
         cloud_device=config.cloud_device,
     )
@@ -172,164 +171,39 @@ def train(
     *,
     scheme: str | None = None,
     schedule: str | None = None,
-    channel: Channel | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     timeout_s: float | None = None,
-) -> threads.RunResult:
-    """Train from the initial states, or with `resume=True` from the latest checkpoint in
-    `checkpoint_dir`; returns the whole run's record and final states.
+    evaluate: bool = False,
+) -> RunResult:
+    """Train the run `setup.config` describes (its scheme, schedule, edges, link, ...; `scheme` and
+    `schedule` override the config's) with every worker on a thread of this process, from the initial
+    states, or with `resume=True` from the latest checkpoint in `checkpoint_dir`; the whole run's result.
 
-    `scheme` (hierarchical, end_to_end, split_learning) and `schedule` (sequential, pipelined: the
-    hierarchy's edge runs ahead of the cloud; the baselines are sequential) default to the config's.
-    With a `checkpoint_dir`, both states are saved every `config.checkpoint_every` steps (the latest
-    `config.keep_checkpoints` kept) and at the end. A resumed run continues bit-identically to one that
-    never stopped, in either schedule; resuming with a config that differs in a field that shapes
-    training is refused (`ResumeMismatchError`). Ctrl-C stops both sides after the steps in flight,
-    saves them and raises `RunInterrupted`; a NaN/inf loss raises `DivergenceError`, the last finite
-    checkpoint kept. `channel` (pipelined hierarchical training; default: the config's link, else an
-    instant queue of `queue_size` payloads) carries the payloads.
+    With a `checkpoint_dir`, every worker's state is saved every `config.checkpoint_every` steps (the
+    latest `config.keep_checkpoints` kept) and at the end. A resumed run continues bit-identically to
+    one that never stopped, in either schedule; resuming with a config that differs in a field that
+    shapes training is refused (`ResumeMismatchError`). Ctrl-C stops every side after the steps in
+    flight, saves them and raises `RunInterrupted`; a NaN/inf loss raises `DivergenceError`, the last
+    finite checkpoint kept. `evaluate` tests both exits of every edge at the end (`train.evaluate`
+    does it later from the result's states).
     """
     config = setup.config
     scheme = config.scheme if scheme is None else scheme
     schedule = config.schedule if schedule is None else schedule
     check(scheme in SCHEMES, "--scheme", scheme, ", ".join(SCHEMES))
     check(schedule in SCHEDULES, "--schedule", schedule, ", ".join(SCHEDULES))
-    if scheme in BASELINES:
-        schedule = "sequential"  # a baseline's sides never overlap: split learning waits for the gradient
-    if channel is None and scheme == "hierarchical" and schedule == "pipelined":
-        channel = link_channel(config)
-    if channel is not None and not (scheme == "hierarchical" and schedule == "pipelined"):
-        raise ConfigError("a channel (a simulated link) needs the hierarchical scheme and the pipelined schedule")
     if resume and checkpoint_dir is None:
         raise ConfigError("resume=True needs the checkpoint_dir to resume from")
-    run_config = dataclasses.replace(config, scheme=scheme, schedule=schedule)
-    if scheme in BASELINES:
-        baseline, edge_state, cloud_state = build_baseline(setup, scheme)
-    else:
-        edge_state, cloud_state = fresh_states(setup)
-    checkpoints = (
-        None
-        if checkpoint_dir is None
-        else RunCheckpoints(
-            checkpoint_dir, keep=config.keep_checkpoints, read_only=resume and not Path(checkpoint_dir).is_dir()
-        )
-    )
-    meta = None
-    try:
-        if resume:
-            assert checkpoints is not None
-            meta = record.read_meta(checkpoints.read_meta())
-            record.check_resumable(
-                meta,
-                config=run_config,
-                scheme=scheme,
-                precision=setup.precision,
-                total_steps=setup.total_steps,
-                where=checkpoints.path(meta["step"]),
-            )
-            edge_state, cloud_state, _ = checkpoints.restore(edge_state, cloud_state, meta["step"])
-        elif checkpoints is not None and checkpoints.steps():
-            raise ConfigError(
-                f"{checkpoints.directory} already holds checkpoints {checkpoints.steps()}: pass "
-                f"resume=True to continue that run, or another checkpoint_dir"
-            )
-        start = 0 if meta is None else int(meta["step"])
-        before = record.record_of(meta)
-        wall_before = 0.0 if meta is None else float(meta.get("wall_s", 0.0))
-        saved: dict[str, Any] = {"step": start, "path": None}
-        if meta is not None:
-            assert checkpoints is not None  # meta is read from them
-            saved["path"] = checkpoints.path(start)
-        per_epoch = num_train_steps(setup.dataset, config.batch_size)
-
-        def save(step: int, edge, cloud, new: record.RunRecord, wall_s: float) -> None:
-            """Checkpoint `step`, unless a loss or parameter on either side is already non-finite."""
-            assert checkpoints is not None
-            for entry in new.edges:
-                for t, loss in zip(entry["step"], entry["loss"], strict=True):
-                    record.check_finite("edge", t, loss, last_checkpoint=saved["path"])
-            for t, loss in zip(new.cloud["step"], new.cloud["loss"], strict=True):
-                record.check_finite("cloud", t, loss, last_checkpoint=saved["path"])
-            for side, state in (("edge", edge), ("cloud", cloud)):
-                if not record.tree_is_finite(state):
-                    raise DivergenceError(side, step - 1, float("nan"), saved["path"])
-            if step in checkpoints.steps():  # this run saved it already, then was interrupted before noting it
-                saved.update(step=step, path=checkpoints.path(step))
-                return
-            written = record.run_meta(
-                step=step,
-                total_steps=setup.total_steps,
-                scheme=scheme,
-                schedule=schedule,
-                precision=setup.precision,
-                config=run_config,
-                record=before.joined(new),
-                wall_s=wall_s,
-                steps_per_epoch=per_epoch,
-            )
-            saved.update(step=step, path=checkpoints.save(step, edge, cloud, written))
-
-        def on_snapshot(snap: supervisor.Snapshot) -> None:
-            save(snap.step, snap.edge_state, snap.cloud_state, snap.record, wall_before + time.perf_counter() - started)
-
-        every = config.checkpoint_every if checkpoints is not None else 0
-        batches = TrainBatches(setup, start)
-        started = time.perf_counter()
-        kwargs: dict[str, Any] = dict(
-            start_step=start,
-            snapshot_every=every,
-            on_snapshot=on_snapshot if every else None,
-            timeout_s=timeout_s,
-            progress=progress,
-        )
-        try:
-            if scheme in BASELINES:
-                result = baselines.run_baseline(baseline, edge_state, cloud_state, batches, **kwargs)
-            elif schedule == "sequential":
-                result = threads.run_sequential(setup.hierarchy, edge_state, cloud_state, batches, **kwargs)
-            else:
-                result = threads.run_pipelined(
-                    setup.hierarchy,
-                    edge_state,
-                    cloud_state,
-                    batches,
-                    channel=QueueChannel(config.queue_size) if channel is None else channel,
-                    **kwargs,
-                )
-        except DivergenceError as error:
-            raise error.with_checkpoint(saved["path"]) from None
-        wall_s = wall_before + result.wall_s
-        if checkpoints is not None and result.end_step > saved["step"]:
-            save(result.end_step, result.edge_state, result.cloud_state, result.record, wall_s)
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()
-    if result.interrupted and result.end_step < setup.total_steps:
-        raise RunInterrupted(result.end_step, saved["path"])
-    return dataclasses.replace(
-        result,
-        record=before.joined(result.record),
-        wall_s=wall_s,
-        start_step=start,
-        # A resumed run that was already complete ran no step: its payload size comes from the shapes
-        # (always, for the baselines: what their link carries includes the labels).
-        payload_bytes=payload_nbytes(setup, scheme)
-        if scheme in BASELINES or not result.payload_bytes
-        else result.payload_bytes,
-        scheme=scheme,
-        schedule=schedule,
-    )
-
-
-def link_channel(config: ExperimentConfig) -> SimulatedLink | None:
-    """The simulated link the config asks for (one edge: the first preset), or None."""
-    link = config.link.preset(0)
-    if link is None:
-        return None
-    return SimulatedLink(
-        link, capacity=config.link.buffer, outages=config.link.outages, time_scale=config.link.time_scale
+    run_setup = dataclasses.replace(setup, config=as_run(dataclasses.replace(config, scheme=scheme, schedule=schedule)))
+    return driver.in_process(
+        run_setup,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        timeout_s=timeout_s,
+        evaluate=evaluate,
     )
 
 
@@ -343,9 +217,9 @@ def payload_nbytes(setup: Setup, scheme: str) -> int:
     return activation + gradient if scheme == "split_learning" else payload[c.bits]
 
 
-def evaluate(setup: Setup, result: threads.RunResult) -> dict[str, float | None]:
-    """Edge-exit and cloud-exit accuracy of a run's final states on the test split (a baseline, by the
-    scheme `train` recorded in the result, has no edge exit: its edge_accuracy is None)."""
+def evaluate(setup: Setup, result: RunResult) -> dict[str, float | None]:
+    """Edge-exit and cloud-exit accuracy of an in-process run's final states (edge 0's) on the test
+    split (a baseline has no edge exit: its edge_accuracy is None)."""
     batches = eval_batches(setup.dataset, setup.config.batch_size, device=setup.hierarchy.edge_device)
     if result.scheme in BASELINES:
         baseline, _, _ = build_baseline(setup, result.scheme)

@@ -85,7 +85,7 @@ def local_ray():
 
     from hier_jax import cluster
 
-    ray = cluster.start_ray(cluster.ClusterConfig(), num_cpus=4)
+    ray = cluster.start_ray(cluster.RayConfig(), num_cpus=4)
     token = os.environ["RAY_AUTH_TOKEN"]
     assert processes_with_token(token)  # the finder sees the cluster's processes (else the check below is void)
     yield

@@ -18,7 +18,8 @@ from hier_jax import train
 from hier_jax.errors import UserError
 from hier_jax.flags import replace_paths
 from hier_jax.paper import grid, profiles, runtime
-from hier_jax.paper.cells import CSV_COLUMNS, OUTAGE_BUFFER, load_rows
+from hier_jax.paper.cells import CSV_COLUMNS, load_rows
+from hier_jax.paper.profiles import OUTAGE_BUFFER
 from hier_jax.run import progress
 
 SMOKE = ["--profile", "smoke"]

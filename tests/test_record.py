@@ -2,6 +2,7 @@
 runners replay, and checkpoints of format 1 (both runners, made before the record existed) resuming
 to the end an uninterrupted run of today's code reaches."""
 
+import dataclasses
 import importlib.util
 import math
 import shutil
@@ -61,9 +62,9 @@ def test_the_metrics_csv_has_a_row_per_edge_step_with_the_cloud_step_that_traine
 
 def test_a_cut_keeps_the_steps_before_it_and_a_join_puts_them_back():
     record = two_edge_record()
-    cut = record.cut(1)
+    cut = record.cut(1, cloud_steps=2)  # the cloud had taken 2 steps when the checkpoint's state was saved
     assert [e["step"] for e in cut.edges] == [[0], [0]]
-    assert cut.cloud["step"] == [0, 0]  # the cloud's steps before its first one on a step >= 1
+    assert cut.cloud["step"] == [0, 0]
     later = RunRecord(
         [{k: [v for v, t in zip(e[k], e["step"], strict=False) if t >= 1] for k in e} for e in record.edges],
         {k: v[2:] for k, v in record.cloud.items()},
@@ -143,10 +144,9 @@ def test_a_format1_checkpoint_of_the_ray_runner_resumes_to_the_uninterrupted_end
     """tests/data/format1/cluster: two edges in round robin, step 3 of 6 per edge, written by the code
     before the run record ("reports" and "taken" in its metadata, the flow in its cluster settings)."""
     shutil.copytree(FORMAT1 / "cluster", tmp_path / "cluster")
-    resumed = cluster.run(
-        CONFIG, digits, cluster.ClusterConfig(edges=2), checkpoint_dir=tmp_path / "cluster", resume=True
-    )
-    straight = cluster.run(CONFIG, digits, cluster.ClusterConfig(edges=2))
+    config = dataclasses.replace(CONFIG, backend="ray", edges=2)
+    resumed = cluster.run(config, digits, checkpoint_dir=tmp_path / "cluster", resume=True)
+    straight = cluster.run(config, digits)
     assert resumed.resumed_cloud_steps == 6
     assert resumed.cloud_order == straight.cloud_order == [(e, t) for t in range(6) for e in range(2)]
     assert resumed.cloud_losses == straight.cloud_losses

@@ -19,9 +19,9 @@ from hier_jax.data import num_train_steps
 from hier_jax.errors import CheckpointError, DivergenceError, ResumeMismatchError, RunInterrupted
 from hier_jax.flags import replace_paths
 from hier_jax.models import ExitHeadConfig, build_model
-from hier_jax.run import threads
 from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.run.record import RunRecord, check_resumable, read_meta
+from hier_jax.run.result import RunResult
 
 from backend import tolerance
 
@@ -36,7 +36,6 @@ CONFIG = ExperimentConfig(
     checkpoint_every=4,
     keep_checkpoints=2,
 )
-RUN_THREADS = ("hier-edge", "hier-cloud", "hier-sequential", "hier-link", "hier-checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def reference(setup):
     return train.train(setup, schedule="sequential", progress=False)
 
 
-def assert_same_run(a: threads.RunResult, b: threads.RunResult) -> None:
+def assert_same_run(a: RunResult, b: RunResult) -> None:
     for x, y in zip(
         jax.tree.leaves((a.edge_state, a.cloud_state)), jax.tree.leaves((b.edge_state, b.cloud_state)), strict=True
     ):
@@ -78,7 +77,8 @@ def interrupt_at(monkeypatch, batch: int) -> None:
 
 
 def live_run_threads(before: set) -> list[str]:
-    return [t.name for t in threading.enumerate() if t not in before and t.name in RUN_THREADS]
+    """The threads of a run (its workers' dispatch threads, its checkpoint writer) still alive."""
+    return [t.name for t in threading.enumerate() if t not in before and t.name.startswith("hier-")]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -194,6 +194,7 @@ def test_a_real_divergence_is_caught(tmp_path, digits):
 def test_damaged_checkpoints_name_the_file_and_the_side(setup, tmp_path):
     train.train(setup, schedule="sequential", progress=False, checkpoint_dir=tmp_path)
     edge, cloud = train.fresh_states(setup)
+    edge = {"0": edge}  # every edge's state, keyed by its index
     for item in (tmp_path / "12" / "cloud").rglob("*"):
         if item.is_file() and item.stat().st_size > 0 and "manifest" not in item.name:
             item.write_bytes(b"\0" * 7)  # truncated and garbled

@@ -110,7 +110,7 @@ def test_train_experiment_writes_summary_metrics_and_plot(tmp_path):
             str(tmp_path),
         ]
     )
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == summary["steps"] == 6
+    assert json.loads((tmp_path / "summary.json").read_text())["steps_per_edge"] == summary["steps_per_edge"] == 6
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == ",".join(METRICS_COLUMNS) and len(rows) == 1 + 6
     assert [r.split(",")[:2] for r in rows[1:]] == [["0", str(t)] for t in range(6)]  # edge 0, steps 0..5
@@ -155,9 +155,9 @@ def test_train_experiment_over_a_simulated_link_with_an_outage(tmp_path):
     assert link["sent"] == 10 and link["delivered"] + link["dropped"] == 10
     # Down while the edge sends steps 3..7 (5 payloads) with room for 2: at least 3 dropped, oldest first
     # (an earlier payload still held back by a busy cloud may be among them), none after the outage.
-    assert link["dropped"] >= 3 and link["dropped_steps"] == sorted(link["dropped_steps"])
-    assert set(link["dropped_steps"]) <= set(range(8))
+    dropped = link["dropped_steps"]["0"]  # per edge; here one
+    assert link["dropped"] == len(dropped) >= 3 and dropped == sorted(dropped) and set(dropped) <= set(range(8))
     assert summary["cloud_steps"] == link["delivered"]
     rows = [r.split(",") for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert [int(r[1]) for r in rows] == list(range(10))  # every edge step has its row
-    assert [int(r[1]) for r in rows if r[5] == ""] == link["dropped_steps"]  # the dropped ones no cloud step
+    assert [int(r[1]) for r in rows if r[5] == ""] == dropped  # the dropped ones no cloud step

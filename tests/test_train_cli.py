@@ -15,6 +15,7 @@ import pytest
 from experiments import quickstart
 from experiments import train as train_experiment
 from hier_jax import train
+from hier_jax.run import command
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -40,9 +41,16 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("loaded data or built a model before validating the arguments")
 
-    for module in (train_experiment, quickstart):
+    for module in (command, quickstart):
         monkeypatch.setattr(module, "load_dataset", forbidden)
     monkeypatch.setattr(train, "build", forbidden)
+
+
+def untimed_metrics(out: Path) -> list[list[str]]:
+    """metrics.csv without its wall-clock columns (step_s), which no two runs share."""
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if not name.endswith("step_s")]
+    return [[row[i] for i in keep] for row in rows]
 
 
 def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
@@ -124,7 +132,7 @@ def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, cap
     )
     # Nothing of the old run is left beside the new one: its checkpoints went with it.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["3"]
-    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["steps_per_edge"] == summary["steps_per_edge"] == 3
 
 
 def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys):
@@ -164,9 +172,9 @@ def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_re
     assert not (out / "summary.json").exists()  # the run did not finish: no summary claims it did
     resumed = train_experiment.main(["--resume", str(out), "--out", str(out)])  # --out may repeat the run's
     assert 0 < resumed["resumed_from_step"] < 12
-    for key in ("edge_accuracy", "cloud_accuracy", "final_edge_loss", "final_cloud_loss", "steps"):
+    for key in ("edge_accuracy", "cloud_accuracy", "final_edge_loss", "final_cloud_loss", "steps_per_edge"):
         assert resumed[key] == straight[key], key
-    assert (out / "metrics.csv").read_text() == (tmp_path / "straight" / "metrics.csv").read_text()
+    assert untimed_metrics(out) == untimed_metrics(tmp_path / "straight")
 
 
 def test_divergence_exits_1_with_one_line_and_writes_no_summary(tmp_path, capsys):
@@ -240,5 +248,5 @@ def test_a_run_stopped_before_its_first_checkpoint_does_not_block_its_out(tmp_pa
     from hier_jax.outputs import prepare_run_dir, run_outputs
 
     (tmp_path / "checkpoints").mkdir()  # created by a run that diverged or stopped before saving anything
-    assert run_outputs(tmp_path, train_experiment.OUTPUTS) == []
-    prepare_run_dir(tmp_path, outputs=train_experiment.OUTPUTS)
+    assert run_outputs(tmp_path, command.OUTPUTS) == []
+    prepare_run_dir(tmp_path, outputs=command.OUTPUTS)

@@ -4,9 +4,9 @@ as on a real link and in the pipelined cost model), both delays multiplied by `t
 scripted outages, in edge steps: outage (a, b) means the link is down from the moment the edge sends
 step a until it sends step b.
 
-`LinkClock` is the arithmetic (times are passed in, nothing sleeps); `link.SimulatedLink` drives it
-in real time between the in-process edge and cloud threads, and `BufferedLink` adds the edge's
-outage buffer for the Ray driver, which learns of each payload when its edge step is done.
+`LinkClock` is the arithmetic (times are passed in, nothing sleeps); `BufferedLink` adds the edge's
+outage buffer. The scheduler (`run.scheduler`) drives both, on every backend: it learns of each
+payload when its edge step is done, and the cloud step waits until the payload has arrived.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ class LinkClock:
 
 
 class BufferedLink:
-    """An edge's link as a driver replays it: while the link is down, each payload waits in the edge's
-    buffer of `capacity` (the oldest dropped when it is full: the newest features are what the cloud
-    should learn from when the link comes back); once it is up again, the buffered payloads leave in
-    step order, then the new one. Unlike `SimulatedLink` there is no receive window or backpressure
-    here: the driver holds an edge back by its own window of steps in flight."""
+    """An edge's link as the scheduler replays it: while the link is down, each payload waits in the
+    edge's buffer of `capacity` (the oldest dropped when it is full: the newest feature map comes from
+    the edge's current weights and the newest data, so it is what the cloud should learn from when the
+    link comes back, and the buffer stays a window of the latest steps, in step order, the labels
+    travelling with their features); once it is up again, the buffered payloads leave in step order,
+    then the new one. A transfer on the wire when an outage starts completes. The scheduler holds an
+    edge back by its own window of steps in flight; while the link is down the edge never waits."""
 
     def __init__(self, clock: LinkClock, capacity: int):
         if capacity < 1:

@@ -12,14 +12,11 @@ from pathlib import Path
 
 from hier_jax import outputs, train
 from hier_jax.data import DataShape, ImageDataset
-from hier_jax.link import SimulatedLink, get_link
 from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, cell_config, cut_order, dataset_key
 from hier_jax.paper.runtime import REPORT_LINKS
 from hier_jax.quantization import raw_image_nbytes
 from hier_jax.run.checkpoint import RunCheckpoints
 
-OUTAGE_FRACTION = 0.2
-OUTAGE_BUFFER = 2
 CSV_COLUMNS = (
     "model",
     "dataset",
@@ -44,14 +41,6 @@ CSV_COLUMNS = (
 )
 
 
-def outage_link(total_steps: int) -> SimulatedLink:
-    """A 4G link (delays scaled down 100x so it never holds the edge back) down for the middle 20 %
-    of the steps, with room for 2 payloads at the edge (older ones are dropped while it is down)."""
-    first = int(total_steps * (0.5 - OUTAGE_FRACTION / 2))
-    last = max(first + 1, int(total_steps * (0.5 + OUTAGE_FRACTION / 2)))
-    return SimulatedLink(get_link("4g"), capacity=OUTAGE_BUFFER, outages=[(first, last)], time_scale=0.01)
-
-
 def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: Path) -> dict:
     """Train one cell (resuming its checkpoints if any), evaluate it and return its result row."""
     config = cell_config(profile, cell, dataset)
@@ -61,8 +50,7 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
     if checkpoints.is_dir():
         with RunCheckpoints(checkpoints, read_only=True) as existing:
             resume = bool(existing.steps())
-    link = outage_link(setup.total_steps) if cell.scheme == "hierarchical_outage" else None
-    result = train.train(setup, channel=link, checkpoint_dir=checkpoints, resume=resume)
+    result = train.train(setup, checkpoint_dir=checkpoints, resume=resume)
     accuracy = train.evaluate(setup, result)
     raw = raw_image_nbytes(1, *dataset.image_shape, num_classes=dataset.num_classes)
     row = {
@@ -88,14 +76,14 @@ def run_cell(cell: Cell, profile: GridProfile, dataset: ImageDataset, cell_dir: 
         "resumed_from_step": result.start_step,
         "data_shape": dataclasses.asdict(DataShape.of(dataset)),
     }
-    if link is not None:
+    if config.link.outages:
         # From the whole run's record, so a resumed cell counts the steps before its resume too: the edge
         # sends every step's payload; the cloud consumed those in cloud_steps, the rest were dropped.
         consumed = set(result.cloud_steps.tolist())
         dropped = [t for t in range(setup.total_steps) if t not in consumed]
         row["dropped_payloads"] = len(dropped)
         row["link"] = {
-            "outages": link.outages,
+            "outages": [list(o) for o in config.link.outages],
             "sent": setup.total_steps,
             "delivered": len(consumed),
             "dropped": len(dropped),

@@ -6,12 +6,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from hier_jax import train
 from hier_jax.config import SIDES, ExperimentConfig, optimizers
 from hier_jax.data import ImageDataset, num_train_steps
 from hier_jax.flags import replace_paths
+from hier_jax.link import LinkConfig
 from hier_jax.models import ExitHeadConfig, stage_names
 
 SCHEMES = ("hierarchical", "end_to_end", "split_learning", "hierarchical_outage")
+OUTAGE_FRACTION = 0.2  # the hierarchical_outage cell's link is down for the middle 20 % of its steps
+OUTAGE_BUFFER = 2
 """The grid's kinds of cell: a training scheme, or hierarchical training with the link down for part of it."""
 SHARED_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg"
 
@@ -169,10 +173,20 @@ def cell_config(profile: GridProfile, cell: Cell, dataset: ImageDataset) -> Expe
         scheme="hierarchical" if cell.scheme == "hierarchical_outage" else cell.scheme,
         schedule="pipelined",
     )
+    if cell.scheme == "hierarchical_outage":
+        config = dataclasses.replace(config, link=outage_link(train.total_steps(config, dataset)))
     if profile.warmup_epochs > 0:
         warmup = int(profile.warmup_epochs * num_train_steps(dataset, config.batch_size))
         config = replace_paths(config, {f"{side}_optimizer.warmup_steps": warmup for side in SIDES})
     return config
+
+
+def outage_link(total_steps: int) -> LinkConfig:
+    """A 4G link (delays scaled down 100x so it never holds the edge back) down for the middle 20 %
+    of the steps, with room for 2 payloads at the edge (older ones are dropped while it is down)."""
+    first = int(total_steps * (0.5 - OUTAGE_FRACTION / 2))
+    last = max(first + 1, int(total_steps * (0.5 + OUTAGE_FRACTION / 2)))
+    return LinkConfig(presets=("4g",), time_scale=0.01, outages=((first, last),), buffer=OUTAGE_BUFFER)
 
 
 def cut_order(model: str) -> dict[str, int]:

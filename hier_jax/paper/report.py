@@ -11,9 +11,9 @@ import numpy as np
 from hier_jax import outputs
 from hier_jax.data import DataShape
 from hier_jax.link import get_link
-from hier_jax.paper.cells import OUTAGE_BUFFER, OUTAGE_FRACTION, group_rows
+from hier_jax.paper.cells import group_rows
 from hier_jax.paper.figures import plot_accuracy_vs_bits, plot_accuracy_vs_cut, plot_accuracy_vs_reduction
-from hier_jax.paper.profiles import Cell, GridProfile, cut_order
+from hier_jax.paper.profiles import OUTAGE_BUFFER, OUTAGE_FRACTION, Cell, GridProfile, cut_order
 from hier_jax.paper.runtime import REPORT_LINKS, RuntimeModel
 from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import K620_MEMORY_BYTES

@@ -1,5 +1,5 @@
-"""The paper's baselines, trained under the same supervision as the hierarchy (`threads.run_pairs`):
-end-to-end training of the unsplit model on one device, and vanilla split learning."""
+"""The compiled steps of the paper's baselines, which the workers run under the one scheduler like the
+hierarchy's: end-to-end training of the unsplit model on one device, and vanilla split learning."""
 
 from __future__ import annotations
 
@@ -15,17 +15,15 @@ from hier_jax import steps
 from hier_jax.devices import AUTO, Device, place, resolve_device
 from hier_jax.models import Split
 from hier_jax.run.evaluate import accuracy
-from hier_jax.run.supervisor import Snapshot
-from hier_jax.run.threads import PairStep, RunResult, run_pairs
 
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
     """Compiled steps of a baseline: end-to-end training of the unsplit model, or vanilla split learning.
 
-    Both run under the same supervision as `threads.run_sequential` (snapshots, divergence checks, Ctrl-C),
-    over an (edge state, cloud state) pair. End-to-end trains on one device and has no edge: the whole
-    model is the cloud state, and the edge state `{"step": 0}` is a placeholder nothing updates.
+    Both run as an edge and a cloud worker (`workers`) under the one scheduler, over an (edge state,
+    cloud state) pair. End-to-end trains on one device and has no edge: the whole model is the cloud
+    state, and the edge state `{"step": 0}` is a placeholder nothing updates.
     """
 
     edge_device: Device
@@ -81,64 +79,6 @@ def build_split_learning(
         cloud_eval=jax.jit(steps.make_eval(cloud_graphdef, precision=cloud_policy)),
     )
     return baseline, place(edge_state, edge_device), place(cloud_state, cloud_device)
-
-
-def _baseline_pair_step(b: Baseline) -> PairStep:
-    if b.train_step is not None:
-
-        def end_to_end(edge_state, cloud_state, images, labels):
-            assert b.train_step is not None  # b is frozen: still the one checked above
-            cloud_state, metrics = b.train_step(
-                cloud_state, jax.device_put(images, b.cloud_device), jax.device_put(labels, b.cloud_device)
-            )
-            return edge_state, cloud_state, {}, metrics, 0
-
-        return end_to_end
-
-    def split_learning(edge_state, cloud_state, images, labels):
-        # no train_step: split learning, built with all three
-        assert b.edge_forward is not None and b.cloud_step is not None and b.edge_backward is not None
-        features, edge_vjp, batch_stats = b.edge_forward(edge_state, jax.device_put(images, b.edge_device))
-        cloud_state, boundary_grad, metrics = b.cloud_step(
-            cloud_state, jax.device_put(features, b.cloud_device), jax.device_put(labels, b.cloud_device)
-        )
-        edge_state = b.edge_backward(edge_state, edge_vjp, batch_stats, jax.device_put(boundary_grad, b.edge_device))
-        return edge_state, cloud_state, {}, metrics, features.nbytes + boundary_grad.nbytes
-
-    return split_learning
-
-
-def run_baseline(
-    b: Baseline,
-    edge_state: steps.State,
-    cloud_state: steps.State,
-    batches: Iterable[tuple[Any, Any]],
-    *,
-    start_step: int = 0,
-    snapshot_every: int = 0,
-    on_snapshot: Callable[[Snapshot], None] | None = None,
-    timeout_s: float | None = None,
-    progress: bool = False,
-) -> RunResult:
-    """Train a baseline over `batches`, supervised as `threads.run_sequential` is, and return the same
-    `threads.RunResult` (its `mode` left "", as the runner's are: `train.train` sets it). The metrics are
-    the final exit's (`cloud_metrics`; `edge_metrics` is empty); `payload_bytes` is the arrays that cross
-    the link per batch (split learning: float32 features up plus their gradient down; end-to-end: 0, the
-    raw images are the cloud's input)."""
-    name = "end-to-end" if b.train_step is not None else "split learning"
-    return run_pairs(
-        _baseline_pair_step(b),
-        (b.edge_device, b.cloud_device),
-        edge_state,
-        cloud_state,
-        batches,
-        name,
-        start_step=start_step,
-        snapshot_every=snapshot_every,
-        on_snapshot=on_snapshot,
-        timeout_s=timeout_s,
-        progress=progress,
-    )
 
 
 def evaluate_baseline(

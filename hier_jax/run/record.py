@@ -1,18 +1,16 @@
-"""One run record for every runner: what each side did at each step, the checkpoint metadata that
+"""One run record for every backend: what each side did at each step, the checkpoint metadata that
 carries it, the check that a checkpoint may be resumed, and the run's metrics files.
 
-`RunRecord` keeps, per edge, the loss and accuracy of every edge step, and for the cloud every step
-it took in the order it took them, each naming the edge and the edge step whose payload it trained
-on (a step dropped by a link outage has an edge entry and no cloud entry). The in-process runner
-has one edge; the Ray runner N. Step times are recorded where a runner measures them (NaN where it
-does not: the in-process runner dispatches asynchronously and never waits on one step).
+`RunRecord` keeps, per edge, the loss, accuracy and time of every edge step, and for the cloud every
+step it took in the order it took them, each naming the edge and the edge step whose payload it
+trained on (a step dropped by a link outage has an edge entry and no cloud entry).
 
-Checkpoint metadata (`run_meta`, format 2) is one schema for both runners: step, total steps,
-scheme, schedule, precision, the nested config, the position in the data and the RNG, the record,
-wall time, and for the Ray runner its topology (`cluster`) and per-worker state (`workers`).
-`read_meta` also reads format 1 of either runner (the in-process runner's flat config with its
-"mode" and "metrics"; the Ray runner's "reports" and "taken"). `check_resumable` is the one check
-before a resume. `write_metrics` writes one CSV layout for every runner and `plot_curves` one figure.
+Checkpoint metadata (`run_meta`, format 2) is one schema: step, total steps, scheme, schedule,
+precision, the nested config (the topology, edges and order included), the position in the data and
+the RNG, the record, wall time, and per-worker state (`workers`: the edges saved, their reports).
+`read_meta` also reads format 1 of both former runners (the in-process runner's flat config with its
+"mode" and "metrics"; the Ray runner's "cluster", "reports" and "taken"). `check_resumable` is the
+one check before a resume. `write_metrics` writes one CSV layout and `plot_curves` one figure.
 """
 
 from __future__ import annotations
@@ -44,6 +42,17 @@ METRICS_COLUMNS = (
     "cloud_loss",
     "cloud_accuracy",
     "cloud_step_s",
+)
+# Format 1: the Ray runner's topology fields, today the run config's.
+_FORMAT1_TOPOLOGY = (
+    "edges",
+    "order",
+    "dirichlet",
+    "edge_sync",
+    "max_restarts",
+    "timeout_s",
+    "kill_edges",
+    "kill_cloud",
 )
 # Format 1: how the in-process runner named (scheme, schedule) in one word.
 _FORMAT1_MODES = {
@@ -112,14 +121,13 @@ class RunRecord:
         """The edge steps of `edge` the cloud trained on."""
         return {t for e, t in zip(self.cloud["edge"], self.cloud["step"], strict=True) if e == edge}
 
-    def cut(self, step: int) -> RunRecord:
-        """The record of the steps before `step`: each edge's steps < step, and the cloud's steps up to
-        its first step on a payload of step >= `step` (a checkpoint at `step` holds exactly these)."""
+    def cut(self, step: int, cloud_steps: int) -> RunRecord:
+        """The record a checkpoint at `step` holds: each edge's steps before `step`, and the cloud's
+        first `cloud_steps` steps (those it took before the state the checkpoint saves)."""
         edges = [
             {k: [v for v, t in zip(e[k], e["step"], strict=True) if t < step] for k in EDGE_FIELDS} for e in self.edges
         ]
-        n = next((i for i, t in enumerate(self.cloud["step"]) if t >= step), len(self.cloud["step"]))
-        return RunRecord(edges, {k: v[:n] for k, v in self.cloud.items()})
+        return RunRecord(edges, {k: v[:cloud_steps] for k, v in self.cloud.items()})
 
     def joined(self, later: RunRecord) -> RunRecord:
         """This record followed by a later one (a resumed run's steps after its checkpoint's)."""
@@ -173,10 +181,10 @@ def run_meta(
     record: RunRecord,
     wall_s: float,
     steps_per_epoch: int,
-    cluster: Any = None,
-    workers: dict | None = None,
+    workers: dict,
 ) -> dict:
-    """The metadata of a checkpoint at `step` (format 2)."""
+    """The metadata of a checkpoint at `step` (format 2). `workers`: which edges' states it holds
+    ("saved_edges") and each edge's report ("reports")."""
     meta = {
         "format": FORMAT,
         "step": step,
@@ -194,10 +202,8 @@ def run_meta(
         "rng": {"seed": config.seed, "augmentation_key": "fold_in(fold_in(key(seed), epoch), batch_in_epoch)"},
         "record": record.to_json(),
         "wall_s": wall_s,
+        "workers": workers,
     }
-    if cluster is not None:
-        meta["cluster"] = dataclasses.asdict(cluster)
-        meta["workers"] = workers or {}
     return meta
 
 
@@ -234,6 +240,8 @@ def read_meta(meta: Mapping[str, Any]) -> dict:
         "schedule": schedule,
         "config": {**config, "scheme": scheme, "schedule": schedule},
         "record": {"edges": [edge], "cloud": cloud},
+        # one edge, its state saved as the checkpoint's edge item itself (not keyed by edge)
+        "workers": {"saved_edges": [0], "reports": [], "bare_edge_item": True},
     }
 
 
@@ -246,7 +254,13 @@ def _cluster_format1(meta: Mapping[str, Any]) -> dict:
     config = from_dict(ExperimentConfig, meta["config"])
     config = flags.replace_paths(
         config,
-        {"scheme": "hierarchical", "schedule": schedule, "link.presets": tuple(presets), "link.time_scale": time_scale},
+        {
+            "scheme": "hierarchical",
+            "schedule": schedule,
+            "link.presets": tuple(presets),
+            "link.time_scale": time_scale,
+            **{name: _tuple_of(topology[name]) for name in _FORMAT1_TOPOLOGY if name in topology},
+        },
     )
     edges = []
     for report in meta["reports"]:
@@ -278,9 +292,13 @@ def _cluster_format1(meta: Mapping[str, Any]) -> dict:
         "config": dataclasses.asdict(config),
         "record": {"edges": edges, "cloud": cloud},
         "wall_s": meta.get("wall_s", 0.0),
-        "cluster": topology,
         "workers": {"saved_edges": meta["saved_edges"], "reports": reports},
     }
+
+
+def _tuple_of(value: Any) -> Any:
+    """A JSON list as the tuple a config holds (pairs included)."""
+    return tuple(_tuple_of(v) for v in value) if isinstance(value, list) else value
 
 
 def record_of(meta: Mapping[str, Any] | None, edges: int = 1) -> RunRecord:
@@ -296,11 +314,10 @@ def check_resumable(
     precision: str,
     total_steps: int | None,
     where: Path,
-    cluster: Any = None,
 ) -> None:
     """ResumeMismatchError naming what differs between this run and the (format-2) checkpoint at
-    `where`: the scheme, a config field that shapes training (run-only fields may change), the
-    resolved precision, the run's length, or the Ray topology."""
+    `where`: the scheme, a config field that shapes training (run-only fields such as the devices, the
+    backend and the schedule may change), the resolved precision, or the run's length."""
     recorded_scheme = meta.get("scheme", "hierarchical")
     if recorded_scheme != scheme:
         raise ResumeMismatchError(
@@ -319,15 +336,6 @@ def check_resumable(
             f"cannot resume from {where}: it belongs to a run of {meta['total_steps']} steps, "
             f"this one has {total_steps} (has the data set changed?)"
         )
-    if cluster is not None:
-        recorded_cluster = meta.get("cluster", {})
-        for path in flags.trajectory_paths(type(cluster)):
-            if path in recorded_cluster and recorded_cluster[path] != getattr(cluster, path):
-                flag = flags.flag_name(type(cluster), path)
-                raise ResumeMismatchError(
-                    f"checkpoint {where} was made with {flag} {recorded_cluster[path]!r}, "
-                    f"not {getattr(cluster, path)!r}"
-                )
 
 
 # ---------------------------------------------------------------------------------- metrics files

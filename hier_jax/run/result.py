@@ -1,8 +1,10 @@
-"""What a cluster run reports: per edge (its counts and both exits' accuracies) and the run record."""
+"""What a run reports, on any backend: per edge (its counts and both exits' accuracies), the run
+record, and in this process the final states."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -19,24 +21,59 @@ class EdgeReport:
     link_dropped: list[int] = dataclasses.field(default_factory=list)  # steps its link's outage buffer dropped
     lost: bool = False
     last_delivered_step: int = -1
-    restarts: int = 0  # times its process died and was brought back
+    restarts: int = 0  # times its worker died and was brought back
     replayed: int = 0  # steps recomputed after restarts, their payloads not sent again
     max_in_flight: int = 0  # most steps submitted and not yet trained on by the cloud
-    edge_accuracy: float | None = None
-    cloud_accuracy: float | None = None  # the cloud exit on this edge's features
+    edge_accuracy: float | None = None  # the early exit on the test split (None: not evaluated, or no exit)
+    cloud_accuracy: float | None = None  # the final exit on this edge's test-split inputs
 
 
 @dataclasses.dataclass
-class ClusterResult:
+class RunResult:
+    """A run's record since step 0, its reports, and where it ran. `edge_states` and `cloud_state`
+    are the final states when the workers ran in this process (None on Ray); `interrupted` runs
+    raise instead of returning (`RunInterrupted`), so a result is always of a whole run."""
+
+    scheme: str
     schedule: str
     order: str
     steps_per_edge: int
     edges: list[EdgeReport]
-    record: RunRecord  # every edge's steps and the cloud's, in the order it trained, since step 0
+    record: RunRecord
     wall_s: float  # of this run (since its resume, if resumed)
     placement: dict[str, str]
     precision: str  # the resolved policy every worker computed in
+    payload_bytes: int  # what one batch sends up (and, in split learning, down), as the cost model counts it
+    start_step: int = 0  # the step this run resumed at (0: from the start)
     resumed_cloud_steps: int = 0  # cloud steps taken before the checkpoint this run resumed from
+    edge_states: list[Any] | None = None
+    cloud_state: Any = None
+
+    @property
+    def end_step(self) -> int:
+        return self.steps_per_edge
+
+    @property
+    def edge_state(self) -> Any:
+        """Edge 0's final state (in this process)."""
+        return None if self.edge_states is None else self.edge_states[0]
+
+    @property
+    def edge_metrics(self) -> dict[str, np.ndarray]:
+        """Edge 0's {"loss": [T], "accuracy": [T]} over its steps (empty for the baselines: no early exit)."""
+        edge = self.record.edge_metrics(0)
+        return {k: edge[k] for k in ("loss", "accuracy")}
+
+    @property
+    def cloud_metrics(self) -> dict[str, np.ndarray]:
+        """The cloud's {"loss", "accuracy"} in the order it trained."""
+        cloud = self.record.cloud_metrics()
+        return {k: cloud[k] for k in ("loss", "accuracy")}
+
+    @property
+    def cloud_steps(self) -> np.ndarray:
+        """cloud_steps[i]: the edge step whose payload the cloud's i-th step consumed."""
+        return self.record.cloud_metrics()["step"]
 
     @property
     def cloud_order(self) -> list[tuple[int, int]]:
@@ -53,9 +90,11 @@ class ClusterResult:
         steps = len(self.cloud_order) - self.resumed_cloud_steps
         return steps / self.wall_s if self.wall_s > 0 else 0.0
 
-    @property
-    def mean_cloud_accuracy(self) -> float | None:
-        values = [e.cloud_accuracy for e in self.edges if e.cloud_accuracy is not None]
+    def accuracy(self, exit_: str) -> float | None:
+        """The mean over the edges still alive of one exit's test accuracy ("edge" or "cloud"; None:
+        not evaluated, or no early exit)."""
+        values = [getattr(e, f"{exit_}_accuracy") for e in self.edges if not e.lost]
+        values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
 
     def summary(self) -> dict:
@@ -64,16 +103,20 @@ class ClusterResult:
             return float(np.median(finite)) if finite else None
 
         return {
+            "scheme": self.scheme,
             "schedule": self.schedule,
             "order": self.order,
             "steps_per_edge": self.steps_per_edge,
+            "resumed_from_step": self.start_step,
             "wall_s": self.wall_s,
             "cloud_steps": len(self.cloud_order),
             "resumed_cloud_steps": self.resumed_cloud_steps,
             "cloud_steps_per_s": self.cloud_steps_per_s,
-            "mean_cloud_accuracy": self.mean_cloud_accuracy,
+            "edge_accuracy": self.accuracy("edge"),
+            "cloud_accuracy": self.accuracy("cloud"),
             "placement": self.placement,
             "precision": self.precision,
+            "payload_bytes_per_batch": self.payload_bytes,
             "edges": [
                 dataclasses.asdict(e) | {"median_step_s": median(self.record.edges[e.edge]["step_s"])}
                 for e in self.edges
