@@ -20,7 +20,7 @@ import time
 import jax
 
 from hier_jax import cli, flags, outputs, process, train
-from hier_jax.config import ExperimentConfig, validate
+from hier_jax.config import ONE_PAIR_FLAGS, ExperimentConfig, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import check
 from hier_jax.models import ExitHeadConfig
@@ -43,7 +43,7 @@ def time_side(step, state, inputs) -> tuple[float, object]:
 def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
-    flags.add_flags(parser, ExperimentConfig, DEFAULTS)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS, include=ONE_PAIR_FLAGS)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     args = parser.parse_args(argv)

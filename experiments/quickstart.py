@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from hier_jax import cli, flags, outputs, process, train
-from hier_jax.config import SCHEDULES, ExperimentConfig, optimizers, validate
+from hier_jax.config import ONE_PAIR_FLAGS, SCHEDULES, ExperimentConfig, optimizers, validate
 from hier_jax.data import load_dataset
 from hier_jax.devices import device_name
 from hier_jax.models import ExitHeadConfig, param_count
@@ -45,7 +45,7 @@ def states_equal(a, b) -> bool:
 def main(argv: list[str]) -> dict:
     process.setup()
     parser = cli.Parser(description=__doc__)
-    flags.add_flags(parser, ExperimentConfig, DEFAULTS)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS, include=ONE_PAIR_FLAGS)
     parser.add_argument("--overwrite", action="store_true", help="replace a summary.json already in --out")
     args = parser.parse_args(argv)
     config = flags.parse(ExperimentConfig, args, DEFAULTS)

@@ -95,6 +95,12 @@ class ExperimentConfig:
     keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep", run_only=True)
 
 
+TOPOLOGY = ("backend", "edges", "order", "dirichlet", "edge_sync", "max_restarts", "kill_edges", "kill_cloud")
+"""The fields that shape a run's workers: how many edges, where, in what order, with what faults."""
+ONE_PAIR_FLAGS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in TOPOLOGY)
+"""The flags of a command that trains one edge against one cloud in this process (quickstart, bench_overlap)."""
+
+
 def optimizers(**settings: Any) -> dict[str, Any]:
     """Both sides' optimizers with the same settings: `ExperimentConfig(..., **optimizers(learning_rate=0.1))`."""
     return {f"{side}_optimizer": OptimConfig(**settings) for side in SIDES}
