@@ -31,7 +31,7 @@ from hier_jax.optim import LR_SCHEDULES, OptimConfig
 SIDES = ("edge", "cloud")
 SCHEMES = ("hierarchical", "end_to_end", "split_learning")
 SCHEDULES = ("sequential", "pipelined")
-BACKENDS = ("threads", "ray")
+BACKENDS = ("threads", "ray", "remote")
 ORDERS = ("round_robin", "async")
 _LEGACY_SCHEDULES = {
     "overlapped": ("schedule", "pipelined"),
@@ -66,7 +66,9 @@ class ExperimentConfig:
     cloud_device: str = option("auto", "auto: the last accelerator, else host device 1", run_only=True)
     queue_size: int = option(2, "payloads the edge may run ahead of the cloud", run_only=True)
     backend: str = option(
-        "threads", "where the workers run: threads (this process) | ray (a process each)", run_only=True
+        "threads",
+        "where the workers run: threads (this process) | ray (a process each) | remote (edges dial in)",
+        run_only=True,
     )
     edges: int = option(1, "edges, each on a shard of the training split, against one cloud")
     order: str = option("round_robin", "the cloud's order: round_robin (reproducible) | async (arrival order)")

@@ -24,6 +24,7 @@ from hier_jax.data import ImageDataset, load_dataset
 from hier_jax.errors import RunInterrupted, UserError, WorkerError
 from hier_jax.precision import resolve
 from hier_jax.quantization import raw_image_nbytes
+from hier_jax.remote.config import CloudConfig
 from hier_jax.run import driver
 from hier_jax.run.checkpoint import RunCheckpoints
 from hier_jax.run.record import RUN_FILES, read_meta, write_run_files
@@ -43,9 +44,9 @@ def resumed_config(resume_dir: Path, given: dict) -> ExperimentConfig:
     return flags.replace_paths(from_dict(ExperimentConfig, recorded), {**given, "out": str(resume_dir)})
 
 
-def resume_command(prog: str, out: Path, ray_flags: list[str]) -> str:
+def resume_command(prog: str, out: Path, placement_flags: list[str]) -> str:
     """The command that continues the run in `out`, as it can be pasted."""
-    return shlex.join(["python", "-m", prog, "--resume", str(out), *ray_flags])
+    return shlex.join(["python", "-m", prog, "--resume", str(out), *placement_flags])
 
 
 def summarize(config: ExperimentConfig, dataset: ImageDataset, result: RunResult) -> dict:
@@ -120,6 +121,7 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
     parser = cli.Parser(prog=prog, description=doc)
     flags.add_flags(parser, ExperimentConfig, defaults)
     flags.add_flags(parser, RayConfig)
+    flags.add_flags(parser, CloudConfig)
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -132,6 +134,8 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
     args = parser.parse_args(argv)
     config = flags.parse(ExperimentConfig, args, defaults)
     ray_config, ray_flags = flags.parse(RayConfig, args), flags.as_argv(RayConfig, flags.given(RayConfig, args))
+    cloud_config = flags.parse(CloudConfig, args)
+    cloud_flags = flags.as_argv(CloudConfig, flags.given(CloudConfig, args))
     resume = args.resume is not None
     if resume:
         resume_dir = Path(args.resume or config.out)
@@ -146,6 +150,10 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
     validate(config)
     if ray_flags and config.backend != "ray":
         raise UserError(f"{ray_flags[0]} places Ray workers: it needs --backend ray (got --backend {config.backend})")
+    if cloud_flags and config.backend != "remote":
+        raise UserError(
+            f"{cloud_flags[0]} is the network's: it needs --backend remote (got --backend {config.backend})"
+        )
     out = (
         outputs.prepare_run_dir(
             config.out, resume=resume, overwrite=args.overwrite, outputs=OUTPUTS, resume_hint=f"--resume {config.out}"
@@ -175,11 +183,17 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
         ),
         flush=True,
     )
-    hint = f"; resume with: {resume_command(prog, out, ray_flags)}" if out is not None else ""
+    hint = f"; resume with: {resume_command(prog, out, ray_flags + cloud_flags)}" if out is not None else ""
     checkpoints = out / "checkpoints" if out is not None else None
     try:
         if setup is not None:
             result = train.train(setup, checkpoint_dir=checkpoints, resume=resume, evaluate=True)
+        elif config.backend == "remote":
+            from hier_jax.remote import launch
+
+            result = launch.run(
+                config, dataset, cloud_config, progress=True, checkpoint_dir=checkpoints, resume=resume, evaluate=True
+            )
         else:
             from hier_jax import cluster
 

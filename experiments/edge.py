@@ -1,0 +1,47 @@
+"""An edge of a run over a real network: it dials the cloud (so it can sit behind NAT), trains its
+shard of the training split and sends the cloud only what the scheme sends (hierarchical: the
+quantized payload), until the cloud says the run is over.
+
+    export HIER_JAX_TOKEN=...      # the cloud's
+    python -m experiments.edge --connect cloud.example:50051 --tls-ca ca.pem --edge 0 \
+        --edges 2 --model resnet18 --dataset cifar10 --split layer2_1 --bits 4
+
+The training flags must be the cloud's (the cloud refuses the edge otherwise, naming the flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hier_jax import cli, flags, process
+from hier_jax.config import ExperimentConfig, validate
+from hier_jax.data import load_dataset
+from hier_jax.remote.config import EdgeConfig
+
+DEFAULTS = ExperimentConfig(model="resnet18", dataset="cifar10", split="layer2_1", bits=4, epochs=1)
+NOT_THE_EDGES = ("backend", "out", "checkpoint_every", "keep_checkpoints", "kill_cloud")
+EDGE_FLAGS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in NOT_THE_EDGES)
+"""The training flags (the cloud's must match them) and the waits; the run's files are the cloud's."""
+
+
+@cli.entry_point
+def main(argv: list[str]) -> dict:
+    process.setup(host_devices=1)
+    parser = cli.Parser(prog="experiments.edge", description=__doc__)
+    flags.add_flags(parser, ExperimentConfig, DEFAULTS, include=EDGE_FLAGS)
+    flags.add_flags(parser, EdgeConfig)
+    args = parser.parse_args(argv)
+    config = flags.parse(ExperimentConfig, args, DEFAULTS)
+    edge_config = flags.parse(EdgeConfig, args)
+    validate(config)
+    from hier_jax.remote import launch, transport
+
+    host, _ = transport.split_address(edge_config.connect, "--connect")
+    edge_config.security().check(host, "edge")  # every set-up mistake before any data is loaded
+    transport.token()
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
+    return launch.serve_edge(config, dataset, edge_config)
+
+
+if __name__ == "__main__":
+    main()

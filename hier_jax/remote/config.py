@@ -1,0 +1,71 @@
+"""The network flags of the remote backend: where the cloud listens and what it presents
+(`CloudConfig`), where an edge dials and what it trusts (`EdgeConfig`). What every backend shares
+(edges, order, schedule, link, faults) is in the ExperimentConfig; the token is never a flag
+(HIER_JAX_TOKEN)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+from hier_jax.errors import UserError
+from hier_jax.flags import option
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """One side's TLS files (empty: none) and whether it runs plaintext."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    insecure: bool = False
+
+    def check(self, host: str, side: str) -> None:
+        """One line for a set-up that cannot work, before any connection."""
+        if self.insecure:
+            if not is_loopback(host):
+                raise UserError(f"--insecure sends plaintext: only to a loopback address, not {host}")
+            return
+        for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
+            if path and not Path(path).is_file():
+                raise UserError(f"{flag} {path} is not a file")
+        if side == "cloud" and not (self.cert and self.key):
+            raise UserError("the cloud needs --tls-cert and --tls-key (or --insecure on a loopback address)")
+        if side == "edge" and not self.ca:
+            raise UserError("the edge needs --tls-ca, the CA that signed the cloud's certificate (or --insecure)")
+        if side == "edge" and bool(self.cert) != bool(self.key):
+            raise UserError("mutual TLS needs both --tls-cert and --tls-key on the edge")
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudConfig:
+    listen: str = option("127.0.0.1:50051", "HOST:PORT the cloud serves its edges on", run_only=True)
+    tls_cert: str = option("", "the cloud's certificate (PEM)", run_only=True)
+    tls_key: str = option("", "its private key (PEM)", run_only=True)
+    tls_ca: str = option("", "ask each edge for a certificate this CA signed (mutual TLS)", run_only=True)
+    insecure: bool = option(False, "plaintext, no TLS: only on a loopback address", run_only=True)
+
+    def security(self) -> Security:
+        return Security(self.tls_cert, self.tls_key, self.tls_ca, self.insecure)
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeConfig:
+    connect: str = option("127.0.0.1:50051", "HOST:PORT of the cloud", run_only=True)
+    edge: int = option(0, "which edge this is (its shard of the training split)", run_only=True)
+    tls_ca: str = option("", "the CA that signed the cloud's certificate (PEM)", run_only=True)
+    tls_cert: str = option("", "this edge's certificate, for mutual TLS", run_only=True)
+    tls_key: str = option("", "its private key", run_only=True)
+    insecure: bool = option(False, "plaintext, no TLS: only to a loopback address", run_only=True)
+
+    def security(self) -> Security:
+        return Security(self.tls_cert, self.tls_key, self.tls_ca, self.insecure)

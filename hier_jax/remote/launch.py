@@ -1,0 +1,166 @@
+"""The two processes of a run over the network: the cloud (`run`: it serves, holds the scheduler and
+its own worker, and writes the run's files) and an edge (`serve_edge`: it dials, holds its shard and
+its worker, and does what the cloud's scheduler asks, nothing else)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import grpc
+import jax
+
+from hier_jax.config import ExperimentConfig, as_run, differences, from_dict, validate
+from hier_jax.data import ImageDataset
+from hier_jax.errors import UserError
+from hier_jax.link import wire
+from hier_jax.remote import codec
+from hier_jax.remote.backend import EDGE_METHODS, RemoteBackend
+from hier_jax.remote.config import CloudConfig, EdgeConfig
+from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, LinkDown, dial
+from hier_jax.run import driver
+from hier_jax.run.result import RunResult
+from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled
+
+
+def limits(config: ExperimentConfig, setup) -> tuple[int, int]:
+    """(the largest payload message, the largest frame of the run): the payload's from its shapes; a
+    frame's from the largest reply (an edge's state, or its test split's payloads for the cloud exit)."""
+    split, dataset = setup.split, setup.dataset
+    payload = wire.max_message_bytes(split.feature_shape, config.batch_size, config.bits, split.num_classes)
+    widest = max(math.prod(dataset.image_shape), math.prod(split.feature_shape)) * 4
+    state = sum(a.nbytes for a in jax.tree.leaves((setup.initial_edge_state, setup.initial_cloud_state)))
+    frame = 16 * 2**20 + 2 * state + (dataset.num_test + config.batch_size) * (widest + 8)
+    return payload, min(frame, 2**31 - 1)
+
+
+def hello_of(config: ExperimentConfig, dataset: ImageDataset, edge: int) -> dict:
+    return {
+        "edge": edge,
+        "config": dataclasses.asdict(config),
+        "image_shape": list(dataset.image_shape),
+        "num_classes": dataset.num_classes,
+    }
+
+
+def check_hello(config: ExperimentConfig, dataset: ImageDataset):
+    """The cloud's check of an edge's hello: None, or the one line that refuses it."""
+
+    def check(hello: dict) -> str | None:
+        edge = hello.get("edge")
+        if not isinstance(edge, int) or not 0 <= edge < config.edges:
+            return f"--edge {edge} is not an edge of this run (0..{config.edges - 1})"
+        theirs = from_dict(ExperimentConfig, hello["config"])
+        found = differences(config, theirs, "on the edge")
+        if theirs.scheme != config.scheme:
+            found.insert(0, f"--scheme ({config.scheme!r} here, {theirs.scheme!r} on the edge)")
+        if list(dataset.image_shape) != hello["image_shape"] or dataset.num_classes != hello["num_classes"]:
+            found.append(
+                f"the data's shape ({tuple(dataset.image_shape)}, {dataset.num_classes} classes here, "
+                f"{tuple(hello['image_shape'])}, {hello['num_classes']} on the edge)"
+            )
+        return f"the cloud's run differs in {'; '.join(found)}" if found else None
+
+    return check
+
+
+def run(
+    config: ExperimentConfig,
+    dataset: ImageDataset,
+    cloud_config: CloudConfig | None = None,
+    *,
+    progress: bool = False,
+    checkpoint_dir=None,
+    resume: bool = False,
+    evaluate: bool = True,
+    log=None,
+) -> RunResult:
+    """The cloud's side of the run `config` describes: serve `--listen`, take `config.edges` edges."""
+    from hier_jax import train
+
+    cloud_config = cloud_config or CloudConfig()
+    validate(config)
+    config = as_run(config)
+    shards = driver.shards_of(config, dataset)
+    steps = driver.steps_per_edge(config, shards)
+    setup = train.build(config, dataset)
+    payload_limit, frame_limit = limits(config, setup)
+    log = log or (lambda line: print(f"cloud: {line}", file=sys.stderr, flush=True))
+    server = CloudServer(cloud_config.listen, cloud_config.security(), frame_limit, check_hello(config, dataset), log)
+    log(f"listening on {cloud_config.listen} for {config.edges} edge(s)")
+    programs = Programs.of(setup, config.scheme)
+    known = codec.structures(programs.edge_state, programs.cloud_state)
+    backend = RemoteBackend(
+        server, lambda: CloudWorker(programs, kill_at=config.kill_cloud), payload_limit, known, config.timeout_s
+    )
+    return driver.drive(
+        backend,
+        config,
+        shards,
+        steps,
+        policy=setup.precision,
+        payload=driver.payload_bytes(setup, config.scheme),
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        timeout_s=config.timeout_s,
+        evaluate=evaluate,
+        final_states=True,  # the cloud's are here; the edges' come over the wire, as their checkpoints do
+    )
+
+
+def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: EdgeConfig, log=None) -> dict:
+    """The edge's side: build its worker on its shard, dial the cloud, answer its calls until it says
+    goodbye; what it did (calls answered, bytes each way, seconds)."""
+    from hier_jax import train
+
+    validate(config)
+    config = as_run(config)
+    e = edge_config.edge
+    if not 0 <= e < config.edges:
+        raise UserError(f"--edge {e} is invalid; valid: 0..{config.edges - 1} (this run has --edges {config.edges})")
+    shards = driver.shards_of(config, dataset)
+    log = log or (lambda line: print(f"edge {e}: {line}", file=sys.stderr, flush=True))
+    device = f"{jax.default_backend()}:0"
+    setup = train.build(dataclasses.replace(config, edge_device=device, cloud_device=device, out=""), dataset)
+    setup = dataclasses.replace(setup, dataset=shards[e])
+    worker = EdgeWorker(e, Programs.of(setup, config.scheme), setup, host_payloads=True)
+    _compiled(worker)
+    payload_limit, frame_limit = limits(config, setup)
+    known = codec.structures(worker.programs.edge_state, worker.programs.cloud_state)
+    stream, send, outgoing, channel = dial(
+        edge_config.connect, edge_config.security(), frame_limit, hello_of(config, dataset, e), config.timeout_s
+    )
+    log(f"connected to {edge_config.connect}")
+    answered, up, down, start = 0, 0, 0, time.perf_counter()
+    try:
+        for message in stream:
+            kind, call, body = message[0], int.from_bytes(message[1:5], "little"), message[5:]
+            if kind == BYE:
+                break
+            if kind != CALL:
+                continue
+            down += len(body)
+            try:
+                request = codec.decode(body, payload_limit=payload_limit, known=known)
+                method = request["method"]
+                if method not in EDGE_METHODS:
+                    raise UserError(f"the cloud asked for {method!r}, which no edge does")
+                reply = codec.encode(getattr(worker, method)(*request["args"]), known)
+            except Exception as error:  # noqa: BLE001 - reported to the cloud as one line
+                send(FAILED, call, f"{type(error).__name__}: {error}".splitlines()[0].encode())
+                continue
+            up += len(reply)
+            send(REPLY, call, reply)
+            answered += 1
+    except grpc.RpcError as error:
+        raise LinkDown(f"the connection to the cloud ended: {error.details()}") from None  # type: ignore[attr-defined]
+    finally:
+        outgoing.put(None)
+        channel.close()
+    wall = time.perf_counter() - start
+    log(f"done: {answered} calls in {wall:.1f} s, {up:,} B up, {down:,} B down")
+    return {"edge": e, "calls": answered, "bytes_up": up, "bytes_down": down, "wall_s": wall, "pid": os.getpid()}

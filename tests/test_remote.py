@@ -1,0 +1,219 @@
+"""The remote backend: the cloud in this process, each edge a process of its own that dials it over
+gRPC on loopback, with TLS (a test CA made here with openssl) and a token."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hier_jax import flags, train
+from hier_jax.config import ExperimentConfig
+from hier_jax.errors import UserError
+from hier_jax.models import ExitHeadConfig
+
+grpc = pytest.importorskip("grpc", reason="the remote backend needs the remote extra (grpcio)")
+
+from hier_jax.remote import launch, transport  # noqa: E402
+from hier_jax.remote.config import CloudConfig, EdgeConfig, Security  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789"
+CONFIG = ExperimentConfig(
+    model="resnet18_tv",
+    dataset="digits",
+    split="layer1_1",
+    bits=4,
+    width=4,
+    batch_size=32,
+    max_steps=6,
+    head=ExitHeadConfig(channels=8),
+    queue_size=1,
+    precision="fp32",
+    backend="remote",
+    timeout_s=120.0,
+)
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, the cloud's certificate for 127.0.0.1 and an edge's (for mutual TLS), and a second CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other_ca"):
+        openssl(
+            "req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}", cwd=d
+        )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("cloud", "edge"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+    return d
+
+
+def edge_argv(config: ExperimentConfig, edge: int, port: int, pki: Path, ca: str = "ca.pem") -> list[str]:
+    from experiments.edge import EDGE_FLAGS
+
+    values = {p: v for p, v, _ in flags.paths(config) if p.split(".")[0] in EDGE_FLAGS}
+    return [
+        sys.executable,
+        "-m",
+        "experiments.edge",
+        *flags.as_argv(ExperimentConfig, values),
+        "--edge",
+        str(edge),
+        "--connect",
+        f"127.0.0.1:{port}",
+        "--tls-ca",
+        str(pki / ca),
+    ]
+
+
+def start_edge(argv: list[str], token: str = TOKEN) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", transport.TOKEN_ENV: token}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def token(monkeypatch):
+    monkeypatch.setenv(transport.TOKEN_ENV, TOKEN)
+
+
+def cloud_config(port: int, pki: Path) -> CloudConfig:
+    return CloudConfig(listen=f"127.0.0.1:{port}", tls_cert=str(pki / "cloud.pem"), tls_key=str(pki / "cloud.key"))
+
+
+@pytest.mark.slow
+def test_one_edge_over_tls_with_a_token_equals_the_in_process_sequential_run(pki, token, digits):
+    port = transport.free_port()
+    edge = start_edge(edge_argv(CONFIG, 0, port, pki))
+    try:
+        remote = launch.run(CONFIG, digits, cloud_config(port, pki), evaluate=True)
+        _, stderr = edge.communicate(timeout=120)
+    finally:
+        edge.kill()
+    assert edge.returncode == 0, stderr
+    setup = train.build(dataclasses.replace(CONFIG, backend="threads"), digits)
+    local = train.train(setup, schedule="sequential", progress=False, evaluate=True)
+    assert remote.cloud_order == [(0, t) for t in range(6)]
+    assert remote.cloud_losses == local.cloud_losses  # bit for bit
+    assert [e["loss"] for e in remote.record.edges] == [e["loss"] for e in local.record.edges]
+    assert (remote.edges[0].edge_accuracy, remote.edges[0].cloud_accuracy) == (
+        local.edges[0].edge_accuracy,
+        local.edges[0].cloud_accuracy,
+    )
+    for a, b in zip(jax.tree.leaves(remote.cloud_state), jax.tree.leaves(local.cloud_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "done: " in stderr and " B up, " in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, cloud_words, edge_words",
+    [
+        ({"token": "wrong"}, "is not this cloud's", "refused this edge's HIER_JAX_TOKEN"),
+        ({"ca": "other_ca.pem"}, None, "certificate is not signed by --tls-ca"),
+        ({"bits": 8}, "differs in --bits (4 here, 8 on the edge)", "differs in --bits (4 here, 8 on the edge)"),
+    ],
+    ids=["token", "ca", "bits"],
+)
+def test_a_misconfigured_edge_is_refused_with_one_line_on_each_side(
+    pki, token, digits, change, cloud_words, edge_words
+):
+    port = transport.free_port()
+    config = dataclasses.replace(CONFIG, bits=change.get("bits", CONFIG.bits), timeout_s=20.0)
+    edge = start_edge(edge_argv(config, 0, port, pki, ca=change.get("ca", "ca.pem")), token=change.get("token", TOKEN))
+    logged: list[str] = []
+    try:
+        with pytest.raises(Exception, match="no edge connected within"):
+            launch.run(dataclasses.replace(CONFIG, timeout_s=20.0), digits, cloud_config(port, pki), log=logged.append)
+        _, stderr = edge.communicate(timeout=60)
+    finally:
+        edge.kill()
+    last = stderr.strip().splitlines()[-1]
+    assert edge.returncode in (1, 2) and edge_words in last and "Traceback" not in stderr, stderr
+    assert edge.returncode == (1 if "ca" in change else 2)
+    if cloud_words:
+        assert any(cloud_words in line for line in logged), logged
+
+
+def test_plaintext_is_refused_off_loopback_and_tls_needs_its_files(tmp_path):
+    with pytest.raises(UserError, match="only to a loopback address, not 10.0.0.1"):
+        Security(insecure=True).check("10.0.0.1", "edge")
+    Security(insecure=True).check("127.0.0.1", "edge")  # loopback: allowed
+    with pytest.raises(UserError, match="the cloud needs --tls-cert and --tls-key"):
+        Security().check("0.0.0.0", "cloud")
+    with pytest.raises(UserError, match="the edge needs --tls-ca"):
+        Security().check("10.0.0.1", "edge")
+    with pytest.raises(UserError, match="--tls-ca .* is not a file"):
+        Security(ca=str(tmp_path / "missing.pem")).check("10.0.0.1", "edge")
+    with pytest.raises(UserError, match="--connect 'nohost' is invalid; valid: HOST:PORT"):
+        transport.split_address("nohost", "--connect")
+
+
+def test_the_token_comes_from_the_environment_only(monkeypatch):
+    monkeypatch.delenv(transport.TOKEN_ENV, raising=False)
+    with pytest.raises(UserError, match="set HIER_JAX_TOKEN"):
+        transport.token()
+    assert "token" not in {f.name for f in dataclasses.fields(CloudConfig)} | {
+        f.name for f in dataclasses.fields(EdgeConfig)
+    }
+
+
+@pytest.mark.slow
+def test_two_edges_in_round_robin_equal_the_thread_backend(pki, token, digits):
+    config = dataclasses.replace(CONFIG, edges=2, max_steps=3)
+    port = transport.free_port()
+    edges = [start_edge(edge_argv(config, e, port, pki)) for e in (1, 0)]  # the order they dial in is theirs
+    try:
+        remote = launch.run(config, digits, cloud_config(port, pki), evaluate=True)
+        outcomes = [edge.communicate(timeout=120) for edge in edges]
+    finally:
+        for edge in edges:
+            edge.kill()
+    assert [edge.returncode for edge in edges] == [0, 0], outcomes
+    local = train.train(
+        train.build(dataclasses.replace(config, backend="threads"), digits), progress=False, evaluate=True
+    )
+    assert remote.cloud_order == local.cloud_order == [(e, t) for t in range(3) for e in range(2)]
+    assert remote.cloud_losses == local.cloud_losses
+    assert [(e.edge_accuracy, e.cloud_accuracy) for e in remote.edges] == [
+        (e.edge_accuracy, e.cloud_accuracy) for e in local.edges
+    ]
+
+
+def test_network_flags_need_the_remote_backend(capsys):
+    from experiments import train as train_experiment
+
+    with pytest.raises(SystemExit) as exited:
+        train_experiment.main(["--dataset", "digits", "--listen", "127.0.0.1:1"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and "--listen is the network's: it needs --backend remote" in line
