@@ -217,3 +217,44 @@ def test_network_flags_need_the_remote_backend(capsys):
         train_experiment.main(["--dataset", "digits", "--listen", "127.0.0.1:1"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert exited.value.code == 2 and "--listen is the network's: it needs --backend remote" in line
+
+
+@pytest.mark.slow
+def test_an_edge_killed_mid_run_and_started_again_ends_as_the_fault_free_run(pki, token, digits):
+    """Its connection ends, the scheduler restarts it: the next process to dial in as edge 0 gets the
+    state of the last checkpoint (here none: the initial state), replays up to the first step the cloud
+    has not trained on without sending it, and goes on."""
+    import threading
+
+    config = dataclasses.replace(CONFIG, max_restarts=1, max_steps=8)
+    port = transport.free_port()
+    first = start_edge(edge_argv(dataclasses.replace(config, kill_edges=((0, 4),)), 0, port, pki))
+    processes = [first]
+
+    def start_again():
+        first.wait(120)
+        processes.append(start_edge(edge_argv(config, 0, port, pki)))
+
+    again = threading.Thread(target=start_again)
+    again.start()
+    try:
+        remote = launch.run(config, digits, cloud_config(port, pki), evaluate=True)
+        again.join(120)
+        processes[-1].communicate(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+    assert first.returncode == 1 and processes[-1].returncode == 0
+    local = train.train(
+        train.build(dataclasses.replace(config, backend="threads"), digits),
+        schedule="sequential",
+        progress=False,
+        evaluate=True,
+    )
+    report = remote.edges[0]
+    assert report.restarts == 1 and not report.lost and report.delivered == 8
+    assert remote.cloud_losses == local.cloud_losses
+    assert (report.edge_accuracy, report.cloud_accuracy) == (
+        local.edges[0].edge_accuracy,
+        local.edges[0].cloud_accuracy,
+    )

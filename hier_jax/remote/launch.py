@@ -23,7 +23,7 @@ from hier_jax.remote.config import CloudConfig, EdgeConfig
 from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, LinkDown, dial
 from hier_jax.run import driver
 from hier_jax.run.result import RunResult
-from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled
+from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled, crash_process
 
 
 def limits(config: ExperimentConfig, setup) -> tuple[int, int]:
@@ -127,7 +127,10 @@ def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: Edg
     device = f"{jax.default_backend()}:0"
     setup = train.build(dataclasses.replace(config, edge_device=device, cloud_device=device, out=""), dataset)
     setup = dataclasses.replace(setup, dataset=shards[e])
-    worker = EdgeWorker(e, Programs.of(setup, config.scheme), setup, host_payloads=True)
+    kill_at = dict(config.kill_edges).get(e)  # fault injection: this process dies there
+    worker = EdgeWorker(
+        e, Programs.of(setup, config.scheme), setup, kill_at=kill_at, crash=crash_process, host_payloads=True
+    )
     _compiled(worker)
     payload_limit, frame_limit = limits(config, setup)
     known = codec.structures(worker.programs.edge_state, worker.programs.cloud_state)
