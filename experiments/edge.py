@@ -34,11 +34,9 @@ def main(argv: list[str]) -> dict:
     config = flags.parse(ExperimentConfig, args, DEFAULTS)
     edge_config = flags.parse(EdgeConfig, args)
     validate(config)
-    from hier_jax.remote import launch, transport
+    from hier_jax.remote import launch
 
-    host, _ = transport.split_address(edge_config.connect, "--connect")
-    edge_config.security().check(host, "edge")  # every set-up mistake before any data is loaded
-    transport.token()
+    launch.check_edge(config, edge_config)  # every set-up mistake before any data is loaded
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     return launch.serve_edge(config, dataset, edge_config)
 

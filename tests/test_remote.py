@@ -258,3 +258,41 @@ def test_an_edge_killed_mid_run_and_started_again_ends_as_the_fault_free_run(pki
         local.edges[0].edge_accuracy,
         local.edges[0].cloud_accuracy,
     )
+
+
+def run_cli(main, argv, capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_the_edge_command_refuses_a_bad_set_up_in_one_line_before_any_data(token, capsys, monkeypatch):
+    from experiments import edge
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded data before checking the set-up")
+
+    monkeypatch.setattr(edge, "load_dataset", forbidden)
+    for argv, words in (
+        (["--connect", "10.1.2.3:50051", "--insecure"], "only to a loopback address, not 10.1.2.3"),
+        (["--connect", "cloud:50051"], "the edge needs --tls-ca"),
+        (["--connect", "cloud"], "--connect 'cloud' is invalid; valid: HOST:PORT"),
+        (["--connect", "127.0.0.1:1", "--insecure", "--edges", "2", "--edge", "2"], "--edge 2 is invalid"),
+    ):
+        code, lines = run_cli(edge.main, ["--dataset", "digits", *argv], capsys)
+        assert code == 2 and len(lines) == 1 and words in lines[0], (argv, lines)
+    monkeypatch.delenv(transport.TOKEN_ENV)
+    code, lines = run_cli(edge.main, ["--dataset", "digits", "--insecure"], capsys)
+    assert code == 2 and "set HIER_JAX_TOKEN" in lines[-1]
+
+
+@pytest.mark.slow
+def test_a_cloud_no_edge_reaches_stops_with_one_line_within_its_timeout(token, capsys, tmp_path):
+    from experiments import cloud
+
+    port = transport.free_port()
+    argv = ["--dataset", "digits", "--model", "resnet18_tv", "--width", "4", "--split", "layer1_1",
+            "--batch-size", "32", "--max-steps", "2", "--listen", f"127.0.0.1:{port}", "--insecure",
+            "--timeout", "3", "--out", str(tmp_path / "run")]  # fmt: skip
+    code, lines = run_cli(cloud.main, argv, capsys)
+    assert code == 1 and "no edge connected within 3 s" in lines[-1] and "Traceback" not in "\n".join(lines)

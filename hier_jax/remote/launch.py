@@ -20,7 +20,7 @@ from hier_jax.link import wire
 from hier_jax.remote import codec
 from hier_jax.remote.backend import EDGE_METHODS, RemoteBackend
 from hier_jax.remote.config import CloudConfig, EdgeConfig
-from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, LinkDown, dial
+from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, LinkDown, dial, split_address, token
 from hier_jax.run import driver
 from hier_jax.run.result import RunResult
 from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled, crash_process
@@ -76,6 +76,7 @@ def run(
     checkpoint_dir=None,
     resume: bool = False,
     evaluate: bool = True,
+    final_states: bool = True,
     log=None,
 ) -> RunResult:
     """The cloud's side of the run `config` describes: serve `--listen`, take `config.edges` edges."""
@@ -108,8 +109,18 @@ def run(
         resume=resume,
         timeout_s=config.timeout_s,
         evaluate=evaluate,
-        final_states=True,  # the cloud's are here; the edges' come over the wire, as their checkpoints do
+        final_states=final_states,  # the cloud's are here; the edges' come over the wire, as checkpoints do
     )
+
+
+def check_edge(config: ExperimentConfig, edge_config: EdgeConfig) -> None:
+    """Every mistake in an edge's own set-up, as one line, before it loads any data or dials."""
+    e = edge_config.edge
+    if not 0 <= e < config.edges:
+        raise UserError(f"--edge {e} is invalid; valid: 0..{config.edges - 1} (this run has --edges {config.edges})")
+    host, _ = split_address(edge_config.connect, "--connect")
+    edge_config.security().check(host, "edge")
+    token()
 
 
 def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: EdgeConfig, log=None) -> dict:
@@ -119,9 +130,8 @@ def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: Edg
 
     validate(config)
     config = as_run(config)
+    check_edge(config, edge_config)
     e = edge_config.edge
-    if not 0 <= e < config.edges:
-        raise UserError(f"--edge {e} is invalid; valid: 0..{config.edges - 1} (this run has --edges {config.edges})")
     shards = driver.shards_of(config, dataset)
     log = log or (lambda line: print(f"edge {e}: {line}", file=sys.stderr, flush=True))
     device = f"{jax.default_backend()}:0"

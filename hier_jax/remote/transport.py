@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from hier_jax.errors import UserError, WorkerError
+from hier_jax.errors import UserError, WorkerError, WorkerTimeout
 from hier_jax.remote.config import Security
 
 TOKEN_ENV = "HIER_JAX_TOKEN"
@@ -154,7 +154,7 @@ class CloudServer:
         try:
             return self._ready.get(timeout=timeout_s)
         except queue.Empty:
-            raise TimeoutError(f"no edge connected within {timeout_s:g} s") from None
+            raise WorkerTimeout(f"no edge connected within {timeout_s:g} s (--timeout)") from None
 
     def stop(self) -> None:
         self._server.stop(grace=1.0).wait(5.0)
