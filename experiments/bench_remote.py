@@ -1,7 +1,7 @@
 """The network's cost on one host: one edge process dialling the cloud over gRPC with TLS on loopback,
 against the same run on Ray, each side pinned to a core of its own (the edge core 0, the cloud core 1).
 
-For the remote run: the bytes the loopback interface carried (its kernel counters, both directions,
+For the remote run: the bytes the loopback interface carried (its kernel counter of bytes sent, both directions,
 from the cloud's start to its end: the TLS handshake and hello, every call and reply, gRPC framing,
 TCP/IP headers; no evaluation and no final states) per step, against
 the payload's own bytes per step; and the cloud's steps per second on both backends (each the run's
@@ -15,6 +15,7 @@ Writes DIR/bench_remote.json and DIR/bench_remote.md. Needs openssl (for a throw
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import secrets
@@ -34,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loopback_bytes() -> int:
-    stats = Path("/sys/class/net/lo/statistics")
-    return int((stats / "tx_bytes").read_text()) + int((stats / "rx_bytes").read_text())
+    """Bytes sent over loopback so far, both directions (a byte sent on lo is also received on lo:
+    rx_bytes counts the same bytes again)."""
+    return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
 
 
 def test_pki(directory: Path) -> None:
@@ -84,6 +86,19 @@ def remote_run(config: ExperimentConfig, dataset, pki: Path) -> dict:
     }
 
 
+def ray_run(config: ExperimentConfig) -> float:
+    """The same run on Ray (experiments.cluster, its own process: a Ray driver in a process that served
+    gRPC lost its actors here), one core per worker; the cloud's steps per second."""
+    values = {p: v for p, v, _ in flags.paths(config) if p.split(".")[0] in ONE_PAIR_FLAGS and p != "out"}
+    with tempfile.TemporaryDirectory() as out:
+        argv = [sys.executable, "-m", "experiments.cluster", *flags.as_argv(ExperimentConfig, values),
+                "--checkpoint-every", "0", "--out", out]  # fmt: skip
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the Ray run failed: {done.stderr.strip().splitlines()[-1:]}")
+        return float(json.loads((Path(out) / "summary.json").read_text())["cloud_steps_per_s"])
+
+
 @cli.entry_point
 def main(argv: list[str]) -> dict:
     process.setup(host_devices=1)
@@ -109,22 +124,18 @@ def main(argv: list[str]) -> dict:
     print(f"remote: {remote['cloud_steps_per_s']:.2f} cloud steps/s; {remote['loopback_bytes_per_step']:,.0f} B "
           f"on loopback per step against a payload of {remote['payload_bytes_per_step']:,} B "
           f"(+{remote['overhead']:.1%})", flush=True)  # fmt: skip
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    from hier_jax import cluster
-
-    with cluster.ray_session():
-        ray_result = cluster.run(dataclasses.replace(config, backend="ray"), dataset, evaluate=False)
-    print(f"ray: {ray_result.cloud_steps_per_s:.2f} cloud steps/s", flush=True)
+    ray_steps_per_s = ray_run(config)
+    print(f"ray: {ray_steps_per_s:.2f} cloud steps/s", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())  # fmt: skip
     summary = {"cpu": cpu, "config": dataclasses.asdict(config), "remote": remote,
-               "ray_cloud_steps_per_s": ray_result.cloud_steps_per_s,
-               "remote_over_ray_step_time": ray_result.cloud_steps_per_s / remote["cloud_steps_per_s"]}  # fmt: skip
+               "ray_cloud_steps_per_s": ray_steps_per_s,
+               "remote_over_ray_step_time": ray_steps_per_s / remote["cloud_steps_per_s"]}  # fmt: skip
     text = (
         f"One edge and the cloud, a core each, on {cpu}: {config.model} width {config.width} split after "
         f"{config.split}, {config.bits} bits, batch {config.batch_size}, {remote['steps']} steps, pipelined.\n\n"
         "| | remote (gRPC + TLS, loopback) | Ray |\n| --- | --- | --- |\n"
-        f"| cloud steps/s | {remote['cloud_steps_per_s']:.3f} | {ray_result.cloud_steps_per_s:.3f} |\n"
+        f"| cloud steps/s | {remote['cloud_steps_per_s']:.3f} | {ray_steps_per_s:.3f} |\n"
         f"| step time, remote / Ray | {summary['remote_over_ray_step_time']:.3f} | 1 |\n\n"
         f"Bytes per step on loopback (both directions, all framing): {remote['loopback_bytes_per_step']:,.0f}; "
         f"the payload's own: {remote['payload_bytes_per_step']:,} (overhead {remote['overhead']:.1%}).\n"
