@@ -296,3 +296,22 @@ def test_a_cloud_no_edge_reaches_stops_with_one_line_within_its_timeout(token, c
             "--timeout", "3", "--out", str(tmp_path / "run")]  # fmt: skip
     code, lines = run_cli(cloud.main, argv, capsys)
     assert code == 1 and "no edge connected within 3 s" in lines[-1] and "Traceback" not in "\n".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["split_learning", "end_to_end"])
+def test_the_baselines_over_the_network_equal_them_in_process(pki, token, digits, scheme):
+    """Split learning sends features up and their gradient down every step; end-to-end sends the batch."""
+    config = dataclasses.replace(CONFIG, scheme=scheme, max_steps=3)
+    port = transport.free_port()
+    edge = start_edge(edge_argv(config, 0, port, pki))
+    try:
+        remote = launch.run(config, digits, cloud_config(port, pki), evaluate=True)
+        _, stderr = edge.communicate(timeout=120)
+    finally:
+        edge.kill()
+    assert edge.returncode == 0, stderr
+    local = train.train(train.build(dataclasses.replace(config, backend="threads"), digits), schedule="sequential",
+                        progress=False, evaluate=True)  # fmt: skip
+    assert remote.cloud_losses == local.cloud_losses
+    assert remote.edges[0].cloud_accuracy == local.edges[0].cloud_accuracy

@@ -117,18 +117,24 @@ class RemoteBackend(ThreadBackend):
         payload_limit: int,
         known: dict[str, Any],
         timeout_s: float,
+        log: Callable[[str], None],
     ):
         super().__init__(lambda e, first: None, make_cloud)
         self.server, self.payload_limit, self.known, self.timeout_s = server, payload_limit, known, timeout_s
+        self.log = log
         self.waiting: dict[int, Connection] = {}
         self.remote: list[RemoteEdge] = []
 
     def spawn_edge(self, edge: int, first_life: bool = True) -> RemoteEdge:
         """Edge `edge`'s connection: the one it made (a restart: the next one it makes)."""
+        if not first_life:
+            self.log(f"edge {edge}'s connection ended; waiting up to {self.timeout_s:g} s for it to dial in again")
         while edge not in self.waiting:
             connection = self.server.accept(self.timeout_s)
             self.waiting[connection.edge] = connection
-        worker = RemoteEdge(self.waiting.pop(edge), self.payload_limit, self.known)
+        connection = self.waiting.pop(edge)
+        self.log(f"edge {edge} connected from {connection.peer}" + ("" if first_life else " (a restart)"))
+        worker = RemoteEdge(connection, self.payload_limit, self.known)
         self.remote.append(worker)
         return worker
 

@@ -12,6 +12,7 @@ import time
 
 import grpc
 import jax
+from tqdm.auto import tqdm
 
 from hier_jax.config import ExperimentConfig, as_run, differences, from_dict, validate
 from hier_jax.data import ImageDataset
@@ -20,7 +21,18 @@ from hier_jax.link import wire
 from hier_jax.remote import codec
 from hier_jax.remote.backend import EDGE_METHODS, RemoteBackend
 from hier_jax.remote.config import CloudConfig, EdgeConfig
-from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, LinkDown, dial, split_address, token
+from hier_jax.remote.transport import (
+    BYE,
+    CALL,
+    FAILED,
+    REPLY,
+    CloudServer,
+    LinkDown,
+    dial,
+    split_address,
+    token,
+    unframe,
+)
 from hier_jax.run import driver
 from hier_jax.run.result import RunResult
 from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled, crash_process
@@ -89,13 +101,13 @@ def run(
     steps = driver.steps_per_edge(config, shards)
     setup = train.build(config, dataset)
     payload_limit, frame_limit = limits(config, setup)
-    log = log or (lambda line: print(f"cloud: {line}", file=sys.stderr, flush=True))
+    log = log or (lambda line: tqdm.write(f"cloud: {line}", file=sys.stderr))  # above the progress bar
     server = CloudServer(cloud_config.listen, cloud_config.security(), frame_limit, check_hello(config, dataset), log)
     log(f"listening on {cloud_config.listen} for {config.edges} edge(s)")
     programs = Programs.of(setup, config.scheme)
     known = codec.structures(programs.edge_state, programs.cloud_state)
     backend = RemoteBackend(
-        server, lambda: CloudWorker(programs, kill_at=config.kill_cloud), payload_limit, known, config.timeout_s
+        server, lambda: CloudWorker(programs, kill_at=config.kill_cloud), payload_limit, known, config.timeout_s, log
     )
     return driver.drive(
         backend,
@@ -151,7 +163,7 @@ def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: Edg
     answered, up, down, start = 0, 0, 0, time.perf_counter()
     try:
         for message in stream:
-            kind, call, body = message[0], int.from_bytes(message[1:5], "little"), message[5:]
+            kind, call, body = unframe(message)
             if kind == BYE:
                 break
             if kind != CALL:

@@ -177,7 +177,11 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
         + (f", {config.order} order" if config.edges > 1 else "")
         + f"; precision {resolve(policy).describe()}"
         + (
-            f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}"
+            (
+                f"; checkpoints every {config.checkpoint_every} steps in {out / 'checkpoints'}"
+                if config.checkpoint_every
+                else f"; a checkpoint at the end in {out / 'checkpoints'}"
+            )
             if out
             else "; no --out: nothing is saved"
         ),
