@@ -40,18 +40,21 @@ def loopback_bytes() -> int:
     return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
 
 
-def test_pki(directory: Path) -> None:
-    """A throwaway CA and the cloud's certificate for 127.0.0.1 (openssl)."""
+def make_pki(directory: Path, certs: tuple[str, ...] = ("cloud",), cas: tuple[str, ...] = ("ca",)) -> None:
+    """Throwaway CAs (`cas`; the first signs) and a certificate for 127.0.0.1 per name in `certs`
+    (NAME.pem, NAME.key), made with openssl."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench-ca")
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("req", *ec, "-keyout", "cloud.key", "-out", "cloud.csr", "-subj", "/CN=cloud")
-    run("x509", "-req", "-in", "cloud.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "cloud.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    for ca in cas:
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in certs:
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{cas[0]}.pem", "-CAkey", f"{cas[0]}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
 
 
 def remote_run(config: ExperimentConfig, dataset, pki: Path) -> dict:
@@ -119,7 +122,7 @@ def main(argv: list[str]) -> dict:
     os.sched_setaffinity(0, {1})  # the cloud's core (before JAX starts its threads)
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
     with tempfile.TemporaryDirectory() as pki:
-        test_pki(Path(pki))
+        make_pki(Path(pki))
         remote = remote_run(config, dataset, Path(pki))
     print(f"remote: {remote['cloud_steps_per_s']:.2f} cloud steps/s; {remote['loopback_bytes_per_step']:,.0f} B "
           f"on loopback per step against a payload of {remote['payload_bytes_per_step']:,} B "

@@ -40,42 +40,15 @@ CONFIG = ExperimentConfig(
 )
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA, the cloud's certificate for 127.0.0.1 and an edge's (for mutual TLS), and a second CA."""
+    from experiments.bench_remote import make_pki
+
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for ca in ("ca", "other_ca"):
-        openssl(
-            "req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}", cwd=d
-        )
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("cloud", "edge"):
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "san.ext",
-            cwd=d,
-        )
+    make_pki(d, certs=("cloud", "edge"), cas=("ca", "other_ca"))
     return d
 
 
@@ -315,3 +288,26 @@ def test_the_baselines_over_the_network_equal_them_in_process(pki, token, digits
                         progress=False, evaluate=True)  # fmt: skip
     assert remote.cloud_losses == local.cloud_losses
     assert remote.edges[0].cloud_accuracy == local.edges[0].cloud_accuracy
+
+
+@pytest.mark.slow
+def test_mutual_tls_takes_an_edge_with_a_certificate_and_refuses_one_without(pki, token, digits):
+    config = dataclasses.replace(CONFIG, max_steps=2, timeout_s=30.0)
+    port = transport.free_port()
+    mutual = dataclasses.replace(cloud_config(port, pki), tls_ca=str(pki / "ca.pem"))
+    bare = start_edge(edge_argv(config, 0, port, pki))  # no client certificate: the handshake fails
+    with_cert = edge_argv(config, 0, port, pki) + [
+        "--tls-cert",
+        str(pki / "edge.pem"),
+        "--tls-key",
+        str(pki / "edge.key"),
+    ]
+    good = start_edge(with_cert)
+    try:
+        result = launch.run(config, digits, mutual, evaluate=False)
+        outcomes = [p.communicate(timeout=120) for p in (good, bare)]
+    finally:
+        for p in (good, bare):
+            p.kill()
+    assert good.returncode == 0 and len(result.cloud_order) == 2, outcomes[0]
+    assert bare.returncode == 1 and "no cloud answers" in outcomes[1][1].strip().splitlines()[-1], outcomes[1]
