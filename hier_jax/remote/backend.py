@@ -17,7 +17,7 @@ from typing import Any
 
 from hier_jax.remote import codec
 from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, Connection
-from hier_jax.run.backends import ThreadBackend, WorkerLost, _resolved
+from hier_jax.run.backends import ThreadBackend, WorkerLost, fail_all, resolved
 
 EDGE_METHODS = frozenset(
     {"placement", "step", "apply", "resume", "params", "set_params", "state_now", "load", "evaluate"}
@@ -50,15 +50,14 @@ class RemoteEdge:
         while (task := self.tasks.get()) is not None:
             method, args, futures = task
             try:
-                args = [_resolved(a) for a in args]
+                args = [resolved(a) for a in args]
                 body = codec.encode({"method": method, "args": list(args)}, self.known)
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the futures
-                for f in futures:
-                    f.set_exception(error)
+                fail_all(futures, error)
                 continue
             with self.lock:
                 if self.dead:
-                    _fail(futures, WorkerLost(f"edge {self.edge}'s connection is gone"))
+                    fail_all(futures, WorkerLost(f"edge {self.edge}'s connection is gone"))
                     continue
                 call = next(self.ids)
                 self.calls[call] = futures
@@ -80,7 +79,7 @@ class RemoteEdge:
                     raise RuntimeError(f"edge {self.edge} sent a frame of kind {kind} for call {call}")
                 result = codec.decode(body, payload_limit=self.payload_limit, known=self.known)
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the futures
-                _fail(futures, error)
+                fail_all(futures, error)
                 continue
             results = (result,) if len(futures) == 1 else result
             for future, value in zip(futures, results, strict=True):
@@ -92,19 +91,13 @@ class RemoteEdge:
             self.dead = True
             pending, self.calls = list(self.calls.values()), {}
         for futures in pending:
-            _fail(futures, WorkerLost(why))
+            fail_all(futures, WorkerLost(why))
 
     def close(self, goodbye: bool) -> None:
         if goodbye and not self.dead:
             self.connection.send(BYE, 0, b"")
         self.tasks.put(None)
         self.connection.close()
-
-
-def _fail(futures: list[concurrent.futures.Future], error: BaseException) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(error)
 
 
 class RemoteBackend(ThreadBackend):
@@ -156,6 +149,7 @@ class RemoteBackend(ThreadBackend):
     def stop(self, join_s: float = 60.0) -> None:
         for worker in self.remote:
             worker.close(goodbye=True)
+            self.log(f"edge {worker.edge}: {worker.bytes_down:,} B of calls down, {worker.bytes_up:,} B of results up")
         try:
             super().stop(join_s)
         finally:

@@ -75,7 +75,6 @@ class Connection:
         self.edge, self.hello, self.peer = edge, hello, peer
         self.outgoing: queue.Queue[bytes | None] = queue.Queue()
         self.incoming: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()  # None: the stream ended
-        self.closed = threading.Event()
 
     def send(self, kind: int, call: int, body: bytes) -> None:
         self.outgoing.put(frame(kind, call, body))
@@ -140,7 +139,6 @@ class CloudServer:
                 pass
             finally:
                 connection.incoming.put(None)
-                connection.closed.set()
 
         threading.Thread(target=read, name=f"hier-net-edge{connection.edge}", daemon=True).start()
         context.add_callback(connection.close)

@@ -80,29 +80,31 @@ class _Worker:
         while (task := self.tasks.get()) is not None:
             method, args, futures = task
             if self.dead:
-                _fail(futures, WorkerLost(f"{self.name} died"))
+                fail_all(futures, WorkerLost(f"{self.name} died"))
                 continue
             try:
-                args = [_resolved(a) for a in args]
+                args = [resolved(a) for a in args]
                 result = getattr(self.obj, method)(*args)
             except WorkerCrashed:
                 self.dead = True
-                _fail(futures, WorkerLost(f"{self.name} died (a crash injected at this step)"))
+                fail_all(futures, WorkerLost(f"{self.name} died (a crash injected at this step)"))
                 continue
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
-                _fail(futures, error)
+                fail_all(futures, error)
                 continue
             results = (result,) if len(futures) == 1 else result
             for future, value in zip(futures, results, strict=True):
                 future.set_result(value)
 
 
-def _fail(futures: list[concurrent.futures.Future], error: BaseException) -> None:
+def fail_all(futures: list[concurrent.futures.Future], error: BaseException) -> None:
+    """Fail every future not already done (a worker that died fails what it still owed)."""
     for future in futures:
-        future.set_exception(error)
+        if not future.done():
+            future.set_exception(error)
 
 
-def _resolved(arg: Any) -> Any:
+def resolved(arg: Any) -> Any:
     return arg.result() if isinstance(arg, concurrent.futures.Future) else arg
 
 
