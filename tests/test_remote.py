@@ -311,3 +311,31 @@ def test_mutual_tls_takes_an_edge_with_a_certificate_and_refuses_one_without(pki
             p.kill()
     assert good.returncode == 0 and len(result.cloud_order) == 2, outcomes[0]
     assert bare.returncode == 1 and "no cloud answers" in outcomes[1][1].strip().splitlines()[-1], outcomes[1]
+
+
+@pytest.mark.slow
+def test_a_run_resumed_over_the_network_from_its_checkpoint_ends_as_the_straight_run(pki, token, digits, tmp_path):
+    """The cloud's checkpoint holds the edge's state (flax State, optax named tuples): it must go back
+    down the wire with its types, or the edge cannot load it."""
+    config = dataclasses.replace(CONFIG, max_steps=6, checkpoint_every=3)
+    ckpt = tmp_path / "checkpoints"
+
+    def run(config, **kwargs):
+        port = transport.free_port()
+        edge = start_edge(edge_argv(config, 0, port, pki))
+        try:
+            result = launch.run(config, digits, cloud_config(port, pki), evaluate=True, **kwargs)
+            _, stderr = edge.communicate(timeout=120)
+        finally:
+            edge.kill()
+        assert edge.returncode == 0, stderr
+        return result
+
+    straight = run(config, checkpoint_dir=ckpt)
+    shutil.rmtree(ckpt / "6")  # as if it had stopped after step 3's checkpoint
+    resumed = run(config, checkpoint_dir=ckpt, resume=True)
+    assert resumed.start_step == 3 and resumed.cloud_losses == straight.cloud_losses
+    assert (resumed.edges[0].edge_accuracy, resumed.edges[0].cloud_accuracy) == (
+        straight.edges[0].edge_accuracy,
+        straight.edges[0].cloud_accuracy,
+    )

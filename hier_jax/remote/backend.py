@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from hier_jax.errors import WorkerError
 from hier_jax.remote import codec
 from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, Connection
 from hier_jax.run.backends import ThreadBackend, WorkerLost, fail_all, resolved
@@ -23,6 +24,10 @@ EDGE_METHODS = frozenset(
     {"placement", "step", "apply", "resume", "params", "set_params", "state_now", "load", "evaluate"}
 )
 """What the cloud may ask of an edge: nothing else runs there, whatever a cloud sends."""
+
+
+class EdgeFailed(WorkerError):
+    """A call an edge process could not carry out (its error, one line; exit 1)."""
 
 
 class RemoteEdge:
@@ -74,7 +79,7 @@ class RemoteEdge:
             self.bytes_up += len(body)
             try:
                 if kind == FAILED:
-                    raise RuntimeError(f"edge {self.edge}: {body.decode()}")
+                    raise EdgeFailed(f"edge {self.edge} failed: {body.decode()}")
                 if kind != REPLY:
                     raise RuntimeError(f"edge {self.edge} sent a frame of kind {kind} for call {call}")
                 result = codec.decode(body, payload_limit=self.payload_limit, known=self.known)

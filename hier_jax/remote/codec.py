@@ -2,7 +2,7 @@
 tuples, numbers, strings, None, arrays and `Payload`s becomes a JSON skeleton and the arrays' raw
 bytes (payloads in the wire format of `link.wire`); nothing a peer sends can run code here.
 
-Other pytrees (flax's State and its Variables, inside a worker's state) go as their leaves and the
+Other pytrees (flax's State, optax's named tuples: what a worker's state holds) go as their leaves and the
 string of their structure, which must be one both sides know (`structures`, from the same templates
 on both sides, since both build the same model): no structure is ever rebuilt from what a peer says.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,8 +35,8 @@ def structures(*templates: Any) -> dict[str, Any]:
     known: dict[str, Any] = {}
 
     def walk(v: Any) -> None:
-        if isinstance(v, (Mapping, list, tuple)):
-            for x in v.values() if isinstance(v, Mapping) else v:
+        if type(v) in (dict, list, tuple):
+            for x in v.values() if type(v) is dict else v:
                 walk(x)
         elif not _basic(v):
             treedef = jax.tree.structure(v)
@@ -64,13 +63,13 @@ def encode(value: Any, known: dict[str, Any] | None = None) -> bytes:
             a = np.ascontiguousarray(np.asarray(v))
             blobs.append(a.tobytes())
             return {"~array": len(blobs) - 1, "dtype": a.dtype.name, "shape": list(a.shape)}
-        if isinstance(v, Mapping):  # dicts, and flax's State (it comes back a dict)
+        if type(v) is dict:  # a plain one: flax's State and optax's named tuples keep their type below
             if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in v):
                 raise TypeError(f"only string and integer keys cross the wire, got {sorted(map(repr, v))[:3]}")
             return {"~dict": [[k, skeleton(x)] for k, x in v.items()]}
-        if isinstance(v, tuple):
+        if type(v) is tuple:
             return {"~tuple": [skeleton(x) for x in v]}
-        if isinstance(v, list):
+        if type(v) is list:
             return [skeleton(x) for x in v]
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
