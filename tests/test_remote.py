@@ -339,3 +339,20 @@ def test_a_run_resumed_over_the_network_from_its_checkpoint_ends_as_the_straight
         straight.edges[0].edge_accuracy,
         straight.edges[0].cloud_accuracy,
     )
+
+
+def test_the_cloud_command_refuses_a_bad_network_set_up_in_one_line_before_any_data(token, capsys, monkeypatch):
+    from experiments import cloud
+    from hier_jax.run import command
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded data before checking the network set-up")
+
+    monkeypatch.setattr(command, "load_dataset", forbidden)
+    for argv, words in (
+        (["--listen", "nohost"], "--listen 'nohost' is invalid; valid: HOST:PORT"),
+        (["--listen", "0.0.0.0:50051"], "the cloud needs --tls-cert and --tls-key"),
+        (["--listen", "10.1.2.3:50051", "--insecure"], "only to a loopback address, not 10.1.2.3"),
+    ):
+        code, lines = run_cli(cloud.main, argv, capsys)
+        assert code == 2 and len(lines) == 1 and words in lines[0], (argv, lines)

@@ -125,6 +125,13 @@ def run(
     )
 
 
+def check_cloud(cloud_config: CloudConfig) -> None:
+    """Every mistake in the cloud's network set-up, as one line, before it loads any data."""
+    host, _ = split_address(cloud_config.listen, "--listen")
+    cloud_config.security().check(host, "cloud")
+    token()
+
+
 def check_edge(config: ExperimentConfig, edge_config: EdgeConfig) -> None:
     """Every mistake in an edge's own set-up, as one line, before it loads any data or dials."""
     e = edge_config.edge

@@ -154,6 +154,10 @@ def main(argv: list[str], *, prog: str, doc: str | None, defaults: ExperimentCon
         raise UserError(
             f"{cloud_flags[0]} is the network's: it needs --backend remote (got --backend {config.backend})"
         )
+    if config.backend == "remote":
+        from hier_jax.remote import launch
+
+        launch.check_cloud(cloud_config)  # the address, TLS files and token, before any data
     out = (
         outputs.prepare_run_dir(
             config.out, resume=resume, overwrite=args.overwrite, outputs=OUTPUTS, resume_hint=f"--resume {config.out}"
