@@ -150,8 +150,7 @@ class EdgeWorker:
     def resume(self, state: Any | None, start: int, until: int) -> None:
         """Come back after a crash: from `state` at step `start` (None: the initial state, step 0),
         train steps up to `until` again without sending anything (the cloud has their payloads)."""
-        if state is not None:
-            self.load(state, start)
+        self.load(self.programs.edge_state if state is None else state, start)  # this worker may be a live one
         while self.next_step < until:
             self._train()
         jax.block_until_ready(self.state)
@@ -172,7 +171,7 @@ class EdgeWorker:
 
         self.state = place(state, self.device)  # a copy: the steps donate it
         self.batches = iter(train.TrainBatches(self.setup, start))
-        self.next_step = start
+        self.next_step, self.pending = start, None
 
     def evaluate(self) -> tuple[dict, list]:
         """({"edge_accuracy": the early exit's, or None}, [(the cloud's input, labels, mask)] of the test
