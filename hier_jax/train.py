@@ -16,7 +16,7 @@ import jax
 
 from hier_jax import quantization, steps
 from hier_jax.config import SCHEDULES, SCHEMES, ExperimentConfig, as_run, validate
-from hier_jax.data import ImageDataset, eval_batches, num_train_steps, train_batches
+from hier_jax.data import ImageDataset, eval_batches, num_train_steps, raw_train_batches, train_batches
 from hier_jax.devices import place
 from hier_jax.errors import ConfigError, check
 from hier_jax.models import Split, StagedNet, build_model, check_input_size, split
@@ -102,11 +102,12 @@ class TrainBatches:
 
     Step k is batch k % steps_per_epoch of epoch k // steps_per_epoch, shuffled and augmented by
     (seed, epoch, step) alone, so the batches from `start` on are exactly those an uninterrupted run
-    sees there: the position in the data and the RNG state are both the step number.
+    sees there: the position in the data and the RNG state are both the step number. `raw`: the
+    batches as stored (uint8 images, labels, counters on the host), for whoever augments them.
     """
 
-    def __init__(self, setup: Setup, start: int = 0):
-        self.setup, self.start = setup, start
+    def __init__(self, setup: Setup, start: int = 0, raw: bool = False):
+        self.setup, self.start, self.raw = setup, start, raw
 
     def __len__(self) -> int:
         return max(self.setup.total_steps - self.start, 0)
@@ -115,14 +116,12 @@ class TrainBatches:
         c = self.setup.config
         per_epoch = num_train_steps(self.setup.dataset, c.batch_size)
         first_epoch, skip = divmod(self.start, per_epoch)
+        ds, device = self.setup.dataset, self.setup.hierarchy.edge_device
         epochs = (
-            train_batches(
-                self.setup.dataset,
-                c.batch_size,
-                seed=c.seed,
-                epoch=e,
-                device=self.setup.hierarchy.edge_device,
-                start=skip if e == first_epoch else 0,
+            raw_train_batches(ds, c.batch_size, seed=c.seed, epoch=e, start=skip if e == first_epoch else 0)
+            if self.raw
+            else train_batches(
+                ds, c.batch_size, seed=c.seed, epoch=e, device=device, start=skip if e == first_epoch else 0
             )
             for e in itertools.count(first_epoch)
         )

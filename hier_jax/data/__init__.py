@@ -23,11 +23,13 @@ Design (for speed on small hosts):
 from hier_jax.data.core import (
     AUGMENTATIONS,
     ImageDataset,
+    augment,
     channel_stats,
     epoch_permutation,
     eval_batches,
     normalization_constants,
     num_train_steps,
+    raw_train_batches,
     train_batches,
 )
 from hier_jax.data.registry import DATASETS, STANDARD_SHAPES, DataShape, load_dataset
@@ -38,11 +40,13 @@ __all__ = [
     "STANDARD_SHAPES",
     "DataShape",
     "ImageDataset",
+    "augment",
     "channel_stats",
     "epoch_permutation",
     "eval_batches",
     "load_dataset",
     "normalization_constants",
     "num_train_steps",
+    "raw_train_batches",
     "train_batches",
 ]

@@ -131,7 +131,7 @@ def _eval_transform(images: jax.Array, mean: tuple[float, ...], inv_std: tuple[f
 @functools.partial(jax.jit, static_argnames=("mean", "inv_std", "pad"))
 def _train_transform(
     images: jax.Array,
-    counters: jax.Array,
+    counters: jax.Array | np.ndarray,
     mean: tuple[float, ...],
     inv_std: tuple[float, ...],
     pad: int | None,
@@ -171,6 +171,30 @@ def _prefetched(batches: Iterator[tuple]) -> Iterator[tuple]:
         yield queue.popleft()
 
 
+def raw_train_batches(
+    ds: ImageDataset, batch_size: int, *, seed: int, epoch: int = 0, start: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One epoch of (images uint8 [B,H,W,C], labels int32 [B], counters): the batches as stored, before
+    any transform, and the (seed, epoch, step) counters `augment` takes; what a cloud-only edge uploads."""
+    if batch_size <= 0 or batch_size > ds.num_train:
+        raise ValueError(f"batch_size must be in 1..{ds.num_train} (train size of {ds.name}), got {batch_size}")
+    order = epoch_permutation(ds.num_train, seed, epoch)
+
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for step in range(start, num_train_steps(ds, batch_size)):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            counters = np.array([v & 0xFFFFFFFF for v in (seed, epoch, step)], np.uint32)
+            yield ds.train_images[index], ds.train_labels[index], counters
+
+    return generate()
+
+
+def augment(ds: ImageDataset, images: jax.Array, counters: jax.Array | np.ndarray) -> jax.Array:
+    """A raw training batch, normalized and augmented as `train_batches` does it (on `images`' device)."""
+    mean, inv_std = (tuple(float(v) for v in a) for a in normalization_constants(ds))
+    return _train_transform(images, counters, mean, inv_std, AUGMENTATIONS[ds.augmentation])
+
+
 def train_batches(
     ds: ImageDataset, batch_size: int, *, seed: int, epoch: int = 0, device: Placement = None, start: int = 0
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
@@ -179,19 +203,12 @@ def train_batches(
     Shuffled by (seed, epoch), last partial batch dropped, deterministic for (seed, epoch); `start`
     skips the epoch's first batches (a resumed run), which are never gathered or transformed.
     """
-    if batch_size <= 0 or batch_size > ds.num_train:
-        raise ValueError(f"batch_size must be in 1..{ds.num_train} (train size of {ds.name}), got {batch_size}")
-    mean, inv_std = (tuple(float(v) for v in a) for a in normalization_constants(ds))
-    pad = AUGMENTATIONS[ds.augmentation]
-    order = epoch_permutation(ds.num_train, seed, epoch)
+
+    raw = raw_train_batches(ds, batch_size, seed=seed, epoch=epoch, start=start)
 
     def generate() -> Iterator[tuple[jax.Array, jax.Array]]:
-        for step in range(start, num_train_steps(ds, batch_size)):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            images = _place(ds.train_images[index], device)
-            labels = _place(ds.train_labels[index], device)
-            counters = np.array([v & 0xFFFFFFFF for v in (seed, epoch, step)], np.uint32)
-            yield _train_transform(images, counters, mean, inv_std, pad), labels
+        for images, labels, counters in raw:
+            yield augment(ds, _place(images, device), counters), _place(labels, device)
 
     return _prefetched(generate())
 

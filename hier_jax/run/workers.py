@@ -3,7 +3,7 @@ process, or a Ray actor each), holding one side's state and running that side's 
 
 The same classes serve every backend and every scheme:
 - hierarchical: the edge trains on its early exit and sends the packed payload; the cloud trains on it;
-- end_to_end: the edge only loads (and augments) the batch and sends it; the cloud trains the whole model;
+- end_to_end: the edge uploads the batch as stored (uint8); the cloud augments it and trains the whole model;
 - split_learning: the edge's forward pass sends float32 features, the cloud returns their gradient
   (its step's second result), and the edge's `apply` backpropagates it.
 Each method returns once its work is done (metrics are read back), so a task's end means its step's end.
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from hier_jax import steps
+from hier_jax.data import augment
 from hier_jax.devices import Device, device_name, place
 from hier_jax.run.backends import WorkerCrashed
 from hier_jax.run.evaluate import accuracy
@@ -98,7 +99,8 @@ class EdgeWorker:
         self.host_payloads = host_payloads  # a payload another process will read: as NumPy
         self.device = programs.edge_device
         self.state = place(programs.edge_state, self.device)
-        self.batches = iter(train.TrainBatches(setup))
+        self.raw = programs.scheme == "end_to_end"  # cloud-only: the edge uploads the batches as stored
+        self.batches = iter(train.TrainBatches(setup, raw=self.raw))
         self.next_step = 0
         self.pending: tuple | None = None  # split learning: the forward pass's VJP until its gradient comes
 
@@ -125,14 +127,15 @@ class EdgeWorker:
         }
 
     def _train(self) -> tuple[Any, dict]:
-        images, labels = next(self.batches)
+        batch = next(self.batches)
         self.next_step += 1
         scheme, b = self.programs.scheme, self.programs.baseline
+        if scheme == "end_to_end":
+            return batch, {}  # uint8 images, labels, the augmentation's counters: the cloud augments
+        images, labels = batch
         if scheme == "hierarchical":
             self.state, payload, metrics = self.setup.hierarchy.edge_step(self.state, images, labels)
             return payload, metrics
-        if scheme == "end_to_end":
-            return (images, labels), {}
         features, vjp, batch_stats = b.edge_forward(self.state, images)
         self.pending = (vjp, batch_stats)
         return (features, labels), {}
@@ -170,7 +173,7 @@ class EdgeWorker:
         from hier_jax import train
 
         self.state = place(state, self.device)  # a copy: the steps donate it
-        self.batches = iter(train.TrainBatches(self.setup, start))
+        self.batches = iter(train.TrainBatches(self.setup, start, raw=self.raw))
         self.next_step, self.pending = start, None
 
     def evaluate(self) -> tuple[dict, list]:
@@ -238,7 +241,9 @@ class CloudWorker:
         if scheme == "hierarchical":
             self.state, metrics = self.programs.setup.hierarchy.cloud_step(self.state, payload)
         elif scheme == "end_to_end":
-            self.state, metrics = b.train_step(self.state, *payload)
+            images, labels, counters = payload
+            images = augment(self.programs.setup.dataset, images, counters)  # on the cloud's device
+            self.state, metrics = b.train_step(self.state, images, labels)
         else:
             self.state, reply, metrics = b.cloud_step(self.state, *payload)
         metrics = {**_metrics(metrics), "index": index, "edge": edge, "step": t, "step_s": time.perf_counter() - start}
