@@ -279,6 +279,12 @@ class RayBackend:
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
             return False
 
+    def traffic(self) -> dict[str, str]:
+        return {}  # Ray's object store moves the payloads; it does not count them per edge
+
+    def report(self) -> dict | None:
+        return None
+
     def kill(self, worker: Any) -> None:
         self.ray.kill(worker)
 

@@ -66,6 +66,14 @@ class Backend(Protocol):
         """Stop every worker started (each finishes the task it is running); idempotent."""
         ...
 
+    def traffic(self) -> dict[str, str]:
+        """What the progress line shows of the transport (bytes/s, reconnects); {}: nothing to show."""
+        ...
+
+    def report(self) -> dict | None:
+        """The transport's part of the summary (per edge: bytes, connection events); None: none."""
+        ...
+
 
 class _Worker:
     """One worker object and the thread that runs its tasks in order."""
@@ -149,6 +157,12 @@ class ThreadBackend:
     def kill(self, worker: _Worker) -> None:
         worker.dead = True
         worker.tasks.put(None)
+
+    def traffic(self) -> dict[str, str]:
+        return {}  # one process: nothing crosses a network
+
+    def report(self) -> dict | None:
+        return None
 
     def stop(self, join_s: float = 60.0) -> None:
         for worker in self.workers:

@@ -210,6 +210,7 @@ def drive(
             first,
             scheduler.resumed_cloud_steps,
             *states,
+            backend.report(),
         )
     finally:
         if store is not None:

@@ -48,6 +48,7 @@ class RunResult:
     resumed_cloud_steps: int = 0  # cloud steps taken before the checkpoint this run resumed from
     edge_states: list[Any] | None = None
     cloud_state: Any = None
+    network: dict | None = None  # over a network: per edge, its bytes each way and connection events
 
     @property
     def end_step(self) -> int:
@@ -122,4 +123,4 @@ class RunResult:
                 for e in self.edges
             ],
             "median_cloud_step_s": median(self.record.cloud["step_s"]),
-        }
+        } | ({"network": self.network} if self.network is not None else {})

@@ -184,7 +184,7 @@ class Scheduler:
     def drive(self, progress: bool) -> float:
         """Run to the end (or the interrupt's step); this run's wall time."""
         start = time.perf_counter()
-        bar = Progress(progress, self.steps * self.n, "cloud steps", self.resumed_cloud_steps)
+        bar = Progress(progress, self.steps * self.n, "cloud steps", self.resumed_cloud_steps, self.backend.traffic)
         try:
             with self.interrupts:
                 self._loop(bar)
