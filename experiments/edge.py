@@ -12,6 +12,7 @@ The training flags must be the cloud's (the cloud refuses the edge otherwise, na
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 from hier_jax import cli, flags, process
 from hier_jax.config import ExperimentConfig, validate
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> dict:
 
     launch.check_edge(config, edge_config)  # every set-up mistake before any data is loaded
     dataset = load_dataset(config.dataset, data_dir=config.data_dir or None)
-    return launch.serve_edge(config, dataset, edge_config)
+    again = shlex.join(["python", "-m", "experiments.edge", *argv])
+    return launch.serve_edge(config, dataset, edge_config, again=f"start it again with: {again}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ class EdgeConfig:
     tls_cert: str = option("", "this edge's certificate, for mutual TLS", run_only=True)
     tls_key: str = option("", "its private key", run_only=True)
     insecure: bool = option(False, "plaintext, no TLS: only to a loopback address", run_only=True)
+    checkpoints: str = option(
+        "",
+        "a directory for this edge's own checkpoints, so that the process, started again, resumes from "
+        "them without the cloud sending its state (empty: kept in memory, for a dropped connection)",
+        run_only=True,
+    )
 
     def security(self) -> Security:
         return Security(self.tls_cert, self.tls_key, self.tls_ca, self.insecure)

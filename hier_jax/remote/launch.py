@@ -8,34 +8,23 @@ import dataclasses
 import math
 import os
 import sys
-import time
 
-import grpc
 import jax
 from tqdm.auto import tqdm
 
 from hier_jax.config import ExperimentConfig, as_run, differences, from_dict, validate
 from hier_jax.data import ImageDataset
-from hier_jax.errors import UserError
+from hier_jax.errors import RunInterrupted, UserError
 from hier_jax.link import wire
-from hier_jax.remote import codec
-from hier_jax.remote.backend import EDGE_METHODS, RemoteBackend
+from hier_jax.remote import codec, edge
+from hier_jax.remote.backend import RemoteBackend
 from hier_jax.remote.config import CloudConfig, EdgeConfig
-from hier_jax.remote.transport import (
-    BYE,
-    CALL,
-    FAILED,
-    REPLY,
-    CloudServer,
-    LinkDown,
-    dial,
-    split_address,
-    token,
-    unframe,
-)
+from hier_jax.remote.transport import CloudServer, dial, split_address, token
 from hier_jax.run import driver
 from hier_jax.run.result import RunResult
 from hier_jax.run.workers import CloudWorker, EdgeWorker, Programs, _compiled, crash_process
+
+CONNECT_S = 20.0  # one dial's wait; `redial` tries again with backoff until --timeout
 
 
 def limits(config: ExperimentConfig, setup) -> tuple[int, int]:
@@ -107,7 +96,13 @@ def run(
     programs = Programs.of(setup, config.scheme)
     known = codec.structures(programs.edge_state, programs.cloud_state)
     backend = RemoteBackend(
-        server, lambda: CloudWorker(programs, kill_at=config.kill_cloud), payload_limit, known, config.timeout_s, log
+        server,
+        lambda: CloudWorker(programs, kill_at=config.kill_cloud),
+        payload_limit,
+        known,
+        config.timeout_s,
+        log,
+        max_restarts=config.max_restarts,
     )
     return driver.drive(
         backend,
@@ -142,9 +137,12 @@ def check_edge(config: ExperimentConfig, edge_config: EdgeConfig) -> None:
     token()
 
 
-def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: EdgeConfig, log=None) -> dict:
-    """The edge's side: build its worker on its shard, dial the cloud, answer its calls until it says
-    goodbye; what it did (calls answered, bytes each way, seconds)."""
+def serve_edge(
+    config: ExperimentConfig, dataset: ImageDataset, edge_config: EdgeConfig, log=None, again: str = ""
+) -> dict:
+    """The edge's side: build its worker on its shard, dial the cloud (again, with backoff, when the
+    connection drops), answer its calls until it says goodbye; what it did. Ctrl-C stops it with
+    `again`, the command that starts it again (the cloud takes it back while it has restarts left)."""
     from hier_jax import train
 
     validate(config)
@@ -160,39 +158,24 @@ def serve_edge(config: ExperimentConfig, dataset: ImageDataset, edge_config: Edg
     worker = EdgeWorker(
         e, Programs.of(setup, config.scheme), setup, kill_at=kill_at, crash=crash_process, host_payloads=True
     )
-    _compiled(worker)
     payload_limit, frame_limit = limits(config, setup)
     known = codec.structures(worker.programs.edge_state, worker.programs.cloud_state)
-    stream, send, outgoing, channel = dial(
-        edge_config.connect, edge_config.security(), frame_limit, hello_of(config, dataset, e), config.timeout_s
-    )
-    log(f"connected to {edge_config.connect}")
-    answered, up, down, start = 0, 0, 0, time.perf_counter()
+    hello = hello_of(config, dataset, e)
+    own = edge.OwnCheckpoints(edge_config.checkpoints, hello, known)  # for this run and edge only
+    _compiled(worker)
+    security = edge_config.security()
+
+    def attempt(hello: dict):
+        return dial(edge_config.connect, security, frame_limit, hello, min(config.timeout_s, CONNECT_S))
+
+    host = edge.EdgeHost(worker, own, payload_limit, log)
     try:
-        for message in stream:
-            kind, call, body = unframe(message)
-            if kind == BYE:
-                break
-            if kind != CALL:
-                continue
-            down += len(body)
-            try:
-                request = codec.decode(body, payload_limit=payload_limit, known=known)
-                method = request["method"]
-                if method not in EDGE_METHODS:
-                    raise UserError(f"the cloud asked for {method!r}, which no edge does")
-                reply = codec.encode(getattr(worker, method)(*request["args"]), known)
-            except Exception as error:  # noqa: BLE001 - reported to the cloud as one line
-                send(FAILED, call, f"{type(error).__name__}: {error}".splitlines()[0].encode())
-                continue
-            up += len(reply)
-            send(REPLY, call, reply)
-            answered += 1
-    except grpc.RpcError as error:
-        raise LinkDown(f"the connection to the cloud ended: {error.details()}") from None  # type: ignore[attr-defined]
-    finally:
-        outgoing.put(None)
-        channel.close()
-    wall = time.perf_counter() - start
-    log(f"done: {answered} calls in {wall:.1f} s, {up:,} B up, {down:,} B down")
-    return {"edge": e, "calls": answered, "bytes_up": up, "bytes_down": down, "wall_s": wall, "pid": os.getpid()}
+        served = edge.serve(host, e, attempt, hello, config.timeout_s, known, log)
+    except KeyboardInterrupt:
+        hint = f"; the cloud waits --timeout for it while it has --max-restarts left: {again}" if again else ""
+        raise RunInterrupted(worker.next_step, own.directory, hint) from None
+    log(
+        f"done: {served.calls} calls in {served.wall_s:.1f} s over {served.connections} connection(s), "
+        f"{served.bytes_up:,} B up, {served.bytes_down:,} B down"
+    )
+    return {**dataclasses.asdict(served), "pid": os.getpid()}
