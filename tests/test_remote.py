@@ -75,6 +75,57 @@ def start_edge(argv: list[str], token: str = TOKEN) -> subprocess.Popen:
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def children() -> set[int]:
+    """This process's live child processes (zombies count as gone)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z" and int(stat[1]) == os.getpid():
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_outlives_the_test():
+    """No edge or cloud process, no listening port and no thread of the network a test started is left
+    once it ends (the ports: nothing listens on one the test's servers took)."""
+    import threading
+    import time
+
+    before = children()
+    taken: list[int] = []
+    free_port = transport.free_port
+
+    def tracked() -> int:
+        taken.append(free_port())
+        return taken[-1]
+
+    transport.free_port = tracked
+    try:
+        yield
+    finally:
+        transport.free_port = free_port
+    deadline = time.monotonic() + 15
+    while True:
+        processes = children() - before
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("hier-")]
+        listening = [port for port in taken if _listening(port)]
+        if not (processes or threads or listening) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not processes and not threads and not listening, (processes, threads, listening)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
 def token(monkeypatch):
     monkeypatch.setenv(transport.TOKEN_ENV, TOKEN)
