@@ -25,7 +25,7 @@ class Progress:
         """One more cloud step; `loss`, when given, is shown (the caller passes one it already has,
         so that showing it never waits on a step in flight)."""
         if loss is not None and self.enabled:
-            self.bar.set_postfix(loss=f"{loss:.3f}", **self.traffic(), refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.3f}", **self.traffic()}, refresh=False)  # in this order
         self.bar.update()
 
     def close(self) -> None:
