@@ -37,6 +37,7 @@ def same(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
+@pytest.mark.slow
 def test_the_cloud_learning_rate_reaches_the_cloud_only(digits):
     """Nothing flows from the cloud to the edge: any cloud setting leaves every edge state bit-identical."""
     edge, cloud = final_states(BASE, digits)
@@ -45,6 +46,7 @@ def test_the_cloud_learning_rate_reaches_the_cloud_only(digits):
     assert same(edge, edge2) and not same(cloud["params"], cloud2["params"])
 
 
+@pytest.mark.slow
 def test_the_edge_learning_rate_reaches_the_edge_only(digits):
     """After one step the cloud has consumed only the payload computed before the edge's first update,
     so a different edge learning rate changes the edge and leaves the cloud bit-identical."""

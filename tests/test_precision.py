@@ -311,6 +311,7 @@ def test_the_round_trip_bound_holds_for_bf16_features(bits):
 # --- resume ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_resolved_policy_is_not_resumed(digits, tmp_path, monkeypatch):
     """ "auto" resolved elsewhere (say a TPU: bf16) cannot continue a run that "auto" trained in fp32 here."""
     config = dataclasses.replace(SMALL, max_steps=2)

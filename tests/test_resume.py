@@ -300,6 +300,7 @@ def test_ctrl_c_during_a_save_neither_breaks_the_save_nor_is_lost(setup, referen
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", train.BASELINES)
 def test_baselines_checkpoint_and_resume_bit_identically(setup, tmp_path, monkeypatch, scheme):
     """The baselines run under the same supervision: periodic checkpoints, Ctrl-C that saves, and a

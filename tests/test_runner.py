@@ -250,6 +250,7 @@ def test_checkpoints_are_the_states_of_the_run_cut_at_their_step(digits, tmp_pat
             np.testing.assert_array_equal(record["cloud"]["loss"], full.cloud_metrics["loss"][:k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["sequential", "pipelined"])
 def test_a_slow_checkpoint_writer_holds_training_back_instead_of_piling_up_state_copies(
     digits, tmp_path, monkeypatch, schedule

@@ -116,6 +116,7 @@ def test_unusable_out_is_refused_before_training(no_work, capsys, tmp_path):
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, capsys):
     out = tmp_path / "run"
     train_experiment.main(SMALL + ["--max-steps", "4", "--checkpoint-every", "2", "--out", str(out)])
