@@ -288,7 +288,7 @@ class RayBackend:
     def kill(self, worker: Any) -> None:
         self.ray.kill(worker)
 
-    def stop(self) -> None:
+    def stop(self, finished: bool = True) -> None:
         for worker in self.workers:
             self.ray.kill(worker)
         self.workers.clear()

@@ -21,7 +21,7 @@ from typing import Any
 
 from hier_jax.errors import WorkerError
 from hier_jax.remote import codec
-from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, CloudServer, Connection
+from hier_jax.remote.transport import BYE, CALL, FAILED, FINISHED, REPLY, STOPPED, CloudServer, Connection
 from hier_jax.run.backends import ThreadBackend, WorkerLost, fail_all, resolved
 
 
@@ -36,7 +36,7 @@ class RemoteEdge:
         self, connection: Connection, payload_limit: int, known: dict[str, Any], on_lost: Callable[[str], None]
     ):
         self.connection, self.payload_limit, self.known, self.dead = connection, payload_limit, known, False
-        self.edge, self.on_lost = connection.edge, on_lost
+        self.edge, self.on_lost, self.closing = connection.edge, on_lost, False
         self.own = {int(k): str(v) for k, v in connection.hello.get("checkpoints", {}).items()}
         self.tasks: queue.Queue = queue.Queue()
         self.calls: dict[int, list[concurrent.futures.Future]] = {}
@@ -99,12 +99,15 @@ class RemoteEdge:
             pending, self.calls = list(self.calls.values()), {}
         for futures in pending:
             fail_all(futures, WorkerLost(why))
-        if not was_dead:
+        if not was_dead and not self.closing:  # the end of the run closes it: no drop
             self.on_lost(why)
 
-    def close(self, goodbye: bool) -> None:
+    def close(self, goodbye: bool, finished: bool = True) -> None:
+        """End the connection; `goodbye`: tell the edge whether the run `finished` or stopped (it then
+        waits, bounded, for the cloud to resume)."""
+        self.closing = True
         if goodbye and not self.dead:
-            self.connection.send(BYE, 0, b"")
+            self.connection.send(BYE, 0, FINISHED if finished else STOPPED)
         self.tasks.put(None)
         self.connection.close()
 
@@ -220,12 +223,12 @@ class RemoteBackend(ThreadBackend):
         else:
             super().kill(worker)
 
-    def stop(self, join_s: float = 60.0) -> None:
+    def stop(self, finished: bool = True, join_s: float = 60.0) -> None:
         for worker in self.remote:
-            worker.close(goodbye=True)
+            worker.close(goodbye=True, finished=finished)
             self.log(f"edge {worker.edge}: {worker.bytes_down:,} B of calls down, {worker.bytes_up:,} B of results up")
         try:
-            super().stop(join_s)
+            super().stop(finished, join_s)
         finally:
             for worker in self.remote:
                 worker.sender.join(join_s)

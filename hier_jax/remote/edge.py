@@ -21,7 +21,7 @@ from typing import Any
 
 from hier_jax.errors import UserError
 from hier_jax.remote import codec
-from hier_jax.remote.transport import BYE, CALL, FAILED, REPLY, Link, LinkDown, redial
+from hier_jax.remote.transport import BYE, CALL, FAILED, FINISHED, REPLY, Link, LinkDown, redial
 
 EDGE_METHODS = frozenset(
     {"placement", "step", "apply", "resume", "params", "set_params", "state_now", "load", "evaluate"}
@@ -134,8 +134,9 @@ def serve(
         served.connections += 1
         log(f"connected ({'the first time' if served.connections == 1 else f'again: connection {served.connections}'})")
         try:
-            if _answer(host, link, timeout_s, known, served):
+            if _answer(host, link, timeout_s, known, served) == FINISHED:
                 break
+            log(f"the cloud stopped the run before its end; dialling it for up to {timeout_s:g} s, until it resumes")
         except LinkDown as down:
             log(f"{down}; dialling again")
         finally:
@@ -144,12 +145,13 @@ def serve(
     return served
 
 
-def _answer(host: EdgeHost, link: Link, timeout_s: float, known: dict[str, Any], served: Served) -> bool:
-    """Answer calls on one connection; True when the cloud said goodbye (LinkDown when it dropped)."""
+def _answer(host: EdgeHost, link: Link, timeout_s: float, known: dict[str, Any], served: Served) -> bytes:
+    """Answer calls on one connection until the cloud's goodbye, which it returns (FINISHED: the run
+    ended; STOPPED: it will be resumed); LinkDown when the connection dropped."""
     while True:
         kind, call, body = link.receive(timeout_s)
         if kind == BYE:
-            return True
+            return body
         if kind != CALL:
             continue
         served.bytes_down += len(body)

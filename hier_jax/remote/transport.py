@@ -40,6 +40,7 @@ TOKEN_ENV = "HIER_JAX_TOKEN"
 PROTOCOL = 2  # the edge-cloud conversation (the hello's fields, the frame kinds)
 METHOD = "/hier_jax.Cloud/Join"
 HELLO, WELCOME, REFUSED, CALL, REPLY, FAILED, BYE = range(1, 8)
+FINISHED, STOPPED = b"finished", b"stopped"  # a goodbye's body: the run ended, or it will be resumed
 _FRAME = struct.Struct("<BI")
 
 

@@ -62,8 +62,9 @@ class Backend(Protocol):
 
     def kill(self, worker: Any) -> None: ...
 
-    def stop(self) -> None:
-        """Stop every worker started (each finishes the task it is running); idempotent."""
+    def stop(self, finished: bool = True) -> None:
+        """Stop every worker started (each finishes the task it is running); idempotent. `finished`:
+        the run ended (not stopped part-way, to be resumed), for workers elsewhere to be told which."""
         ...
 
     def traffic(self) -> dict[str, str]:
@@ -164,7 +165,7 @@ class ThreadBackend:
     def report(self) -> dict | None:
         return None
 
-    def stop(self, join_s: float = 60.0) -> None:
+    def stop(self, finished: bool = True, join_s: float = 60.0) -> None:
         for worker in self.workers:
             worker.dead = True
             worker.tasks.put(None)

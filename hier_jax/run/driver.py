@@ -123,7 +123,7 @@ def drive(
 ) -> RunResult:
     """The lifecycle every backend shares (see the module docstring); stops every worker on the way out.
     `payload`: the bytes one batch sends, from the shapes (None: as the steps measure them)."""
-    store = None
+    store, finished = None, False
     try:
         cloud = backend.spawn_cloud()
         edges = [backend.spawn_edge(e) for e in range(config.edges)]
@@ -196,7 +196,7 @@ def drive(
                 ],
                 _get(backend, backend.submit(cloud, "state_now"), timeout_s, "the final state"),
             )
-        return RunResult(
+        result = RunResult(
             config.scheme,
             config.schedule,
             config.order,
@@ -212,10 +212,12 @@ def drive(
             *states,
             backend.report(),
         )
+        finished = True
+        return result
     finally:
         if store is not None:
             store.close()
-        backend.stop()
+        backend.stop(finished)
 
 
 def _get(backend: Backend, future: Any, timeout_s: float, what: str) -> Any:
