@@ -356,3 +356,15 @@ def test_a_lost_edge_thread_is_survived_and_a_lost_cloud_stops_the_run(two_edges
     with pytest.raises(WorkerError, match="the cloud worker died at its step 2"):
         train.train(on(two_edges, kill_cloud=2), progress=False)
     assert not run_threads_started_since(before)
+
+
+def test_a_run_whose_cloud_dies_writes_the_checkpoints_it_had_queued_and_leaves_no_writer(two_edges, tmp_path):
+    """Every exit path closes the checkpoint writer: what was queued is written, its thread ends."""
+    from hier_jax.errors import WorkerError
+
+    before = set(threading.enumerate())
+    with pytest.raises(WorkerError, match="the cloud worker died at its step 5"):
+        train.train(on(two_edges, kill_cloud=5, checkpoint_every=1), progress=False, checkpoint_dir=tmp_path)
+    assert not run_threads_started_since(before)
+    with RunCheckpoints(tmp_path, read_only=True) as written:
+        assert 1 in written.steps()  # all of step 0 trained on by cloud step 1, before the cloud died

@@ -123,7 +123,7 @@ def drive(
 ) -> RunResult:
     """The lifecycle every backend shares (see the module docstring); stops every worker on the way out.
     `payload`: the bytes one batch sends, from the shapes (None: as the steps measure them)."""
-    store, finished = None, False
+    store, snapshots, finished = None, None, False
     try:
         cloud = backend.spawn_cloud()
         edges = [backend.spawn_edge(e) for e in range(config.edges)]
@@ -215,6 +215,8 @@ def drive(
         finished = True
         return result
     finally:
+        if snapshots is not None:  # a run that failed part-way still writes what it had queued, then the writer stops
+            snapshots.close()
         if store is not None:
             store.close()
         backend.stop(finished)
