@@ -95,7 +95,7 @@ def nothing_outlives_the_test():
     import threading
     import time
 
-    before = children()
+    before, threads_before = children(), set(threading.enumerate())
     taken: list[int] = []
     free_port = transport.free_port
 
@@ -111,7 +111,7 @@ def nothing_outlives_the_test():
     deadline = time.monotonic() + 15
     while True:
         processes = children() - before
-        threads = [t.name for t in threading.enumerate() if t.name.startswith("hier-")]
+        threads = [t.name for t in set(threading.enumerate()) - threads_before if t.name.startswith("hier-")]
         listening = [port for port in taken if _listening(port)]
         if not (processes or threads or listening) or time.monotonic() > deadline:
             break
