@@ -243,30 +243,35 @@ def test_network_flags_need_the_remote_backend(capsys):
 
 
 @pytest.mark.slow
-def test_an_edge_killed_mid_run_and_started_again_ends_as_the_fault_free_run(pki, token, digits):
-    """Its connection ends, the scheduler restarts it: the next process to dial in as edge 0 gets the
-    state of the last checkpoint (here none: the initial state), replays up to the first step the cloud
-    has not trained on without sending it, and goes on."""
+def test_an_edge_killed_mid_run_and_started_again_ends_as_the_fault_free_run(pki, token, digits, tmp_path):
+    """Its connection ends, the scheduler restarts it: the next process to dial in as edge 0 finds the
+    state of the last checkpoint in its own --checkpoints directory (the cloud sends none), replays up
+    to the first step the cloud has not trained on without sending it, and goes on."""
     import threading
 
-    config = dataclasses.replace(CONFIG, max_restarts=1, max_steps=8)
+    config = dataclasses.replace(CONFIG, max_restarts=1, max_steps=8, checkpoint_every=2)
     port = transport.free_port()
-    first = start_edge(edge_argv(dataclasses.replace(config, kill_edges=((0, 4),)), 0, port, pki))
+    own = ["--checkpoints", str(tmp_path / "own")]
+    first = start_edge(edge_argv(dataclasses.replace(config, kill_edges=((0, 4),)), 0, port, pki) + own)
     processes = [first]
 
     def start_again():
         first.wait(120)
-        processes.append(start_edge(edge_argv(config, 0, port, pki)))
+        processes.append(start_edge(edge_argv(config, 0, port, pki) + own))
 
     again = threading.Thread(target=start_again)
     again.start()
+    logged: list[str] = []
     try:
-        remote = launch.run(config, digits, cloud_config(port, pki), evaluate=True)
+        remote = launch.run(config, digits, cloud_config(port, pki), evaluate=True, checkpoint_dir=tmp_path / "ckpt",
+                            log=logged.append)  # fmt: skip
         again.join(120)
-        processes[-1].communicate(timeout=120)
+        _, stderr = processes[-1].communicate(timeout=120)
     finally:
         for process in processes:
             process.kill()
+    assert any("edge 0 continues from its own checkpoint of step" in line for line in logged), logged
+    assert "from its own checkpoint of step" in stderr, stderr
     assert first.returncode == 1 and processes[-1].returncode == 0
     local = train.train(
         train.build(dataclasses.replace(config, backend="threads"), digits),

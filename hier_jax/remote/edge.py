@@ -30,11 +30,13 @@ EDGE_METHODS = frozenset(
 OWN_METHODS = frozenset({"resume_own", "load_own"})
 """...and of the edge itself: continue from its own checkpoint of a step."""
 KEEP = 4  # own checkpoints kept: the cloud restarts from its newest written or still gathered one
+_DIGEST = 64  # the hex sha256 at the head of a checkpoint file
 
 
 class OwnCheckpoints:
     """The edge's states at checkpoint steps, with their digests: in `directory` (kept across a
-    restart of the process; refused if it holds another run's), or in memory."""
+    restart of the process; refused if it holds another run's: `run` is what makes it one, the
+    training flags, the data's shape and the edge), or in memory."""
 
     def __init__(self, directory: str, run: dict, known: dict[str, Any]):
         self.directory, self.known = Path(directory) if directory else None, known
@@ -42,9 +44,13 @@ class OwnCheckpoints:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        marker = self.directory / "run.json"
-        if marker.exists() and json.loads(marker.read_text()) != run:
-            raise UserError(f"--checkpoints {self.directory} holds another run's edge states: give an empty directory")
+        marker, run = self.directory / "run.json", json.loads(json.dumps(run))
+        if marker.exists() and (theirs := json.loads(marker.read_text())) != run:
+            differ = sorted(k for k in run.keys() | theirs.keys() if run.get(k) != theirs.get(k))
+            raise UserError(
+                f"--checkpoints {self.directory} holds another run's edge states (it differs in "
+                f"{', '.join(differ)}): give an empty directory"
+            )
         marker.write_text(json.dumps(run, sort_keys=True))
 
     def _file(self, step: int) -> Path:
@@ -55,25 +61,27 @@ class OwnCheckpoints:
         """{step: digest} of what is kept."""
         if self.directory is None:
             return {k: digest for k, (_, digest) in self.memory.items()}
-        return {int(f.stem): f.with_suffix(".sha256").read_text() for f in self.directory.glob("*.state")}
+        found = {}
+        for path in self.directory.glob("*.state"):
+            with path.open("rb") as f:
+                found[int(path.stem)] = f.read(_DIGEST).decode()
+        return found
 
     def save(self, step: int, state: Any) -> None:
         body, digest = codec.encode(state, self.known), codec.digest(state)
         if self.directory is None:
             self.memory[step] = (body, digest)
-        else:
-            for path, data in ((self._file(step), body), (self._file(step).with_suffix(".sha256"), digest.encode())):
-                partial = path.with_name(path.name + ".partial")
-                partial.write_bytes(data)
-                os.replace(partial, path)  # a crash leaves the old file or the new one, never half of one
+        else:  # one file, the digest first: a crash leaves the old file or the new one, never half of one
+            partial = self._file(step).with_name(f"{step}.state.partial")
+            partial.write_bytes(digest.encode() + body)
+            os.replace(partial, self._file(step))
         for old in sorted(self.steps())[:-KEEP]:
             self.memory.pop(old, None)
             if self.directory is not None:
                 self._file(old).unlink(missing_ok=True)
-                self._file(old).with_suffix(".sha256").unlink(missing_ok=True)
 
     def load(self, step: int, limit: int) -> Any:
-        body = self.memory[step][0] if self.directory is None else self._file(step).read_bytes()
+        body = self.memory[step][0] if self.directory is None else self._file(step).read_bytes()[_DIGEST:]
         return codec.decode(body, payload_limit=limit, known=self.known)
 
 

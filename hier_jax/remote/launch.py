@@ -12,7 +12,8 @@ import sys
 import jax
 from tqdm.auto import tqdm
 
-from hier_jax.config import ExperimentConfig, as_run, differences, from_dict, validate
+from hier_jax import flags
+from hier_jax.config import ExperimentConfig, as_run, differences, from_dict, run_only_fields, validate
 from hier_jax.data import ImageDataset
 from hier_jax.errors import RunInterrupted, UserError
 from hier_jax.link import wire
@@ -161,7 +162,8 @@ def serve_edge(
     payload_limit, frame_limit = limits(config, setup)
     known = codec.structures(worker.programs.edge_state, worker.programs.cloud_state)
     hello = hello_of(config, dataset, e)
-    own = edge.OwnCheckpoints(edge_config.checkpoints, hello, known)  # for this run and edge only
+    training = {path: value for path, value, _ in flags.paths(config) if path not in run_only_fields()}
+    own = edge.OwnCheckpoints(edge_config.checkpoints, {**hello, "config": training}, known)
     _compiled(worker)
     security = edge_config.security()
 
