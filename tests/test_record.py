@@ -116,6 +116,7 @@ def test_the_edge_buffer_holds_payloads_while_the_link_is_down_and_drops_the_old
     assert [t for t, _ in tail.close(now=2.0)] == [1]  # an outage past the end ends with the stream
 
 
+@pytest.mark.slow
 def test_a_format1_checkpoint_of_the_in_process_runner_resumes_to_the_uninterrupted_end(tmp_path, digits):
     """tests/data/format1/train: step 3 of 6, written by the code before the run record (flat config,
     "mode" and "metrics" in its metadata)."""

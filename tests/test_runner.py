@@ -326,6 +326,7 @@ def on(setup, **change) -> train.Setup:
     return dataclasses.replace(setup, config=dataclasses.replace(setup.config, **change))
 
 
+@pytest.mark.slow
 def test_a_crashed_edge_thread_comes_back_from_the_checkpoint_and_ends_as_if_it_never_died(two_edges, tmp_path):
     clean = train.train(two_edges, progress=False, evaluate=True)
     faulty = train.train(

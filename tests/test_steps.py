@@ -135,6 +135,7 @@ def end_to_end_steps(b: baselines.Baseline, state, data):
     return state, np.array(losses)
 
 
+@pytest.mark.slow
 def test_vanilla_split_learning_equals_end_to_end_training():
     """Split learning backpropagates the cloud's boundary gradient: the same math as training the unsplit
     model, so after three steps both give the same parameters (up to float reassociation)."""

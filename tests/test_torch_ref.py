@@ -283,6 +283,7 @@ def test_one_step_same_loss_gradients_and_update(tr, name, shape, point):
     compare_states(tr, model, t_model, 1e-3, "end-to-end")
 
 
+@pytest.mark.slow
 def test_quantized_cloud_step_consumes_the_same_bytes(tr):
     """At 4 bits the edge payloads are equal byte for byte, so the cloud losses agree too."""
     import torch

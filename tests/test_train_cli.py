@@ -136,6 +136,7 @@ def test_stale_out_is_refused_and_overwrite_replaces_the_whole_run(tmp_path, cap
     assert json.loads((out / "summary.json").read_text())["steps_per_edge"] == summary["steps_per_edge"] == 3
 
 
+@pytest.mark.slow
 def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys):
     summary = train_experiment.main(SMALL + ["--max-steps", "2", "--precision", "bf16", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "summary.json").read_text())
@@ -148,6 +149,7 @@ def test_precision_reaches_summary_json_and_the_printed_header(tmp_path, capsys)
     )
 
 
+@pytest.mark.slow
 def test_interrupted_cli_run_saves_says_how_to_resume_and_resumes_to_the_same_result(tmp_path, capsys, monkeypatch):
     argv = SMALL + ["--max-steps", "12", "--checkpoint-every", "4"]
     straight = train_experiment.main(argv + ["--out", str(tmp_path / "straight")])
