@@ -1,7 +1,9 @@
-"""Finding the processes of a test's Ray cluster, to check that none outlives what started it."""
+"""Finding the processes a test started (its Ray cluster's, its children), to check that none
+outlives it."""
 
 import os
 import time
+from pathlib import Path
 
 
 def processes_with_token(token: str) -> set[int]:
@@ -33,3 +35,16 @@ def wait_until_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+def children() -> set[int]:
+    """This process's live child processes (zombies count as gone)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z" and int(stat[1]) == os.getpid():
+            found.add(int(entry))
+    return found

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from processes import children
 
 from hier_jax import flags, train
 from hier_jax.config import ExperimentConfig
@@ -73,19 +74,6 @@ def edge_argv(config: ExperimentConfig, edge: int, port: int, pki: Path, ca: str
 def start_edge(argv: list[str], token: str = TOKEN) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", transport.TOKEN_ENV: token}
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def children() -> set[int]:
-    """This process's live child processes (zombies count as gone)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if stat[0] != "Z" and int(stat[1]) == os.getpid():
-            found.add(int(entry))
-    return found
 
 
 @pytest.fixture(autouse=True)
