@@ -203,7 +203,6 @@ def train_batches(
     Shuffled by (seed, epoch), last partial batch dropped, deterministic for (seed, epoch); `start`
     skips the epoch's first batches (a resumed run), which are never gathered or transformed.
     """
-
     raw = raw_train_batches(ds, batch_size, seed=seed, epoch=epoch, start=start)
 
     def generate() -> Iterator[tuple[jax.Array, jax.Array]]:
