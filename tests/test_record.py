@@ -43,8 +43,8 @@ def two_edge_record() -> RunRecord:
     record = RunRecord.empty(2)
     for e, t, loss in ((0, 0, 2.0), (0, 1, 1.5), (0, 2, 1.0), (1, 0, 2.5), (1, 1, 2.25)):
         record.add_edge_step(e, t, {"loss": loss, "accuracy": 0.1 * t})
-    for e, t, loss in ((0, 0, 3.0), (1, 0, 2.75), (0, 2, 2.5)):
-        record.add_cloud_step(e, t, {"loss": loss, "accuracy": 0.5, "step_s": 0.25})
+    for i, (e, t, loss) in enumerate(((0, 0, 3.0), (1, 0, 2.75), (0, 2, 2.5))):
+        record.add_cloud_step(e, t, {"loss": loss, "accuracy": 0.5, "step_s": 0.25, "done_at": 100.0 + i})
     return record
 
 
@@ -52,12 +52,20 @@ def test_the_metrics_csv_has_a_row_per_edge_step_with_the_cloud_step_that_traine
     lines = metrics_csv(two_edge_record()).splitlines()
     assert lines[0] == ",".join(METRICS_COLUMNS)
     assert lines[1:] == [
-        "0,0,2.0,0.0,,0,3.0,0.5,0.25",
-        "0,1,1.5,0.1,,,,,",
-        "0,2,1.0,0.2,,2,2.5,0.5,0.25",
-        "1,0,2.5,0.0,,1,2.75,0.5,0.25",
-        "1,1,2.25,0.1,,,,,",
+        "0,0,2.0,0.0,,0,3.0,0.5,0.25,100.0",
+        "0,1,1.5,0.1,,,,,,",
+        "0,2,1.0,0.2,,2,2.5,0.5,0.25,102.0",
+        "1,0,2.5,0.0,,1,2.75,0.5,0.25,101.0",
+        "1,1,2.25,0.1,,,,,,",
     ]
+
+
+def test_a_record_written_before_done_at_reads_with_nan_at_every_cloud_step():
+    old = two_edge_record().to_json()
+    del old["cloud"]["done_at"]
+    read = RunRecord.from_json(old)
+    assert len(read.cloud["done_at"]) == 3 and all(math.isnan(v) for v in read.cloud["done_at"])
+    assert read.cloud["loss"] == [3.0, 2.75, 2.5]
 
 
 def test_a_cut_keeps_the_steps_before_it_and_a_join_puts_them_back():

@@ -47,9 +47,9 @@ def no_work(monkeypatch):
 
 
 def untimed_metrics(out: Path) -> list[list[str]]:
-    """metrics.csv without its wall-clock columns (step_s), which no two runs share."""
+    """metrics.csv without its wall-clock columns (step_s, done_at), which no two runs share."""
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()]
-    keep = [i for i, name in enumerate(rows[0]) if not name.endswith("step_s")]
+    keep = [i for i, name in enumerate(rows[0]) if not name.endswith(("step_s", "done_at"))]
     return [[row[i] for i in keep] for row in rows]
 
 

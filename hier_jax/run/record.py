@@ -3,7 +3,9 @@ carries it, the check that a checkpoint may be resumed, and the run's metrics fi
 
 `RunRecord` keeps, per edge, the loss, accuracy and time of every edge step, and for the cloud every
 step it took in the order it took them, each naming the edge and the edge step whose payload it
-trained on (a step dropped by a link outage has an edge entry and no cloud entry).
+trained on (a step dropped by a link outage has an edge entry and no cloud entry), and when it ended
+(`done_at`, wall clock: the intervals between cloud steps are a run's step time, waits included,
+which `step_s`, the step's own compute, leaves out).
 
 Checkpoint metadata (`run_meta`, format 2) is one schema: step, total steps, scheme, schedule,
 precision, the nested config (the topology, edges and order included), the position in the data and
@@ -31,7 +33,7 @@ from hier_jax.errors import DivergenceError, ResumeMismatchError
 
 FORMAT = 2
 EDGE_FIELDS = ("step", "loss", "accuracy", "step_s")
-CLOUD_FIELDS = ("edge", "step", "loss", "accuracy", "step_s")
+CLOUD_FIELDS = ("edge", "step", "loss", "accuracy", "step_s", "done_at")
 METRICS_COLUMNS = (
     "edge",
     "step",
@@ -42,6 +44,7 @@ METRICS_COLUMNS = (
     "cloud_loss",
     "cloud_accuracy",
     "cloud_step_s",
+    "cloud_done_at",
 )
 # Format 1: the Ray runner's topology fields, today the run config's.
 _FORMAT1_TOPOLOGY = (
@@ -71,7 +74,7 @@ def _value(metrics: Mapping[str, Any], key: str) -> float:
 @dataclasses.dataclass
 class RunRecord:
     """Per edge {"step", "loss", "accuracy", "step_s"} lists (in edge-step order) and the cloud's
-    {"edge", "step", "loss", "accuracy", "step_s"} lists (in the order the cloud trained)."""
+    {"edge", "step", "loss", "accuracy", "step_s", "done_at"} lists (in the order the cloud trained)."""
 
     edges: list[dict[str, list]]
     cloud: dict[str, list]
@@ -114,6 +117,7 @@ class RunRecord:
             "step": np.asarray(values["step"], np.int64),
             **{k: np.asarray(values[k], np.float32) for k in ("loss", "accuracy")},
             "step_s": np.asarray(values["step_s"], np.float64),
+            "done_at": np.asarray(values["done_at"], np.float64),
             "index": np.asarray(pick, np.int64),
         }
 
@@ -141,9 +145,12 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        """A record's JSON; a field it lacks (`done_at` before it was recorded) is NaN at every step."""
+        cloud = data["cloud"]
+        n = len(cloud.get("step", []))
         return cls(
             [{k: list(e.get(k, [])) for k in EDGE_FIELDS} for e in data["edges"]],
-            {k: list(data["cloud"].get(k, [])) for k in CLOUD_FIELDS},
+            {k: list(cloud.get(k, [math.nan] * n)) for k in CLOUD_FIELDS},
         )
 
 
@@ -229,6 +236,7 @@ def read_meta(meta: Mapping[str, Any]) -> dict:
         "loss": metrics.get("cloud_loss", []),
         "accuracy": metrics.get("cloud_accuracy", []),
         "step_s": [math.nan] * len(cloud_steps),
+        "done_at": [math.nan] * len(cloud_steps),
     }
     config = dataclasses.asdict(
         from_dict(ExperimentConfig, meta["config"]) if isinstance(meta["config"], dict) else ExperimentConfig()
@@ -280,6 +288,7 @@ def _cluster_format1(meta: Mapping[str, Any]) -> dict:
         "loss": [m["loss"] for m in taken],
         "accuracy": [math.nan] * len(taken),
         "step_s": [m.get("step_s", math.nan) for m in taken],
+        "done_at": [math.nan] * len(taken),
     }
     reports = [{k: v for k, v in r.items() if k not in ("losses", "step_s")} for r in meta["reports"]]
     return {
@@ -369,8 +378,9 @@ def metrics_csv(record: RunRecord) -> str:
 
 def _cloud_cells(record: RunRecord, i: int | None) -> list:
     if i is None:
-        return [None, None, None, None]
-    return [i, record.cloud["loss"][i], record.cloud["accuracy"][i], record.cloud["step_s"][i]]
+        return [None, None, None, None, None]
+    cloud = record.cloud
+    return [i, cloud["loss"][i], cloud["accuracy"][i], cloud["step_s"][i], cloud["done_at"][i]]
 
 
 def write_metrics(path: Path, record: RunRecord) -> Path:

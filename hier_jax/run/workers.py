@@ -246,7 +246,15 @@ class CloudWorker:
             self.state, metrics = b.train_step(self.state, images, labels)
         else:
             self.state, reply, metrics = b.cloud_step(self.state, *payload)
-        metrics = {**_metrics(metrics), "index": index, "edge": edge, "step": t, "step_s": time.perf_counter() - start}
+        step_s = time.perf_counter() - start
+        metrics = {
+            **_metrics(metrics),
+            "index": index,
+            "edge": edge,
+            "step": t,
+            "step_s": step_s,
+            "done_at": time.time(),
+        }
         return metrics if scheme != "split_learning" else (metrics, reply)
 
     def state_now(self) -> Any:
