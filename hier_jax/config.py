@@ -248,9 +248,10 @@ def validate(config: ExperimentConfig) -> None:
 
 
 def as_run(config: ExperimentConfig) -> ExperimentConfig:
-    """The config a run trains with: a baseline's sides take turns (split learning's edge waits for its
-    gradient, end-to-end has nothing to overlap), so its schedule is sequential whatever was asked."""
-    return config if config.scheme == "hierarchical" else dataclasses.replace(config, schedule="sequential")
+    """The config a run trains with: split learning's edge waits for its gradient, so its schedule is
+    sequential whatever was asked. End-to-end keeps its schedule: pipelined, its edge (the data source)
+    sends the next batches while the cloud trains, as the cost model's `end_to_end` streams them."""
+    return dataclasses.replace(config, schedule="sequential") if config.scheme == "split_learning" else config
 
 
 def _get(config: Any, path: str) -> Any:

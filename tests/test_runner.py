@@ -70,6 +70,17 @@ def test_pipelined_equals_sequential_bit_for_bit(setup):
     assert pip.payload_bytes == seq.payload_bytes == 4 * 32 * 32 * 4 // 2 + 4 + 4 + 4
 
 
+def test_end_to_end_streams_its_batches_ahead_when_pipelined_and_trains_the_same_bits(setup):
+    """End-to-end's edge only loads (and, over a network, sends) the batches: pipelined, it runs ahead
+    of the cloud, as the cost model's end_to_end streams them; the cloud trains on the same batches."""
+    seq = train.train(setup, scheme="end_to_end", schedule="sequential", progress=False)
+    pip = train.train(setup, scheme="end_to_end", schedule="pipelined", progress=False)
+    assert (seq.schedule, pip.schedule) == ("sequential", "pipelined")
+    assert seq.edges[0].max_in_flight == 1 and pip.edges[0].max_in_flight > 1
+    np.testing.assert_array_equal(seq.cloud_metrics["loss"], pip.cloud_metrics["loss"])
+    assert leaves_equal(seq.cloud_state, pip.cloud_state)
+
+
 def test_pipelined_equals_sequential_on_every_device_pair(device_pair, digits):
     """Two host devices, two accelerators, or the CPU edge beside an accelerator cloud: the schedules
     agree bit for bit wherever the sides run, and each state stays on its side's device."""
