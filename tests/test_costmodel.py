@@ -57,6 +57,17 @@ def test_epochs_and_one_time_upload_by_hand():
     assert cm.reduction(7.5, 10.0) == pytest.approx(0.25)
 
 
+def test_step_time_is_the_period_once_the_pipeline_is_full_by_hand():
+    # pipelined: max(W = 0.33, ser(P) = 8 ms, C = 0.3); latency only in the fill
+    assert cm.step_time("hierarchical_pipelined", W, LINK) == pytest.approx(0.33)
+    # sequential: W + up(P) + C = 0.33 + 0.018 + 0.3; split learning's 0.716 cycle
+    assert cm.step_time("hierarchical_sequential", W, LINK) == pytest.approx(0.648)
+    assert cm.step_time("split_learning", W, LINK) == pytest.approx(0.716)
+    slow = Link("slow", 8e3, 8e3, 0.5)  # the link is the slowest stage: 3 s per raw batch, 1 s per payload
+    assert cm.step_time("end_to_end", W, slow) == pytest.approx(3.0)
+    assert cm.step_time("hierarchical_pipelined", W, slow) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("scheme", cm.MODELED)
 def test_faster_link_is_never_slower(scheme):
     times = [

@@ -131,6 +131,14 @@ def training_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> floa
     raise ValueError(f"unknown scheme {scheme!r}; valid: {', '.join(MODELED)}")
 
 
+def step_time(scheme: str, w: Workload, link: Link) -> float:
+    """Seconds between two consecutive cloud steps once a run is under way (its fill paid): what a
+    benchmark times after its warm-up. The total for two batches less the total for one, so it is
+    the formula's own period (pipelined forms) or per-batch cycle (the others)."""
+    one, two = (dataclasses.replace(w, batches_per_epoch=n) for n in (1, 2))
+    return training_time(scheme, two, link) - training_time(scheme, one, link)
+
+
 def epoch_time(scheme: str, w: Workload, link: Link, epochs: int = 1) -> float:
     """Average seconds per epoch over `epochs` epochs (fill and one-time uploads amortized)."""
     return training_time(scheme, w, link, epochs) / epochs
