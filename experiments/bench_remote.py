@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from hier_jax import cli, flags, outputs, process
+from hier_jax.bench.pki import make_pki
 from hier_jax.config import ONE_PAIR_FLAGS, ExperimentConfig, validate
 from hier_jax.data import load_dataset
 from hier_jax.errors import UserError, check
@@ -38,26 +39,6 @@ def loopback_bytes() -> int:
     """Bytes sent over loopback so far, both directions (a byte sent on lo is also received on lo:
     rx_bytes counts the same bytes again)."""
     return int(Path("/sys/class/net/lo/statistics/tx_bytes").read_text())
-
-
-def make_pki(
-    directory: Path, certs: tuple[str, ...] = ("cloud",), cas: tuple[str, ...] = ("ca",), ips: tuple[str, ...] = ()
-) -> None:
-    """Throwaway CAs (`cas`; the first signs) and a certificate for 127.0.0.1 (and `ips`) per name in
-    `certs` (NAME.pem, NAME.key), made with openssl."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    for ca in cas:
-        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}")
-    names = ",".join(f"IP:{ip}" for ip in ("127.0.0.1", *ips))
-    (directory / "san.ext").write_text(f"subjectAltName={names},DNS:localhost\n")
-    for name in certs:
-        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{cas[0]}.pem", "-CAkey", f"{cas[0]}.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
 
 
 def remote_run(config: ExperimentConfig, dataset, pki: Path) -> dict:

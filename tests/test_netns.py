@@ -111,7 +111,7 @@ def test_hierarchical_training_over_a_shaped_link_carries_its_messages_and_waits
     import shutil
     from pathlib import Path
 
-    from experiments.bench_remote import make_pki
+    from hier_jax.bench.pki import make_pki
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")

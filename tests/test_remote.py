@@ -44,7 +44,7 @@ CONFIG = ExperimentConfig(
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA, the cloud's certificate for 127.0.0.1 and an edge's (for mutual TLS), and a second CA."""
-    from experiments.bench_remote import make_pki
+    from hier_jax.bench.pki import make_pki
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
