@@ -66,7 +66,10 @@ def test_each_direction_is_shaped_to_its_rate_and_counted_on_the_interface():
     assert up_s >= nbytes * 8 / 4e6 * 0.9 and down_s >= nbytes * 8 / 16e6 * 0.9, (up_s, down_s)
     assert up_s > 2 * down_s  # the two directions have their own rates
     sent, received = after["up"] - before["up"], after["down"] - before["down"]
-    assert nbytes <= sent < nbytes * 1.2 and nbytes <= received < nbytes * 1.2  # headers and ACKs, bounded
+    # every 1500 B frame's headers (Ethernet 14, IP 20, TCP 32 for 1448 B of data: 4.6 %), counted and
+    # shaped as a real link carries them (no segmentation offload into 64 kB super-packets), and the
+    # ACKs of the other direction's transfer (66 B for about every second frame: 2.3 %)
+    assert nbytes * 1.045 <= sent < nbytes * 1.1 and nbytes * 1.045 <= received < nbytes * 1.1, (sent, received)
 
 
 @needs_netns

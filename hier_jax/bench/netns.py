@@ -1,6 +1,10 @@
 """A real link of a given rate on one host: two network namespaces (the edge's, the cloud's) joined
 by a veth pair, each direction shaped by the kernel (an `htb` class on each end's egress: the edge's
-is the upload, the cloud's the download). Propagation delay is not added: `netem` is not in every
+is the upload, the cloud's the download). Segmentation offload is off on both ends (`gso_max_segs 1`),
+so that every frame is one packet of at most the MTU, as on a real link: the shaper and the
+interface counters then see each packet's headers (with offload they count one header per 64 kB
+super-packet, and a 1 MB send shows 0.2 % overhead instead of the 4.6 % of its TCP/IP/Ethernet
+headers at 1500 B). Propagation delay is not added: `netem` is not in every
 kernel (not in this one), so a preset's latency is left to the cost model.
 
 Needs root and iproute2 (`ip`, `tc`). Names carry this process's pid, so that a run killed before
@@ -99,6 +103,7 @@ class ShapedLink:
         ):
             _ip("link", "set", interface, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{address}/30", "dev", interface)
+            _ip("-n", ns, "link", "set", "dev", interface, "gso_max_segs", "1")
             _ip("-n", ns, "link", "set", interface, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             kbit = f"{round(rate * 1000)}kbit"
