@@ -42,14 +42,11 @@ def loopback_bytes() -> int:
 
 
 def remote_run(config: ExperimentConfig, dataset, pki: Path) -> dict:
-    from experiments.edge import EDGE_FLAGS
     from hier_jax.remote import launch, transport
-    from hier_jax.remote.config import CloudConfig
+    from hier_jax.remote.config import CloudConfig, edge_command
 
     port = transport.free_port()
-    values = {p: v for p, v, _ in flags.paths(config) if p.split(".")[0] in EDGE_FLAGS}
-    argv = ["taskset", "-c", "0", sys.executable, "-m", "experiments.edge", *flags.as_argv(ExperimentConfig, values),
-            "--connect", f"127.0.0.1:{port}", "--tls-ca", str(pki / "ca.pem")]  # fmt: skip
+    argv = ["taskset", "-c", "0", *edge_command(config, f"127.0.0.1:{port}", "--tls-ca", str(pki / "ca.pem"))]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
     edge = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:

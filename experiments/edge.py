@@ -11,18 +11,14 @@ The training flags must be the cloud's (the cloud refuses the edge otherwise, na
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 
 from hier_jax import cli, flags, process
 from hier_jax.config import ExperimentConfig, validate
 from hier_jax.data import load_dataset
-from hier_jax.remote.config import EdgeConfig
+from hier_jax.remote.config import EDGE_FLAGS, EdgeConfig
 
 DEFAULTS = ExperimentConfig(model="resnet18", dataset="cifar10", split="layer2_1", bits=4, epochs=1)
-NOT_THE_EDGES = ("backend", "out", "checkpoint_every", "keep_checkpoints", "kill_cloud")
-EDGE_FLAGS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in NOT_THE_EDGES)
-"""The training flags (the cloud's must match them) and the waits; the run's files are the cloud's."""
 
 
 @cli.entry_point

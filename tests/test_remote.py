@@ -21,7 +21,7 @@ from hier_jax.models import ExitHeadConfig
 grpc = pytest.importorskip("grpc", reason="the remote backend needs the remote extra (grpcio)")
 
 from hier_jax.remote import launch, transport  # noqa: E402
-from hier_jax.remote.config import CloudConfig, EdgeConfig, Security  # noqa: E402
+from hier_jax.remote.config import CloudConfig, EdgeConfig, Security, edge_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -54,21 +54,7 @@ def pki(tmp_path_factory) -> Path:
 
 
 def edge_argv(config: ExperimentConfig, edge: int, port: int, pki: Path, ca: str = "ca.pem") -> list[str]:
-    from experiments.edge import EDGE_FLAGS
-
-    values = {p: v for p, v, _ in flags.paths(config) if p.split(".")[0] in EDGE_FLAGS}
-    return [
-        sys.executable,
-        "-m",
-        "experiments.edge",
-        *flags.as_argv(ExperimentConfig, values),
-        "--edge",
-        str(edge),
-        "--connect",
-        f"127.0.0.1:{port}",
-        "--tls-ca",
-        str(pki / ca),
-    ]
+    return edge_command(config, f"127.0.0.1:{port}", "--edge", str(edge), "--tls-ca", str(pki / ca))
 
 
 def start_edge(argv: list[str], token: str = TOKEN) -> subprocess.Popen:

@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import sys
 from pathlib import Path
 
+from hier_jax import flags
+from hier_jax.config import ExperimentConfig
 from hier_jax.errors import UserError
 from hier_jax.flags import option
+
+NOT_THE_EDGES = ("backend", "out", "checkpoint_every", "keep_checkpoints", "kill_cloud")
+EDGE_FLAGS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in NOT_THE_EDGES)
+"""The training flags an edge takes (the cloud's must match them) and the waits; the run's files are the cloud's."""
+
+
+def edge_command(config: ExperimentConfig, connect: str, *extra: str) -> list[str]:
+    """The command line of an edge process of the run `config` describes, dialling `connect`."""
+    values = {p: v for p, v, _ in flags.paths(config) if p.split(".")[0] in EDGE_FLAGS}
+    return [sys.executable, "-m", "experiments.edge", *flags.as_argv(ExperimentConfig, values), "--connect", connect,
+            *extra]  # fmt: skip
 
 
 def is_loopback(host: str) -> bool:
