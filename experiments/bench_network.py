@@ -137,7 +137,7 @@ def benchmark(argv: list[str]) -> dict:
     if not args.unshaped and (removed := netns.remove_leftovers()):
         print(f"removed {len(removed)} namespaces a killed benchmark left: {', '.join(removed)}", flush=True)
     os.environ.setdefault("HIER_JAX_TOKEN", secrets.token_urlsafe(24))
-    total, rows = len(configs) * len(presets), []
+    total, rows, profiles = len(configs) * len(presets), [], {}
     with tempfile.TemporaryDirectory(prefix="bench_network-") as scratch:
         pki, cache = Path(scratch) / "pki", Path(scratch) / "compile_cache"
         pki.mkdir()
@@ -157,6 +157,7 @@ def benchmark(argv: list[str]) -> dict:
                 payload_batch=args.batch,
                 progress=False,
             )
+            profiles[model] = profile
             for name in schemes:
                 for preset in presets:
                     key = (model, split, name, preset)
@@ -197,12 +198,12 @@ def benchmark(argv: list[str]) -> dict:
                         flush=True,
                     )  # fmt: skip
     bench.reductions(rows)
-    profiles = {p.stem: json.loads(p.read_text()) for p in sorted((out / "profiles").glob("*.json"))}
     summary = {
         "cpu": cpu,
         "settings": settings,
         "note": bench.LATENCY_NOTE,
-        "stages_over_whole": {k: _stages_over_whole(v) for k, v in profiles.items()},
+        # the model's whole step (its stages, each jitted alone) over the fused train step
+        "stages_over_whole": {m: p.stages_train_s / p.whole_train_s for m, p in profiles.items() if p.whole_train_s},
         "rows": rows,
     }
     text = bench.table(rows, cpu, shaped=not args.unshaped)
@@ -211,15 +212,6 @@ def benchmark(argv: list[str]) -> dict:
     bench.plot(rows, out / "bench_network.png", outputs.save_figure)
     print(text)
     return summary
-
-
-def _stages_over_whole(profile: dict) -> float | None:
-    """The model's whole step (the sum of its stages, each jitted alone) over the fused train step."""
-    whole = profile.get("whole_train_s")
-    if not whole:
-        return None
-    stages = sum(t["train_s"] for t in profile["stages"]) + profile["classifier"]["train_s"]
-    return stages / whole
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ host's profile (`runtime_model.profiler`, pinned to one core like each side).
 What one run measures (`measure`): the step time, the interval between consecutive cloud steps
 (`RunRecord` `done_at`) after `warmup` steps, median and range; the bytes each way on the edge's
 interface (every frame's headers, TLS, gRPC) against the bytes the scheme's arrays carry and the
-messages the codec sent. `model_rows` adds the model: each scheme's own formula
+messages the codec sent. `modeled` adds the model: each scheme's own formula
 (`costmodel.step_time`) over the preset's rates, without the propagation delay (the kernel here has
 no `netem`, so none is emulated) and with it, and `reductions` each scheme's time against cloud-only
 (end_to_end), measured and modeled, beside the paper's figure.
