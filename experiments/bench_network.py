@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,17 +77,25 @@ def cuts_of(args) -> list[tuple[str, str]]:
 
 @cli.entry_point
 def main(argv: list[str]) -> dict:
+    args = parse(argv)
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {bench.EDGE_CORE})  # the profile runs where the edge will: one core (before JAX starts)
     try:
-        return benchmark(argv)
+        return benchmark(args)
+    except KeyboardInterrupt:
+        out = Path(args.out)
+        kept = len((out / "rows.jsonl").read_text().splitlines()) if (out / "rows.jsonl").exists() else 0
+        again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        print(f"experiments.bench_network: interrupted; {kept} finished rows kept in {out / 'rows.jsonl'} (the run "
+              f"in progress is dropped, its processes and namespaces removed); continue with: "
+              f"python -m experiments.bench_network {shlex.join(again)}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(cli.EXIT_INTERRUPTED) from None
     finally:
         os.sched_setaffinity(0, cores)
 
 
-def benchmark(argv: list[str]) -> dict:
+def benchmark(args) -> dict:
     process.setup(host_devices=1)  # before `validate`, which starts JAX's backends
-    args = parse(argv)
     presets, schemes = comma_list(args.presets), comma_list(args.schemes)
     for preset in presets:
         check(preset in LINKS, "--presets", preset, ", ".join(LINKS))

@@ -41,3 +41,23 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys, argv, says):
         bench_network.main([*argv, "--out", str(tmp_path / "out")])
     assert exited.value.code == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_side_that_fails_ends_the_run_at_once_naming_it_and_its_last_line(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from hier_jax.errors import WorkerError
+
+    cloud = subprocess.Popen(["sleep", "30"])  # a cloud that would wait its whole timeout for the edge
+    with open(tmp_path / "edge.log", "w") as log:
+        edge = subprocess.Popen([sys.executable, "-c", "print('no such data set'); raise SystemExit(3)"], stdout=log)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerError, match=r"the edge process failed \(3\): no such data set"):
+            network._wait_for_both(cloud, edge, tmp_path, timeout_s=25)
+        assert time.monotonic() - start < 10
+    finally:
+        cloud.kill()
+        cloud.wait()

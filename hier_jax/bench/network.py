@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hier_jax.config import ExperimentConfig
+from hier_jax.errors import WorkerError
 from hier_jax.link import Link, get_link
 from hier_jax.remote import transport
 from hier_jax.remote.config import edge_command
@@ -91,9 +92,25 @@ def _wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: f
         if log.exists() and text in log.read_text(errors="replace"):
             return
         if process.poll() is not None:
-            raise RuntimeError(f"the cloud exited ({process.returncode}) before it listened: {_last_line(log)}")
+            raise WorkerError(f"the cloud exited ({process.returncode}) before it listened: {_last_line(log)}")
         time.sleep(0.2)
-    raise RuntimeError(f"the cloud did not listen within {timeout_s:.0f} s: {_last_line(log)}")
+    raise WorkerError(f"the cloud did not listen within {timeout_s:.0f} s: {_last_line(log)}")
+
+
+def _wait_for_both(cloud: subprocess.Popen, edge: subprocess.Popen, work: Path, timeout_s: float) -> None:
+    """Until both have exited 0; WorkerError naming the side and its last line as soon as one fails
+    (the other would otherwise wait its whole timeout for it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for side, process in (("cloud", cloud), ("edge", edge)):
+            if process.poll() not in (None, 0):
+                raise WorkerError(
+                    f"the {side} process failed ({process.returncode}): {_last_line(work / f'{side}.log')}"
+                )
+        if cloud.poll() == 0 and edge.poll() == 0:
+            return
+        time.sleep(0.2)
+    raise WorkerError(f"the run did not end within {timeout_s:.0f} s (logs in {work})")
 
 
 def _last_line(log: Path) -> str:
@@ -140,9 +157,7 @@ def measure(
         _wait_for_line(work / "cloud.log", "listening on", cloud, 300)
         edge = start("edge", edge_argv, EDGE_CORE)
         processes.append(edge)
-        for side, process in (("cloud", cloud), ("edge", edge)):
-            if process.wait(timeout=config.timeout_s + 120) != 0:
-                raise RuntimeError(f"the {side} process failed: {_last_line(work / f'{side}.log')}")
+        _wait_for_both(cloud, edge, work, config.timeout_s + 120)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -153,7 +168,7 @@ def measure(
     cloud_record = result["record"]["cloud"]
     intervals = step_times(cloud_record["done_at"], warmup)
     if not intervals:
-        raise RuntimeError(f"no step was timed: {len(cloud_record['done_at'])} cloud steps, warm-up {warmup}")
+        raise WorkerError(f"no step was timed: {len(cloud_record['done_at'])} cloud steps, warm-up {warmup}")
     steps = len(cloud_record["done_at"])
     traffic = result["network"]["0"]
     edge_step_s = result["record"]["edges"][0]["step_s"][warmup:]
