@@ -294,6 +294,7 @@ def plot(rows: list[dict], path: Path, save: Callable) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, StrMethodFormatter
 
     cuts = sorted({(r["model"], r["split"]) for r in rows})
     fig, axes = plt.subplots(1, len(cuts), figsize=(5.5 * len(cuts), 5), squeeze=False)
@@ -310,6 +311,9 @@ def plot(rows: list[dict], path: Path, save: Callable) -> None:
         ax.fill_between([low, high], [0.85 * low, 0.85 * high], [1.15 * low, 1.15 * high], color="grey", alpha=0.15)
         ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high), title=f"{model} after {split}",
                xlabel="modeled step (s)", ylabel="measured step (s)")  # fmt: skip
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers at the decades; unlabeled minor ticks (they overlapped)
+            axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            axis.set_minor_formatter(NullFormatter())
     handles = [Line2D([], [], color=f"C{i}", marker="o", ls="", label=s) for i, s in enumerate(SCHEMES)]
     handles += [Line2D([], [], color="k", marker=m, ls="", label=p) for p, m in markers.items()]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left")
