@@ -1,7 +1,7 @@
 """Modeled epoch time of cloud-only, split learning and hierarchical training, against the paper.
 
     python -m experiments.runtime_table --out DIR [--model M ...] [--dataset D ...] [--bits B ...]
-        [--batch 128] [--links 3g 4g] [--time-source flops|measured] [--reprofile]
+        [--batch 128] [--links 3g 4g] [--time-source flops|measured] [--flop-count conventional|xla] [--reprofile]
 
 Profiles every stage, head and classifier of each model on this machine's CPU (cached as
 DIR/profiles/*.json), maps them onto the paper's hardware (cloud: RTX 2080 Ti, edge: Quadro K620,
@@ -22,6 +22,7 @@ from hier_jax.link import LINKS
 from hier_jax.models import MODELS
 from hier_jax.quantization import VALID_BITS
 from hier_jax.runtime_model.hardware import CLOUD_EFFECTIVE_FLOPS, EDGE_SLOWDOWN, K620_MEMORY_BYTES
+from hier_jax.runtime_model.profile import FLOP_COUNTS
 from hier_jax.runtime_model.table import (
     assumptions,
     model_rows,
@@ -80,6 +81,13 @@ def main(argv: list[str]) -> list[dict]:
     parser.add_argument("--cloud-tflops", type=float, default=CLOUD_EFFECTIVE_FLOPS / 1e12)
     parser.add_argument("--memory-budget-gib", type=float, default=K620_MEMORY_BYTES / 2**30)
     parser.add_argument("--time-source", choices=("flops", "measured"), default="flops")
+    parser.add_argument(
+        "--flop-count",
+        choices=FLOP_COUNTS,
+        default="conventional",
+        help="conventional: a convolution's padding taps counted, as the throughput is and hardware computes "
+        "them; xla: XLA's count, which leaves them out",
+    )
     parser.add_argument("--reprofile", action="store_true", help="measure again even if a cached profile exists")
     args = parser.parse_args(argv)
     check_args(args)

@@ -1,5 +1,6 @@
 """Profiler: what it measures on a tiny model, bytes from real payloads, memory, JSON round trip."""
 
+import dataclasses
 import json
 import math
 
@@ -10,9 +11,9 @@ import pytest
 from flax import nnx
 
 from hier_jax import quantization, steps
-from hier_jax.models import build_model, param_count, split
-from hier_jax.runtime_model import profiler
-from hier_jax.runtime_model.profile import with_payload_batch
+from hier_jax.models import build_model, param_count, split, stage_output_shape
+from hier_jax.runtime_model import flops, profiler
+from hier_jax.runtime_model.profile import Timing, with_payload_batch
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,32 @@ def test_profile_covers_every_stage_head_and_classifier(tiny):
     conv = p.stages[0]
     assert 0 < conv.fwd_flops < conv.train_flops
     assert p.batch == 2 and p.payload_batch == 4 and p.device == "cpu:0"
+
+
+def test_conventional_counts_add_the_padding_taps_once_per_convolution_pass(tiny):
+    """The stem (3x3 conv, no input gradient: forward and weight gradient) and a block with the input
+    gradient (three passes) against `flops.module_padding_flops` of the same modules; the classifier
+    has no convolution."""
+    model, p = tiny
+    shapes = [(2, *model.input_shape)] + [(2, *stage_output_shape(model, i)) for i in range(len(model.stages))]
+    for i, passes in ((0, 2), (3, 3)):
+        padding = flops.module_padding_flops(model.stages[i], jax.ShapeDtypeStruct(shapes[i], jnp.float32))
+        t = p.stages[i]
+        assert padding > 0
+        assert t.conventional_fwd_flops == pytest.approx(t.fwd_flops + padding)
+        assert t.conventional_train_flops == pytest.approx(t.train_flops + passes * padding)
+    assert p.classifier.counted("conventional") == p.classifier.counted("xla")
+
+
+def test_a_cached_profile_without_conventional_counts_is_measured_again(tiny, tmp_path):
+    model, p = tiny
+    old = dataclasses.replace(p, classifier=Timing(1.0, 2.0, 3.0, 4.0))
+    path = tmp_path / "old.json"
+    profiler.save_profile(old, path)
+    assert profiler.load_profile(path).classifier.conventional_train_flops is None
+    again = profiler.cached_profile(path, lambda: model, batch=2, repeats=1, progress=False, measure_whole=False)
+    assert again.classifier.conventional_train_flops is not None
+    assert profiler.load_profile(path) == again
 
 
 def test_bytes_come_from_real_payloads(tiny):
@@ -92,7 +119,8 @@ def test_json_round_trip_and_device_transforms(tiny, tmp_path):
     assert slow.splits[2].head.fwd_s == pytest.approx(15.6 * p.splits[2].head.fwd_s)
     assert slow.splits[2].payload_bytes == p.splits[2].payload_bytes
     flop_model = p.from_flops(1e9, "1 GFLOP/s")
-    assert flop_model.stages[0].train_s == pytest.approx(p.stages[0].train_flops / 1e9)
+    assert flop_model.stages[0].train_s == pytest.approx(p.stages[0].conventional_train_flops / 1e9)
+    assert p.from_flops(1e9, "x", "xla").stages[0].train_s == pytest.approx(p.stages[0].train_flops / 1e9)
     data = json.loads(path.read_text())
     data["format_version"] = 0
     path.write_text(json.dumps(data))

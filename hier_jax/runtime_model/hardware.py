@@ -1,9 +1,11 @@
 """The paper's two devices, modeled from a CPU profile: the cloud (RTX 2080 Ti) and the edge (Quadro K620).
 
-Every time in a `profiler.Profile` measured here is mapped onto them, either from XLA's flop count of
+Every time in a `profiler.Profile` measured here is mapped onto them, either from the flop count of
 each stage at the cloud's sustained throughput ("flops") or by rescaling the measured CPU times so
 the whole model runs at that throughput ("measured"); the edge is the cloud `EDGE_SLOWDOWN` times
-slower. docs/runtime_model.md states the assumptions and their sources.
+slower. The flops are counted conventionally by default (the padding taps included, `flops`): the
+throughput below is calibrated in that convention, and the hardware computes those taps.
+docs/runtime_model.md states the assumptions and their sources.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ def paper_devices(
     profile: profiler.Profile,
     *,
     time_source: str = "flops",
+    count: str = "conventional",
     cloud_flops: float = CLOUD_EFFECTIVE_FLOPS,
     edge_slowdown: float = EDGE_SLOWDOWN,
 ) -> tuple[profiler.Profile, profiler.Profile]:
-    """(edge, cloud) profiles of the paper's hardware from a profile measured on this machine."""
+    """(edge, cloud) profiles of the paper's hardware from a profile measured on this machine; `count`
+    is the flop convention (`profile.FLOP_COUNTS`) of the profile's counts and of `cloud_flops`."""
     if time_source == "flops":
-        cloud = profile.from_flops(cloud_flops, "RTX 2080 Ti (modeled)")
+        cloud = profile.from_flops(cloud_flops, "RTX 2080 Ti (modeled)", count)
     elif time_source == "measured":
-        cpu_flops = profile.train_flops / profile.stages_train_s
+        cpu_flops = profile.train_flops(count) / profile.stages_train_s
         cloud = profile.scaled(cpu_flops / cloud_flops, "RTX 2080 Ti (modeled)")
     else:
         raise ValueError(f"unknown time source {time_source!r}; valid: {', '.join(TIME_SOURCES)}")

@@ -15,16 +15,32 @@ from hier_jax import quantization
 
 FORMAT_VERSION = 1
 DEFAULT_BITS = (2, 4, 8, 16, 32)
+FLOP_COUNTS = ("conventional", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Median seconds for one batch of `Profile.batch`, and XLA's flop counts of the same programs."""
+    """Median seconds for one batch of `Profile.batch`, and the flop counts of the same programs: XLA's,
+    and the conventional ones that also count the convolutions' padding taps (`flops`; None in a
+    profile that did not count them)."""
 
     fwd_s: float
     train_s: float
     fwd_flops: float
     train_flops: float
+    conventional_fwd_flops: float | None = None
+    conventional_train_flops: float | None = None
+
+    def counted(self, count: str) -> tuple[float, float]:
+        """(forward, train) flops under `count`: "xla" or "conventional" (FLOP_COUNTS)."""
+        if count == "xla":
+            return self.fwd_flops, self.train_flops
+        if count != "conventional":
+            raise ValueError(f"unknown flop count {count!r}; valid: {', '.join(FLOP_COUNTS)}")
+        if self.conventional_fwd_flops is None or self.conventional_train_flops is None:
+            raise ValueError("this profile has no conventional flop counts (measured before they were counted); "
+                             "profile the model again")  # fmt: skip
+        return self.conventional_fwd_flops, self.conventional_train_flops
 
     @property
     def bwd_s(self) -> float:
@@ -95,21 +111,23 @@ class Profile:
             None if self.whole_train_s is None else self.whole_train_s * factor,
         )
 
-    def from_flops(self, flops_per_s: float, device: str) -> Profile:
-        """Times of a device that sustains `flops_per_s` on every stage: XLA's flop count / throughput.
+    def from_flops(self, flops_per_s: float, device: str, count: str = "conventional") -> Profile:
+        """Times of a device that sustains `flops_per_s` on every stage: the flop count / throughput.
 
         For emulating a device whose per-layer speed tracks flops (a GPU on convolutions) from a
         profile measured where it does not: memory-bound layers (pooling, BatchNorm) come out nearly
-        free, and per-layer efficiency differences of the real device are ignored.
+        free, and per-layer efficiency differences of the real device are ignored. `count` is the
+        convention of both the counts and `flops_per_s` (`flops`): "conventional" counts the padding
+        taps, as im2col and cuDNN compute them; "xla" leaves them out.
         """
         if not (math.isfinite(flops_per_s) and flops_per_s > 0):
             raise ValueError(f"throughput must be positive, got {flops_per_s}")
 
-        return self._map_timings(
-            lambda t: dataclasses.replace(t, fwd_s=t.fwd_flops / flops_per_s, train_s=t.train_flops / flops_per_s),
-            device,
-            None,
-        )
+        def timed(t: Timing) -> Timing:
+            fwd, train = t.counted(count)
+            return dataclasses.replace(t, fwd_s=fwd / flops_per_s, train_s=train / flops_per_s)
+
+        return self._map_timings(timed, device, None)
 
     def _map_timings(self, fn: Callable[[Timing], Timing], device: str, whole_train_s: float | None) -> Profile:
         return dataclasses.replace(
@@ -121,10 +139,9 @@ class Profile:
             whole_train_s=whole_train_s,
         )
 
-    @property
-    def train_flops(self) -> float:
-        """XLA's flop count of one train step of every stage and the classifier."""
-        return sum(t.train_flops for t in self.stages) + self.classifier.train_flops
+    def train_flops(self, count: str = "conventional") -> float:
+        """The flop count (`Timing.counted`) of one train step of every stage and the classifier."""
+        return sum(t.counted(count)[1] for t in (*self.stages, self.classifier))
 
     @property
     def stages_train_s(self) -> float:
@@ -173,7 +190,11 @@ def load_profile(path: str | Path) -> Profile:
         raise ValueError(f"{path}: not a profile of format version {FORMAT_VERSION}")
 
     def timing(d: dict) -> Timing:
-        return Timing(float(d["fwd_s"]), float(d["train_s"]), float(d["fwd_flops"]), float(d["train_flops"]))
+        optional = {k: None if d.get(k) is None else float(d[k]) for k in ("conventional_fwd_flops",
+                                                                             "conventional_train_flops")}  # fmt: skip
+        return Timing(
+            float(d["fwd_s"]), float(d["train_s"]), float(d["fwd_flops"]), float(d["train_flops"]), **optional
+        )
 
     splits = tuple(
         SplitProfile(

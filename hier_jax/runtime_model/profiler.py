@@ -19,7 +19,7 @@ optimizes it (XLA may fuse some away; framework workspace is not counted), so it
 
 A Profile round-trips through JSON (`save_profile`/`load_profile`), so one measured on a real edge
 board can stand in for the emulated one. `Profile.scaled` emulates a device uniformly slower or
-faster; `Profile.from_flops` a device whose per-stage time follows XLA's flop count (needed where the
+faster; `Profile.from_flops` a device whose per-stage time follows the flop count (needed where the
 measuring device's per-stage shape is unlike the target's: XLA:CPU runs 3x3 convolutions on 2x2 maps
 some 100x below its speed on larger maps).
 """
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from hier_jax import optim, quantization, steps
 from hier_jax.devices import Device, place, resolve_device
 from hier_jax.models import ExitHeadConfig, Split, StagedNet, param_count, split, stage_output_shape
+from hier_jax.runtime_model import flops
 from hier_jax.runtime_model.profile import (
     DEFAULT_BITS,
     Profile,
@@ -101,11 +102,16 @@ def _time_module(module: nnx.Module, x: jax.Array, *, input_grad: bool, warmup: 
 
     fwd = jax.jit(forward).lower(params, stats, x).compile()
     step = jax.jit(train).lower(params, stats, opt_state, x).compile()
+    fwd_flops, train_flops = _flops(fwd), _flops(step)
+    padding = flops.module_padding_flops(module, x)
     return Timing(
         fwd_s=_median_time(fwd, (params, stats, x), warmup, repeats),
         train_s=_median_time(step, (params, stats, opt_state, x), warmup, repeats),
-        fwd_flops=_flops(fwd),
-        train_flops=_flops(step),
+        fwd_flops=fwd_flops,
+        train_flops=train_flops,
+        conventional_fwd_flops=flops.conventional(fwd_flops, padding, 1),
+        # forward, weight gradient, and the input gradient where it is computed
+        conventional_train_flops=flops.conventional(train_flops, padding, 3 if input_grad else 2),
     )
 
 
@@ -308,11 +314,14 @@ def _time_whole(model: StagedNet, batch: int, device: Device, warmup: int, repea
 def cached_profile(
     path: str | Path, model: Callable[[], StagedNet], *, refresh: bool = False, **options: Any
 ) -> Profile:
-    """The profile saved at `path`, else (or with `refresh`) `profile_model(model(), **options)`,
-    saved there for the next call; the model is built only when it is measured."""
+    """The profile saved at `path`, else (or with `refresh`, or where it predates the conventional flop
+    counts) `profile_model(model(), **options)`, saved there for the next call; the model is built only
+    when it is measured."""
     path = Path(path)
     if path.exists() and not refresh:
-        return load_profile(path)
+        saved = load_profile(path)
+        if saved.classifier.conventional_train_flops is not None:
+            return saved
     measured = profile_model(model(), **options)
     save_profile(measured, path)
     return measured

@@ -54,7 +54,11 @@ def load_or_profile(args: argparse.Namespace, model_name: str, dataset: str) -> 
 def devices(profile: profiler.Profile, args: argparse.Namespace) -> tuple[profiler.Profile, profiler.Profile]:
     """(edge, cloud) profiles of the paper's hardware from the CPU profile."""
     return paper_devices(
-        profile, time_source=args.time_source, cloud_flops=args.cloud_tflops * 1e12, edge_slowdown=args.edge_slowdown
+        profile,
+        time_source=args.time_source,
+        count=args.flop_count,
+        cloud_flops=args.cloud_tflops * 1e12,
+        edge_slowdown=args.edge_slowdown,
     )
 
 
@@ -154,11 +158,16 @@ def model_rows(args: argparse.Namespace, model_name: str, dataset: str) -> tuple
 
 
 def assumptions(args: argparse.Namespace) -> list[str]:
+    count = (
+        "the conventional flop count (convolutions' padding taps counted, as in the throughput's calibration)"
+        if args.flop_count == "conventional"
+        else "XLA's flop count (convolutions' padding taps left out)"
+    )
     time_source = (
-        "XLA's flop count of each stage's jitted program (on this CPU) / the device's throughput"
+        f"{count} of each stage's jitted program (on this CPU) / the device's throughput"
         if args.time_source == "flops"
         else "per-stage times measured on this CPU, rescaled by one factor so the whole model runs at the "
-        "cloud's throughput"
+        f"cloud's throughput ({count})"
     )
     return [
         f"cloud: RTX 2080 Ti at {args.cloud_tflops:.2f} TFLOP/s sustained (Lambda Labs: 294 img/s FP32 ResNet-50 "
