@@ -5,6 +5,7 @@ training and vanilla split learning, with the modeled runtime of each cut; then 
     python -m experiments.paper --profile cpu --out DIR              # about 75 minutes on 2 CPU cores
     python -m experiments.paper --profile full --out DIR --seeds 3   # the paper's scale, for a GPU
     python -m experiments.paper --profile cpu --out DIR --models vgg16 --cuts pool3 --bits 4 32
+    python -m experiments.paper --profile cpu --out DIR --measured docs/results/bench_network/bench_network.json
 
 Every cell is one training run through the library (`train.build` and `train.train`, the code path
 of experiments.train) in DIR/cells/NAME/: its checkpoints, then its result.json once it is done.
@@ -21,7 +22,8 @@ bit sweep at one cut; `end_to_end` (the unsplit model, what cloud-only training 
 20 % of the steps (the link clock), at the sweep cut. --bits narrows the hierarchical cells (the
 baselines send float32 and always run); --cuts without the sweep cut leaves out split learning and the
 outage. The modeled runtime columns are computed when results.csv is written, from a profile of each
-model at the profile's runtime width with the trained exit head.
+model at the profile's runtime width with the trained exit head; --measured adds the reductions
+experiments.bench_network measured over shaped links (a finished grid only rewrites its report).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from hier_jax.config import ExperimentConfig, validate
 from hier_jax.errors import ConfigError, UserError, check
 from hier_jax.paper.grid import GridRequest, check_grid_dir, check_request, load_datasets, run_grid
 from hier_jax.paper.profiles import grid_profiles, plan
+from hier_jax.paper.report import read_measured
 
 CONFIG_FLAGS = ("edge_device", "cloud_device", "data_dir")
 """The cells' config fields a grid command may set (the rest is the profile's)."""
@@ -63,6 +66,7 @@ def main(argv: list[str]) -> list[dict]:
         raise ConfigError("the flags leave no cell to run (--models, --cuts, --bits and --schemes together)")
     out = Path(request.out)
     check_grid_dir(out, profile)
+    measured = read_measured(request.measured) if request.measured else None
     datasets, skipped = load_datasets(specs, explicit=bool(request.dataset), data_dir=profile.config.data_dir)
     if not datasets:
         raise UserError("no data set is ready: " + "; ".join(skipped))
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> list[dict]:
         {"profile": profile.name, "description": profile.description, "config": dataclasses.asdict(profile.config)},
     )
     command = "python -m experiments.paper " + shlex.join(argv)
-    return run_grid(out, profile, cells, datasets, skipped, request.tolerance_pts, command)
+    return run_grid(out, profile, cells, datasets, skipped, request.tolerance_pts, command, measured)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,38 @@ def test_a_second_run_skips_every_finished_cell(smoke_grid, monkeypatch, capsys)
     assert len(rows) == 8 and (out / "results.csv").read_text() == table
 
 
+def bench_network_row(**fields):
+    row = dict(model="resnet18_tv", split="layer1_1", bits=4, preset="3g", scheme="hierarchical_pipelined",
+               measured_step_s=1.25, modeled_step_s=1.0, reduction_measured=0.5, reduction_modeled=0.6)  # fmt: skip
+    return {**row, **fields}
+
+
+@pytest.mark.slow
+def test_a_finished_grid_reports_measured_reductions_beside_its_modeled_ones(smoke_grid, monkeypatch, tmp_path):
+    out, _ = smoke_grid
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a finished cell was trained again"))
+    measured = tmp_path / "bench_network.json"
+    rows = [bench_network_row(), bench_network_row(scheme="end_to_end"), bench_network_row(split="layer3_1")]
+    measured.write_text(json.dumps({"cpu": "a CPU", "settings": {"width": 4, "batch": 32}, "rows": rows}))
+    paper.main(SMOKE + ["--out", str(out), "--measured", str(measured)])
+    report = (out / "REPORT.md").read_text()
+    section = report.split("## Runtime measured over shaped links")[1].split("##")[0]
+    cell = by_cell(read_csv(out / "results.csv"))[("layer1_1", "4", "hierarchical")]
+    grid_3g = f"{100 * float(cell['reduction_vs_end_to_end_3g']):.0f} %"
+    assert "on a CPU" in section and "width 4, batch 32" in section
+    assert (
+        f"| resnet18_tv | layer1_1 | 4 | 3g | hierarchical_pipelined | 1.250 / 1.000 | 50 % | 60 % | {grid_3g} |"
+        in (section)
+    )
+    assert "end_to_end" not in section  # the baseline of every reduction is not a row of its own
+    assert "| layer3_1 | 4 | 3g | hierarchical_pipelined | 1.250 / 1.000 | 50 % | 60 % | – |" in section  # no cell
+    assert float(cell["reduction_vs_end_to_end_3g_xla_flops"]) == pytest.approx(
+        float(cell["reduction_vs_end_to_end_3g"]), abs=0.05
+    )
+    paper.main(SMOKE + ["--out", str(out)])  # without the flag the section goes again
+    assert "shaped links" not in (out / "REPORT.md").read_text()
+
+
 @pytest.mark.slow
 def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(smoke_grid, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of the second cell; the rerun skips the first and resumes the second from its
@@ -228,6 +260,7 @@ def refuse(*args, **kwargs):
         (SMOKE + ["--seeds", "0"], "--seeds 0 is invalid; valid: an integer >= 1"),
         (SMOKE + ["--dataset", "mnist"], "--dataset 'mnist' is invalid; valid: digits, cifar10, tiny_imagenet"),
         (SMOKE + ["--dataset", "folder:/no/such/dir"], "/no/such/dir is not a directory"),
+        (SMOKE + ["--measured", "/no/such.json"], "--measured /no/such.json is not a bench_network.json"),
         (
             SMOKE + ["--bits", "32", "--schemes", "split_learning", "--cuts", "layer2_1"],
             "the flags leave no cell to run",

@@ -13,7 +13,7 @@ from pathlib import Path
 from hier_jax import outputs, train
 from hier_jax.data import DataShape, ImageDataset
 from hier_jax.paper.profiles import SCHEMES, Cell, GridProfile, cell_config, cut_order, dataset_key
-from hier_jax.paper.runtime import REPORT_LINKS
+from hier_jax.paper.runtime import REPORT_LINKS, XLA_SUFFIX
 from hier_jax.quantization import raw_image_nbytes
 from hier_jax.run.checkpoint import RunCheckpoints
 
@@ -34,6 +34,7 @@ CSV_COLUMNS = (
     "payload_bytes_per_image",
     "raw_bytes_per_image",
     *(f"reduction_vs_end_to_end_{link}" for link in REPORT_LINKS),
+    *(f"reduction_vs_end_to_end_{link}{XLA_SUFFIX}" for link in REPORT_LINKS),
     "wall_s",
     "cloud_steps",
     "dropped_payloads",

@@ -42,6 +42,9 @@ class GridRequest:
     schemes: tuple[str, ...] = option((), f"narrow the grid: {', '.join(SCHEMES)}", many=True)
     seeds: int = option(1, "seeds per cell (the report gives mean ± std)")
     tolerance_pts: float = option(1.0, "the chosen cut's cloud exit may be at most this many points below end-to-end")
+    measured: str = option(
+        "", "a bench_network.json (experiments.bench_network): the report shows its measured reductions too"
+    )
 
 
 def check_request(
@@ -118,6 +121,7 @@ def run_grid(
     skipped: list[str],
     tolerance_pts: float,
     command: str,
+    measured: dict | None = None,
 ) -> list[dict]:
     """Run every cell not yet done, rewriting results.csv after each; then the report."""
     from tqdm.auto import tqdm
@@ -183,7 +187,17 @@ def run_grid(
         bar.close()
     rows = rewrite_results()
     write_report(
-        out, profile, rows, cells, skipped, runtime, shapes, tolerance_pts, time.perf_counter() - started, command
+        out,
+        profile,
+        rows,
+        cells,
+        skipped,
+        runtime,
+        shapes,
+        tolerance_pts,
+        time.perf_counter() - started,
+        command,
+        measured,
     )
     print(f"wrote {out / 'results.csv'}, {out / 'REPORT.md'} and its figures")
     return rows

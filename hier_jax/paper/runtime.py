@@ -1,5 +1,6 @@
 """The modeled runtime columns of the grid: each cell's reduction against end-to-end training in the
-cloud (the paper's cloud-only baseline) on the paper's hardware, from a cached profile of its model."""
+cloud (the paper's cloud-only baseline) on the paper's hardware, from a cached profile of its model,
+under both flop conventions (`runtime_model.flops`; the model's own is the conventional one)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from hier_jax.runtime_model import costmodel, profiler, selection
 from hier_jax.runtime_model.hardware import paper_devices
 
 REPORT_LINKS = ("3g", "4g", "5g", "wifi")
+XLA_SUFFIX = "_xla_flops"
+"""The columns under XLA's flop count carry it: reduction_vs_end_to_end_3g_xla_flops."""
 
 
 class RuntimeModel:
@@ -24,9 +27,12 @@ class RuntimeModel:
         self.dir, self.grid = out / "profiles", profile
         c = profile.config
         self.head = c.head
-        self._profiles: dict[tuple, tuple[profiler.Profile, profiler.Profile]] = {}
+        self._profiles: dict[tuple, profiler.Profile] = {}
 
-    def devices(self, model: str, shape: DataShape) -> tuple[profiler.Profile, profiler.Profile]:
+    def devices(
+        self, model: str, shape: DataShape, count: str = "conventional"
+    ) -> tuple[profiler.Profile, profiler.Profile]:
+        """(edge, cloud) of the paper's hardware under flop convention `count`."""
         key = (model, shape.image_shape, shape.num_classes)
         if key not in self._profiles:
             h, w, c = shape.image_shape
@@ -35,7 +41,7 @@ class RuntimeModel:
                 f"{model}_w{self.grid.runtime_width}_{h}x{w}x{c}_{shape.num_classes}_head"
                 f"{head.channels}x{head.convs}g{head.grid}_b{self.grid.config.batch_size}.json"
             )
-            measured = profiler.cached_profile(
+            self._profiles[key] = profiler.cached_profile(
                 path,
                 lambda: build_model(
                     model, num_classes=shape.num_classes, input_shape=shape.image_shape, width=self.grid.runtime_width
@@ -48,11 +54,10 @@ class RuntimeModel:
                 measure_whole=False,
                 progress=False,
             )
-            self._profiles[key] = paper_devices(measured)
-        return self._profiles[key]
+        return paper_devices(self._profiles[key], count=count)
 
-    def reduction(self, row: dict, shape: DataShape, link: str) -> float:
-        edge, cloud = self.devices(row["model"], shape)
+    def reduction(self, row: dict, shape: DataShape, link: str, count: str = "conventional") -> float:
+        edge, cloud = self.devices(row["model"], shape, count)
         cut = row["cut"] or self.grid.sweep_cut[row["model"]]
         w = selection.workload(
             edge, cloud, cut, row["bits"], batch=self.grid.config.batch_size, num_examples=shape.num_train
@@ -76,4 +81,7 @@ def add_runtime(rows: list[dict], runtime: RuntimeModel, shapes: dict[str, DataS
             )
         shape = shapes.get(r["dataset"])
         for link in REPORT_LINKS:
-            r[f"reduction_vs_end_to_end_{link}"] = None if shape is None else runtime.reduction(r, shape, link)
+            for count, suffix in (("conventional", ""), ("xla", XLA_SUFFIX)):
+                r[f"reduction_vs_end_to_end_{link}{suffix}"] = (
+                    None if shape is None else runtime.reduction(r, shape, link, count)
+                )
