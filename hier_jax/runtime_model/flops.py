@@ -77,8 +77,7 @@ def module_padding_flops(module: nnx.Module, x: jax.ShapeDtypeStruct | jax.Array
     """`padding_flops` of a module's train-mode forward on inputs shaped like `x`, traced through lax's
     convolution: the CPU formulations (`xla_cpu`) rewrite small maps as dense products whose taps can no
     longer be told apart. Shapes only: nothing is compiled or run."""
-    graphdef, state = nnx.split(module)
-    twin = nnx.merge(graphdef, state)
+    twin = nnx.clone(module)
     for _, sub in nnx.iter_graph(twin):
         if isinstance(sub, nnx.Conv):
             sub.conv_general_dilated = xla_cpu.Conv("xla")
