@@ -315,3 +315,18 @@ def test_an_unprepared_data_set_is_skipped_with_its_reason_or_fails_when_named(t
         paper.main.__wrapped__(full + ["--out", str(tmp_path / "a"), "--dataset", "tiny_imagenet"])
     with pytest.raises(UserError, match=r"no data set is ready: data set cifar10: .*; data set tiny_imagenet"):
         paper.main.__wrapped__(full + ["--out", str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [('{"rows": []}', "(no rows)"), ('{"rows": [{"model": "x"}]}', "(rows without bits, measured_step_s"),
+     ("not json", "Expecting value")],
+)  # fmt: skip
+def test_a_measured_file_that_is_not_a_bench_network_json_is_named_with_what_it_lacks(tmp_path, content, says):
+    from hier_jax.paper.report import read_measured
+
+    path = tmp_path / "bench_network.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="is not a bench_network.json") as refused:
+        read_measured(path)
+    assert says in str(refused.value)

@@ -150,11 +150,12 @@ def read_measured(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        missing = {k for r in data["rows"] for k in MEASURED_KEYS if k not in r} or not data["rows"]
+        missing = sorted({k for r in data["rows"] for k in MEASURED_KEYS if k not in r})
+        problem = f"rows without {', '.join(missing)}" if missing else "" if data["rows"] else "no rows"
     except (OSError, ValueError, KeyError, TypeError) as error:
-        missing = cli.one_line(error)
-    if missing:
-        raise UserError(f"--measured {path} is not a bench_network.json of experiments.bench_network ({missing})")
+        problem = cli.one_line(error)
+    if problem:
+        raise UserError(f"--measured {path} is not a bench_network.json of experiments.bench_network ({problem})")
     return {**data, "path": str(path)}
 
 
