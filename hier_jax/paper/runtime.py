@@ -28,6 +28,7 @@ class RuntimeModel:
         c = profile.config
         self.head = c.head
         self._profiles: dict[tuple, profiler.Profile] = {}
+        self._devices: dict[tuple, tuple[profiler.Profile, profiler.Profile]] = {}
 
     def devices(
         self, model: str, shape: DataShape, count: str = "conventional"
@@ -54,7 +55,9 @@ class RuntimeModel:
                 measure_whole=False,
                 progress=False,
             )
-        return paper_devices(self._profiles[key], count=count)
+        if (key, count) not in self._devices:
+            self._devices[key, count] = paper_devices(self._profiles[key], count=count)
+        return self._devices[key, count]
 
     def reduction(self, row: dict, shape: DataShape, link: str, count: str = "conventional") -> float:
         edge, cloud = self.devices(row["model"], shape, count)
